@@ -1,0 +1,121 @@
+"""The HTTP API (Starlette): validate, then one accept script call per message."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+from starlette.applications import Starlette
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from app.logging import get_logger
+from app.model import InvalidInput, parse_save_message
+from app.settings import Settings
+from app.store import Store, connect
+
+log = get_logger("api")
+
+# JSON escapes can make a body up to 6x its decoded text (\uXXXX), plus the other fields.
+BODY_OVERHEAD = 4096
+
+
+def error(status: int, message: str, field: str | None = None) -> JSONResponse:
+    return JSONResponse({"error": message, "field": field}, status_code=status)
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, refusing (413) as soon as it exceeds ``limit`` bytes."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        if not declared.isdigit():
+            raise InvalidInput("invalid Content-Length", None, 400)
+        if int(declared) > limit:
+            raise InvalidInput(f"body larger than {limit} bytes", None, 413)
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise InvalidInput(f"body larger than {limit} bytes", None, 413)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def is_json(request: Request) -> bool:
+    media_type = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+    return media_type == "application/json" or (
+        media_type.startswith("application/") and media_type.endswith("+json")
+    )
+
+
+def create_app(settings: Settings | None = None) -> Starlette:
+    """Build the API. ``settings`` defaults to the environment's (validated)."""
+    settings = settings or Settings.from_env()
+    body_limit = settings.max_message_bytes * 6 + BODY_OVERHEAD
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        client = connect(settings)
+        app.state.store = Store(client, settings)
+        try:
+            yield
+        finally:
+            await client.aclose()
+
+    async def save_message(request: Request) -> JSONResponse:
+        store: Store = request.app.state.store
+        try:
+            if not is_json(request):
+                raise InvalidInput("Content-Type must be application/json", None, 415)
+            body = await read_body(request, body_limit)
+            msg = parse_save_message(body, settings.max_message_bytes)
+        except InvalidInput as exc:
+            return error(exc.status, exc.error, exc.field)
+        except ClientDisconnect:
+            return error(400, "client disconnected before the body was read")
+        try:
+            result = await store.accept(msg)
+        except (RedisConnectionError, RedisTimeoutError, OSError):
+            log.warning("redis unavailable", uuid=msg.uuid)
+            return error(503, "storage unavailable, retry with the same uuid")
+        except RedisError as exc:
+            # Redis answered with an error (e.g. OOM, LOADING, READONLY): nothing was written.
+            log.error("accept failed", uuid=msg.uuid, error=str(exc)[:200])
+            return error(503, "storage refused the write, retry with the same uuid")
+        payload = {"uuid": msg.uuid, "runAt": result.run_at, "state": result.state}
+        if result.created:
+            log.info("accepted", uuid=msg.uuid, run_at=result.run_at, state=result.state)
+            return JSONResponse(payload, status_code=201)
+        payload["duplicate"] = True
+        return JSONResponse(payload, status_code=200)
+
+    async def healthz(request: Request) -> JSONResponse:
+        return JSONResponse({"status": "ok"})
+
+    async def readyz(request: Request) -> JSONResponse:
+        try:
+            await request.app.state.store.client.ping()
+        except (RedisError, OSError):
+            return JSONResponse({"status": "unavailable", "redis": False}, status_code=503)
+        return JSONResponse({"status": "ok", "redis": True})
+
+    async def not_found(request: Request, exc: Exception) -> JSONResponse:
+        return error(404, "not found")
+
+    async def method_not_allowed(request: Request, exc: Exception) -> JSONResponse:
+        return error(405, "method not allowed")
+
+    return Starlette(
+        routes=[
+            Route("/api/v1/save-message", save_message, methods=["POST"]),
+            Route("/healthz", healthz, methods=["GET"]),
+            Route("/readyz", readyz, methods=["GET"]),
+        ],
+        exception_handlers={404: not_found, 405: method_not_allowed},
+        lifespan=lifespan,
+    )

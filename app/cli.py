@@ -1,0 +1,139 @@
+"""``echo-at-time``: one command for every process, and the all-in-one local stack."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+import sys
+
+from app.logging import configure, get_logger
+from app.settings import Settings, SettingsError
+
+log = get_logger("cli")
+
+
+def _settings_epilog() -> str:
+    lines = ["settings (environment variables):"]
+    for variable, default, doc in Settings.documentation():
+        lines.append(f"  {variable} (default {default})\n      {doc}")
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="echo-at-time",
+        description="Delayed messages on Redis, handled once at their time.",
+        epilog=_settings_epilog(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    api = sub.add_parser("api", help="serve the HTTP API (uvicorn)")
+    api.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    api.add_argument("--port", type=int, default=8080, help="port to bind (default 8080)")
+
+    sub.add_parser("scheduler", help="join the leader election; the leader promotes due messages")
+
+    worker = sub.add_parser("worker", help="consume due messages from the stream")
+    worker.add_argument("--concurrency", type=int, default=16, help="handlers at once (16)")
+    worker.add_argument(
+        "--consumer-name", default=None, help="consumer name in the group (default: host-pid)"
+    )
+    worker.add_argument(
+        "--handler", default="echo", help="'echo' (default) or 'package.module:callable'"
+    )
+
+    up = sub.add_parser(
+        "up",
+        help="all-in-one local stack: Redis and ZooKeeper if not configured, then every process",
+    )
+    up.add_argument("--host", default="127.0.0.1", help="API address (default 127.0.0.1)")
+    up.add_argument("--port", type=int, default=8080, help="API port (default 8080)")
+    up.add_argument(
+        "--data-dir", default=".echo-at-time", help="where the local Redis and ZooKeeper keep data"
+    )
+    up.add_argument("--schedulers", type=int, default=2, help="scheduler processes (2)")
+    up.add_argument("--workers", type=int, default=2, help="worker processes (2)")
+    return parser
+
+
+def _fail(message: str) -> int:
+    print(f"echo-at-time: {message}", file=sys.stderr)
+    return 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        settings = Settings.from_env()
+    except SettingsError as exc:
+        return _fail(f"invalid setting {exc}")
+    configure(settings.log_format, settings.log_level, process=args.command)
+
+    if args.command == "api":
+        if not 0 < args.port < 65536:
+            return _fail("--port must be between 1 and 65535")
+        return run_api(settings, args.host, args.port)
+    if args.command == "scheduler":
+        from election.scheduler import run_scheduler
+
+        _run_async(run_scheduler(settings))
+        return 0
+    if args.command == "worker":
+        from workers.handlers import HandlerSpecError
+        from workers.process import run_worker
+
+        if args.concurrency < 1:
+            return _fail("--concurrency must be at least 1")
+        try:
+            _run_async(run_worker(settings, args.consumer_name, args.concurrency, args.handler))
+        except HandlerSpecError as exc:
+            return _fail(str(exc))
+        return 0
+    if args.command == "up":
+        from app.stack import run_stack
+
+        return run_stack(args)
+    parser.error(f"unknown command {args.command}")
+    return 2
+
+
+def _run_async(coro) -> None:
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop ships with uvicorn[standard]
+        asyncio.run(coro)
+    else:
+        uvloop.run(coro)
+
+
+def run_api(settings: Settings, host: str, port: int) -> int:
+    import uvicorn
+
+    from app.api import create_app
+
+    config = uvicorn.Config(
+        create_app(settings),
+        host=host,
+        port=port,
+        loop="uvloop",
+        http="httptools",
+        log_config=None,
+        access_log=False,
+        lifespan="on",
+        timeout_graceful_shutdown=20,
+    )
+    server = uvicorn.Server(config)
+    # uvicorn re-raises the signal it shut down for once it is done, which would end
+    # the process with 143; a no-op handler in place makes a graceful stop exit 0.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: None)
+    log.info("api listening", host=host, port=port)
+    server.run()
+    return 0 if server.started else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

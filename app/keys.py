@@ -1,0 +1,90 @@
+"""The one place that spells Redis keys, channels and ZooKeeper paths.
+
+Every key carries a hash tag, ``{<prefix>}``, so all keys one Lua script
+touches live in one Redis Cluster slot. The prefix namespaces a deployment (or
+a test): two prefixes never share a key or a ZooKeeper path.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# Legacy list names from the original service. Old producers hard-code them, so
+# they are not prefixed (configurable in settings for those that renamed them).
+LEGACY_DELAYED = "QueueDelayed"
+LEGACY_QUEUE = "Queue"
+LEGACY_IN_FLIGHT = "QueueDead"
+
+# The consumer group every worker joins on the stream.
+CONSUMER_GROUP = "workers"
+
+
+@dataclass(frozen=True, slots=True)
+class Keyspace:
+    """Names derived from one prefix."""
+
+    prefix: str
+
+    @property
+    def tag(self) -> str:
+        return "{" + self.prefix + "}"
+
+    @property
+    def delayed(self) -> str:
+        """ZSET: member ``<12 hex seq><uuid>`` scored by runAt ms; only future messages.
+
+        The fixed-width acceptance sequence in front of the uuid makes members
+        with equal runAt sort in acceptance order (ZSET ties sort by member).
+        """
+        return f"{self.tag}:delayed"
+
+    @property
+    def messages(self) -> str:
+        """HASH: uuid -> msgpack record (state, runAt, attempts, times, body).
+
+        One hash field per message costs far less than one key per message.
+        """
+        return f"{self.tag}:messages"
+
+    @property
+    def retention(self) -> str:
+        """ZSET: uuid -> ms after which a finished record may be forgotten.
+
+        Redis 7.0 cannot expire a single hash field, so finished records are
+        purged from ``messages`` by the scripts, a bounded number per call.
+        """
+        return f"{self.tag}:retention"
+
+    @property
+    def sequence(self) -> str:
+        """STRING: acceptance counter, the tie-breaker for equal runAt."""
+        return f"{self.tag}:seq"
+
+    @property
+    def stream(self) -> str:
+        """STREAM: due messages, read by the ``workers`` consumer group."""
+        return f"{self.tag}:stream"
+
+    @property
+    def dead(self) -> str:
+        """STREAM: messages that exhausted their deliveries, for inspection and replay."""
+        return f"{self.tag}:dead"
+
+    @property
+    def epoch(self) -> str:
+        """STRING: highest leader epoch that promoted (fencing against zombie leaders)."""
+        return f"{self.tag}:epoch"
+
+    @property
+    def wake_channel(self) -> str:
+        """Pub/sub channel: the accept script publishes when a message becomes the earliest."""
+        return f"{self.tag}:wake"
+
+    @property
+    def zk_root(self) -> str:
+        return f"/{self.prefix}"
+
+    @property
+    def zk_election(self) -> str:
+        """ZooKeeper path of the scheduler election."""
+        return f"/{self.prefix}/election"

@@ -1,0 +1,53 @@
+--[[ promote.lua: move due messages from the sorted set to the stream (leader only).
+
+Fenced: refuses when a newer leader epoch is stored, so a paused ("zombie")
+leader that wakes after another took over cannot promote. Members are moved in
+(runAt, acceptance) order: equal scores sort by member, which starts with the
+fixed-width acceptance sequence.
+
+KEYS[1] delayed   ZSET
+KEYS[2] messages  HASH
+KEYS[3] stream    STREAM
+KEYS[4] epoch     STRING  highest epoch that promoted, 20-digit zero-padded decimal
+ARGV[1] epoch     string  the caller's epoch, 20-digit zero-padded decimal
+ARGV[2] limit     integer most members to move in this call
+
+Returns {moved, now, next}     moved count, Redis time ms, runAt ms of the earliest
+                               member left (-1 when the set is empty)
+     or {-1, stored_epoch}     refused: a newer leader exists
+]]
+local stored = redis.call('GET', KEYS[4])
+if stored and stored > ARGV[1] then
+  return {-1, stored}
+end
+if stored ~= ARGV[1] then
+  redis.call('SET', KEYS[4], ARGV[1])
+end
+
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, tonumber(ARGV[2]))
+
+for _, member in ipairs(due) do
+  local uuid = string.sub(member, 13)
+  local packed = redis.call('HGET', KEYS[2], uuid)
+  if packed then
+    local rec = cmsgpack.unpack(packed)
+    redis.call('XADD', KEYS[3], '*', 'u', uuid, 'm', rec[6], 'r', string.format('%.0f', rec[2]),
+      'a', string.format('%d', rec[3]))
+    rec[1] = 'queued'
+    rec[5] = now
+    rec[6] = ''
+    redis.call('HSET', KEYS[2], uuid, cmsgpack.pack(rec))
+  end
+end
+if #due > 0 then
+  redis.call('ZREM', KEYS[1], unpack(due))
+end
+
+local first = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
+local next_due = -1
+if first[2] then
+  next_due = tonumber(first[2])
+end
+return {#due, now, next_due}

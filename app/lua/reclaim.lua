@@ -1,0 +1,60 @@
+--[[ reclaim.lua: take over entries left pending by dead or stalled workers.
+
+XAUTOCLAIM moves entries idle longer than the visibility timeout to the
+caller. An entry whose deliveries (failed handler runs before this entry, plus
+this entry's delivery count) exceed the maximum is dead-lettered instead of
+being handed out again: a message that crashes every worker must not cycle.
+
+KEYS[1] stream     STREAM
+KEYS[2] messages   HASH
+KEYS[3] dead       STREAM
+ARGV[1] group      string   consumer group
+ARGV[2] consumer   string   the caller
+ARGV[3] idle       integer  visibility timeout, ms
+ARGV[4] start      string   XAUTOCLAIM cursor ("0-0" to begin)
+ARGV[5] count      integer  most entries to examine
+ARGV[6] max        integer  deliveries allowed
+ARGV[7] deadlen    integer  approximate cap on the dead stream
+
+Returns {cursor, claimed, dead}
+  cursor   the next XAUTOCLAIM start ("0-0" when the scan wrapped around)
+  claimed  flat list: id, {field, value, ...}, id, {...} handed to the caller
+  dead     how many were dead-lettered
+]]
+local res = redis.call('XAUTOCLAIM', KEYS[1], ARGV[1], ARGV[2], ARGV[3], ARGV[4],
+  'COUNT', ARGV[5])
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local max = tonumber(ARGV[6])
+local claimed = {}
+local dead = 0
+
+for _, entry in ipairs(res[2]) do
+  local id, raw = entry[1], entry[2]
+  local f = {}
+  for i = 1, #raw, 2 do
+    f[raw[i]] = raw[i + 1]
+  end
+  local pending = redis.call('XPENDING', KEYS[1], ARGV[1], id, id, 1)
+  local deliveries = tonumber(f.a) + tonumber(pending[1][4])
+  if deliveries > max then
+    redis.call('XACK', KEYS[1], ARGV[1], id)
+    redis.call('XDEL', KEYS[1], id)
+    redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[7], '*', 'u', f.u, 'm', f.m, 'r', f.r,
+      'a', string.format('%d', deliveries - 1), 'reason', 'deliveries exhausted (worker lost)',
+      'at', string.format('%.0f', now))
+    local packed = redis.call('HGET', KEYS[2], f.u)
+    if packed then
+      local rec = cmsgpack.unpack(packed)
+      rec[1] = 'dead'
+      rec[3] = deliveries - 1
+      rec[5] = now
+      redis.call('HSET', KEYS[2], f.u, cmsgpack.pack(rec))
+    end
+    dead = dead + 1
+  else
+    claimed[#claimed + 1] = id
+    claimed[#claimed + 1] = raw
+  end
+end
+return {res[1], claimed, dead}

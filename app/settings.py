@@ -1,0 +1,191 @@
+"""Typed settings read from ``EAT_*`` environment variables, validated at start.
+
+A bad value stops the process with a message naming the variable; nothing
+starts half-configured.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlparse
+
+from app.keys import Keyspace
+
+
+class SettingsError(ValueError):
+    """A setting is invalid; ``variable`` names the environment variable."""
+
+    def __init__(self, variable: str, problem: str) -> None:
+        super().__init__(f"{variable}: {problem}")
+        self.variable = variable
+        self.problem = problem
+
+
+_PREFIX_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+_HOST_PORT_RE = re.compile(r"^[A-Za-z0-9_.\-\[\]:]+:\d{1,5}$")
+
+
+def _env(name: str) -> str:
+    return "EAT_" + name.upper()
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """Every tunable of every process. Each field's metadata holds its documentation."""
+
+    redis_url: str = field(
+        default="redis://127.0.0.1:6379/0",
+        metadata={"doc": "Redis URL (redis:// or rediss://, or unix://)."},
+    )
+    zk_hosts: str = field(
+        default="127.0.0.1:2181",
+        metadata={"doc": "ZooKeeper connect string: comma-separated host:port."},
+    )
+    prefix: str = field(
+        default="eat",
+        metadata={"doc": "Namespace of every Redis key ({prefix}:...) and the ZooKeeper path."},
+    )
+    zk_session_timeout: float = field(
+        default=10.0,
+        metadata={
+            "doc": "ZooKeeper session timeout, seconds. Leader failover after a crash takes "
+            "about this long. The server clamps it to 2-20 x its tickTime."
+        },
+    )
+    visibility_timeout: float = field(
+        default=30.0,
+        metadata={
+            "doc": "Seconds a delivered message may stay unacknowledged before another worker "
+            "reclaims it. A live worker extends its claim on long handlers."
+        },
+    )
+    max_deliveries: int = field(
+        default=5,
+        metadata={
+            "doc": "Deliveries (handler runs, failed or crashed) before a message is dead-lettered."
+        },
+    )
+    max_message_bytes: int = field(
+        default=65536,
+        metadata={"doc": "Largest `message` accepted, in UTF-8 bytes."},
+    )
+    retention: float = field(
+        default=86400.0,
+        metadata={
+            "doc": "Seconds a delivered record is kept: the idempotency window for re-posted uuids."
+        },
+    )
+    retry_base: float = field(
+        default=1.0,
+        metadata={"doc": "First retry delay after a handler error, seconds; doubles per attempt."},
+    )
+    retry_max: float = field(
+        default=300.0,
+        metadata={"doc": "Cap on the retry delay, seconds."},
+    )
+    promote_batch: int = field(
+        default=1000,
+        metadata={"doc": "Most messages one promote script call moves to the stream."},
+    )
+    read_count: int = field(
+        default=100,
+        metadata={"doc": "Most entries one XREADGROUP call takes."},
+    )
+    dead_maxlen: int = field(
+        default=100000,
+        metadata={"doc": "Approximate cap on the dead-letter stream's length."},
+    )
+    log_format: str = field(
+        default="auto",
+        metadata={"doc": "`json`, `console`, or `auto` (console when stderr is a terminal)."},
+    )
+    log_level: str = field(
+        default="info",
+        metadata={"doc": "`debug`, `info`, `warning` or `error`."},
+    )
+
+    @property
+    def keys(self) -> Keyspace:
+        return Keyspace(self.prefix)
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+        """Read every ``EAT_*`` variable; ``overrides`` (CLI flags) win over the environment."""
+        environ = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            raw = environ.get(_env(f.name))
+            if raw is None or raw == "":
+                continue
+            values[f.name] = _PARSERS[f.type](_env(f.name), raw)
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        settings = cls(**values)
+        settings.validate()
+        return settings
+
+    def validate(self) -> None:
+        """Raise SettingsError naming the first variable whose value cannot work."""
+        url = urlparse(self.redis_url)
+        if url.scheme not in ("redis", "rediss", "unix"):
+            raise SettingsError(_env("redis_url"), "must start with redis://, rediss:// or unix://")
+        hosts = [h.strip() for h in self.zk_hosts.split(",")]
+        if not all(_HOST_PORT_RE.match(h) for h in hosts):
+            raise SettingsError(_env("zk_hosts"), "must be comma-separated host:port pairs")
+        if not _PREFIX_RE.match(self.prefix):
+            raise SettingsError(_env("prefix"), "1-64 characters of letters, digits, '_', '.', '-'")
+        _positive(self, "zk_session_timeout", "visibility_timeout", "retry_base", "retry_max")
+        _positive(self, "max_deliveries", "max_message_bytes", "promote_batch", "read_count")
+        _positive(self, "dead_maxlen", "retention")
+        if self.promote_batch > 10000:
+            raise SettingsError(_env("promote_batch"), "at most 10000")
+        if self.retry_max < self.retry_base:
+            raise SettingsError(_env("retry_max"), "must be at least EAT_RETRY_BASE")
+        if self.log_format not in ("auto", "json", "console"):
+            raise SettingsError(_env("log_format"), "one of auto, json, console")
+        if self.log_level not in ("debug", "info", "warning", "error"):
+            raise SettingsError(_env("log_level"), "one of debug, info, warning, error")
+
+    @classmethod
+    def documentation(cls) -> list[tuple[str, str, str]]:
+        """(variable, default, description) for every setting, for the README and --help."""
+        return [(_env(f.name), str(f.default), f.metadata["doc"]) for f in dataclasses.fields(cls)]
+
+
+def _positive(settings: Settings, *names: str) -> None:
+    for name in names:
+        if getattr(settings, name) <= 0:
+            raise SettingsError(_env(name), "must be greater than 0")
+
+
+def _parse_int(variable: str, raw: str) -> int:
+    try:
+        return int(raw)
+    except ValueError:
+        raise SettingsError(variable, f"expected an integer, got {raw!r}") from None
+
+
+def _parse_float(variable: str, raw: str) -> float:
+    try:
+        value = float(raw)
+    except ValueError:
+        raise SettingsError(variable, f"expected a number of seconds, got {raw!r}") from None
+    if value != value or value in (float("inf"), float("-inf")):
+        raise SettingsError(variable, "must be a finite number")
+    return value
+
+
+def _parse_str(variable: str, raw: str) -> str:
+    return raw.strip()
+
+
+# Field annotations are strings under `from __future__ import annotations`.
+_PARSERS: dict[Any, Callable[[str, str], Any]] = {
+    "int": _parse_int,
+    "float": _parse_float,
+    "str": _parse_str,
+}

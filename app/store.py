@@ -1,0 +1,192 @@
+"""The thin Redis client: one method per script, typed results, no policy.
+
+Everything here is a single round trip; what to call and when is decided by
+the API, the promotion loop and the worker.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import redis.asyncio as aioredis
+from redis.exceptions import ResponseError
+
+from app.keys import CONSUMER_GROUP
+from app.model import NewMessage, Record, decode_record
+from app.scripts import Scripts
+from app.settings import Settings
+
+EPOCH_WIDTH = 20  # digits: a 64-bit ZooKeeper zxid fits, and padded strings compare like numbers
+PURGE_PER_ACK = 100
+
+
+def encode_epoch(epoch: int) -> str:
+    if not 0 <= epoch < 10**EPOCH_WIDTH:
+        raise ValueError(f"epoch out of range: {epoch}")
+    return f"{epoch:0{EPOCH_WIDTH}d}"
+
+
+@dataclass(frozen=True, slots=True)
+class Accepted:
+    created: bool
+    state: str
+    run_at: int
+
+
+@dataclass(frozen=True, slots=True)
+class Promoted:
+    """Result of one promote call. ``refused_by`` is set when a newer epoch is stored."""
+
+    moved: int = 0
+    now_ms: int = 0
+    next_due_ms: int | None = None
+    refused_by: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """One stream entry handed to a worker."""
+
+    id: str
+    uuid: str
+    message: str
+    run_at: int
+    attempts: int  # failed handler runs before this delivery
+
+
+def parse_entry(entry_id: bytes | str, fields: list | dict) -> Delivery:
+    if isinstance(fields, list):
+        fields = dict(zip(fields[::2], fields[1::2], strict=True))
+    return Delivery(
+        id=entry_id.decode() if isinstance(entry_id, bytes) else entry_id,
+        uuid=fields[b"u"].decode(),
+        message=fields[b"m"].decode("utf-8", "surrogatepass"),
+        run_at=int(fields[b"r"]),
+        attempts=int(fields[b"a"]),
+    )
+
+
+def connect(settings: Settings, **kwargs) -> aioredis.Redis:
+    """An asyncio client that returns bytes; retries once on a dropped connection."""
+    kwargs.setdefault("socket_connect_timeout", 2.0)
+    kwargs.setdefault("socket_timeout", 5.0)
+    kwargs.setdefault("health_check_interval", 15)
+    return aioredis.Redis.from_url(settings.redis_url, decode_responses=False, **kwargs)
+
+
+class Store:
+    """Every state change of a message, each one Lua script call."""
+
+    def __init__(self, client: aioredis.Redis, settings: Settings) -> None:
+        self.client = client
+        self.settings = settings
+        self.keys = settings.keys
+        self.scripts = Scripts.register(client)
+
+    async def accept(self, msg: NewMessage) -> Accepted:
+        k = self.keys
+        created, state, run_at = await self.scripts.accept(
+            keys=[k.messages, k.delayed, k.stream, k.sequence],
+            args=[
+                msg.uuid,
+                msg.message.encode("utf-8", "surrogatepass"),
+                msg.run_at,
+                k.wake_channel,
+            ],
+        )
+        return Accepted(created=bool(created), state=state.decode(), run_at=int(run_at))
+
+    async def promote(self, epoch: int, limit: int | None = None) -> Promoted:
+        k = self.keys
+        reply = await self.scripts.promote(
+            keys=[k.delayed, k.messages, k.stream, k.epoch],
+            args=[encode_epoch(epoch), limit or self.settings.promote_batch],
+        )
+        if reply[0] == -1:
+            return Promoted(refused_by=int(reply[1]))
+        moved, now_ms, next_due = reply
+        return Promoted(moved=moved, now_ms=now_ms, next_due_ms=None if next_due < 0 else next_due)
+
+    async def ensure_group(self) -> None:
+        """Create the stream and its consumer group; BUSYGROUP means it exists, which is success."""
+        try:
+            await self.client.xgroup_create(self.keys.stream, CONSUMER_GROUP, id="0", mkstream=True)
+        except ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+
+    async def read(
+        self, consumer: str, count: int, block_ms: int | None, own_pending: bool = False
+    ) -> list[Delivery]:
+        """New entries (``>``), or with ``own_pending`` the entries already delivered to us."""
+        reply = await self.client.xreadgroup(
+            CONSUMER_GROUP,
+            consumer,
+            {self.keys.stream: "0" if own_pending else ">"},
+            count=count,
+            block=None if own_pending else block_ms,
+        )
+        out: list[Delivery] = []
+        for _stream, entries in reply or []:
+            # An own-pending entry deleted meanwhile comes back with no fields: nothing to do.
+            out.extend(parse_entry(eid, fields) for eid, fields in entries if fields)
+        return out
+
+    async def ack(self, deliveries: list[Delivery]) -> int:
+        if not deliveries:
+            return 0
+        k = self.keys
+        args: list[object] = [
+            CONSUMER_GROUP,
+            int(self.settings.retention * 1000),
+            PURGE_PER_ACK,
+        ]
+        for d in deliveries:
+            args += [d.id, d.uuid]
+        return await self.scripts.ack(keys=[k.stream, k.messages, k.retention], args=args)
+
+    async def fail(self, delivery: Delivery, delay_ms: int, reason: str) -> tuple[str, int]:
+        k = self.keys
+        outcome, attempts = await self.scripts.fail(
+            keys=[k.stream, k.messages, k.delayed, k.dead, k.sequence],
+            args=[
+                CONSUMER_GROUP,
+                delivery.id,
+                delay_ms,
+                self.settings.max_deliveries,
+                reason[:1000],
+                self.settings.dead_maxlen,
+                k.wake_channel,
+            ],
+        )
+        return outcome.decode(), int(attempts)
+
+    async def reclaim(
+        self, consumer: str, cursor: str, count: int
+    ) -> tuple[str, list[Delivery], int]:
+        k = self.keys
+        next_cursor, flat, dead = await self.scripts.reclaim(
+            keys=[k.stream, k.messages, k.dead],
+            args=[
+                CONSUMER_GROUP,
+                consumer,
+                int(self.settings.visibility_timeout * 1000),
+                cursor,
+                count,
+                self.settings.max_deliveries,
+                self.settings.dead_maxlen,
+            ],
+        )
+        claimed = [parse_entry(flat[i], flat[i + 1]) for i in range(0, len(flat), 2)]
+        return next_cursor.decode(), claimed, int(dead)
+
+    async def extend(self, consumer: str, ids: list[str]) -> int:
+        if not ids:
+            return 0
+        return await self.scripts.extend(
+            keys=[self.keys.stream], args=[CONSUMER_GROUP, consumer, *ids]
+        )
+
+    async def record(self, uuid: str) -> Record | None:
+        packed = await self.client.hget(self.keys.messages, uuid)
+        return None if packed is None else decode_record(uuid, packed)

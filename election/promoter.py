@@ -1,0 +1,128 @@
+"""The promotion loop: when to call the promote script (policy).
+
+"Move what is due" is one script call (``Store.promote``); this loop decides
+when to make it: at once after a full batch, else when the earliest remaining
+message falls due, or when woken (a new earliest message, a leadership
+change). The sleep is timed here, in Python, from durations Redis reports
+(next due minus Redis' own now), so neither this host's clock nor Redis' 100 ms
+``hz`` tick for blocking-command timeouts shows up as lateness.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from dataclasses import dataclass
+
+from redis.exceptions import RedisError
+
+from app.logging import get_logger
+from app.store import Store
+from election.gate import LeadershipGate
+
+log = get_logger("promoter")
+
+
+@dataclass
+class PromoterStats:
+    calls: int = 0
+    moved: int = 0
+    refused: int = 0
+    errors: int = 0
+
+
+class Promoter:
+    """
+    :param store: the Redis client whose ``promote`` moves due messages.
+    :param gate: opens with an epoch while this process leads.
+    :param max_idle: longest sleep without a due time or a wake-up, seconds: a
+        safety net for a lost pub/sub message, not the timing mechanism.
+    """
+
+    def __init__(self, store: Store, gate: LeadershipGate, max_idle: float = 1.0) -> None:
+        self.store = store
+        self.gate = gate
+        self.max_idle = max_idle
+        self.stats = PromoterStats()
+        self._poke = asyncio.Event()
+        self._stopping = False
+        gate.on_change(self.poke)
+
+    def poke(self) -> None:
+        """Re-examine now: a wake-up, a leadership change or a stop."""
+        self._poke.set()
+
+    def stop(self) -> None:
+        self._stopping = True
+        self._poke.set()
+
+    async def run(self) -> None:
+        retry_delay = 0.05
+        while not self._stopping:
+            # Cleared before looking, so a wake-up that arrives after the look is not lost.
+            self._poke.clear()
+            if not self.gate.is_open:
+                await self._pause(None)
+                continue
+            epoch = self.gate.epoch
+            try:
+                result = await self.store.promote(epoch)
+            except (RedisError, OSError) as exc:
+                self.stats.errors += 1
+                log.warning("promote failed", error=type(exc).__name__, retry_in=retry_delay)
+                await self._pause(retry_delay)
+                retry_delay = min(retry_delay * 2, 1.0)
+                continue
+            retry_delay = 0.05
+            self.stats.calls += 1
+            if result.refused_by is not None:
+                self.stats.refused += 1
+                log.warning(
+                    "promotion refused: a newer leader exists",
+                    epoch=epoch,
+                    stored_epoch=result.refused_by,
+                    refused_total=self.stats.refused,
+                )
+                self.gate.mark_stale(epoch)
+                continue
+            self.stats.moved += result.moved
+            if result.moved:
+                log.debug("promoted", count=result.moved, epoch=epoch)
+            if result.moved >= self.store.settings.promote_batch:
+                continue
+            if result.next_due_ms is None:
+                delay = self.max_idle
+            else:
+                delay = min(max(result.next_due_ms - result.now_ms, 0) / 1000, self.max_idle)
+            await self._pause(delay)
+
+    async def _pause(self, seconds: float | None) -> None:
+        if seconds is not None and seconds <= 0:
+            return
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._poke.wait(), seconds)
+
+
+async def listen_for_wakeups(store: Store, promoter: Promoter) -> None:
+    """Poke the promoter whenever the accept script announces a new earliest message.
+
+    After a (re)subscription it pokes too: a wake-up published while we were
+    not subscribed would otherwise be missed until ``max_idle``.
+    """
+    channel = store.keys.wake_channel
+    while True:
+        pubsub = store.client.pubsub(ignore_subscribe_messages=True)
+        try:
+            await pubsub.subscribe(channel)
+            promoter.poke()
+            while True:
+                message = await pubsub.get_message(timeout=5.0)
+                if message is not None:
+                    promoter.poke()
+        except (RedisError, OSError) as exc:
+            log.warning("wake-up subscription lost, resubscribing", error=type(exc).__name__)
+            promoter.poke()
+            await asyncio.sleep(0.2)
+        finally:
+            with contextlib.suppress(RedisError, OSError):
+                await pubsub.aclose()

@@ -1,0 +1,71 @@
+"""The scheduler process: join the election; while leading, promote."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import socket
+
+from app.logging import get_logger
+from app.settings import Settings
+from app.store import Store, connect
+from election.gate import LeadershipGate, Role
+from election.leadership import LeaderElection
+from election.promoter import Promoter, listen_for_wakeups
+
+log = get_logger("scheduler")
+
+
+def default_identifier() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+async def run_scheduler(settings: Settings, identifier: str | None = None) -> None:
+    """Run until SIGTERM/SIGINT; a leader hands over by deleting its election node."""
+    identifier = identifier or default_identifier()
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+
+    client = connect(settings)
+    store = Store(client, settings)
+    gate = LeadershipGate()
+    promoter = Promoter(store, gate)
+
+    def report(role: Role, epoch: int | None) -> None:
+        loop.call_soon_threadsafe(gate.set_role, role, epoch)
+
+    election = LeaderElection(
+        settings.zk_hosts,
+        settings.keys.zk_election,
+        identifier,
+        settings.zk_session_timeout,
+        report,
+    )
+    log.info("scheduler starting", identifier=identifier, path=settings.keys.zk_election)
+    election.start()
+    tasks = [
+        asyncio.create_task(promoter.run(), name="promoter"),
+        asyncio.create_task(listen_for_wakeups(store, promoter), name="wakeups"),
+    ]
+    try:
+        await stop.wait()
+    finally:
+        log.info("scheduler stopping", identifier=identifier)
+        promoter.stop()
+        gate.set_role(Role.FOLLOWER)
+        await loop.run_in_executor(None, election.stop)
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await client.aclose()
+        log.info(
+            "scheduler stopped",
+            promoted=promoter.stats.moved,
+            refused=promoter.stats.refused,
+        )
