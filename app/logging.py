@@ -33,10 +33,21 @@ def configure(log_format: str = "auto", level: str = "info", process: str | None
         logger_factory=structlog.WriteLoggerFactory(file=sys.stderr),
         cache_logger_on_first_use=True,
     )
-    # Libraries that log through the standard library (kazoo, uvicorn) go to stderr too.
-    logging.basicConfig(
-        stream=sys.stderr, level=logging.WARNING, format="%(name)s %(levelname)s %(message)s"
-    )
+    # Libraries that log through the standard library (kazoo, uvicorn) come out as
+    # the same JSON lines.
+    root = logging.getLogger()
+    root.handlers[:] = [_ToStructlog()]
+    root.setLevel(logging.WARNING)
+
+
+class _ToStructlog(logging.Handler):
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            structlog.get_logger(record.name).log(
+                record.levelno, record.getMessage(), logger=record.name
+            )
+        except Exception:
+            self.handleError(record)
 
 
 class _AddProcess:

@@ -26,7 +26,7 @@ class SettingsError(ValueError):
         self.problem = problem
 
 
-_PREFIX_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+_PREFIX_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}\Z")
 _HOST_PORT_RE = re.compile(r"^[A-Za-z0-9_.\-\[\]:]+:\d{1,5}$")
 
 
@@ -51,7 +51,7 @@ class Settings:
         metadata={"doc": "Namespace of every Redis key ({prefix}:...) and the ZooKeeper path."},
     )
     zk_session_timeout: float = field(
-        default=10.0,
+        default=6.0,
         metadata={
             "doc": "ZooKeeper session timeout, seconds. Leader failover after a crash takes "
             "about this long. The server clamps it to 2-20 x its tickTime."
@@ -134,9 +134,10 @@ class Settings:
         if url.scheme not in ("redis", "rediss", "unix"):
             raise SettingsError(_env("redis_url"), "must start with redis://, rediss:// or unix://")
         hosts = [h.strip() for h in self.zk_hosts.split(",")]
-        if not all(_HOST_PORT_RE.match(h) for h in hosts):
+        if not all(_HOST_PORT_RE.match(h) and 0 < int(h.rsplit(":", 1)[1]) < 65536 for h in hosts):
             raise SettingsError(_env("zk_hosts"), "must be comma-separated host:port pairs")
-        if not _PREFIX_RE.match(self.prefix):
+        # "." and ".." would make the ZooKeeper path relative, which ZooKeeper refuses.
+        if not _PREFIX_RE.match(self.prefix) or self.prefix in (".", ".."):
             raise SettingsError(_env("prefix"), "1-64 characters of letters, digits, '_', '.', '-'")
         _positive(self, "zk_session_timeout", "visibility_timeout", "retry_base", "retry_max")
         _positive(self, "max_deliveries", "max_message_bytes", "promote_batch", "read_count")

@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialWithJitterBackoff
 from redis.exceptions import ResponseError
 
 from app.keys import CONSUMER_GROUP
@@ -67,8 +69,16 @@ def parse_entry(entry_id: bytes | str, fields: list | dict) -> Delivery:
 
 
 def connect(settings: Settings, **kwargs) -> aioredis.Redis:
-    """An asyncio client that returns bytes; retries once on a dropped connection."""
-    kwargs.setdefault("socket_connect_timeout", 2.0)
+    """An asyncio client that returns bytes.
+
+    It retries a failed command twice, quickly, then lets the error out: the API
+    must answer 503 in about a second, not after redis-py's default ten retries,
+    and the loops of the scheduler and the worker have their own backoff. Every
+    script is safe to repeat (accept is idempotent by uuid, promote and ack move
+    nothing twice).
+    """
+    kwargs.setdefault("retry", Retry(ExponentialWithJitterBackoff(base=0.01, cap=0.1), 2))
+    kwargs.setdefault("socket_connect_timeout", 1.0)
     kwargs.setdefault("socket_timeout", 5.0)
     kwargs.setdefault("health_check_interval", 15)
     return aioredis.Redis.from_url(settings.redis_url, decode_responses=False, **kwargs)
