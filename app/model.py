@@ -19,7 +19,7 @@ RUN_AT_MIN = 0
 RUN_AT_MAX = 253402300799999
 
 _CANONICAL_UUID = re.compile(
-    r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$"
+    r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}\Z"
 )
 _PATH_FIELD = re.compile(r"at `\$\.(\w+)")
 
@@ -85,7 +85,8 @@ def parse_save_message(body: bytes, max_message_bytes: int) -> NewMessage:
         if unknown:
             raise InvalidInput(f"unknown field: {unknown.group(1)}", unknown.group(1)) from None
         raise InvalidInput(text, match.group(1) if match else None) from None
-    except msgspec.DecodeError as exc:
+    except (msgspec.DecodeError, UnicodeDecodeError) as exc:
+        # msgspec raises UnicodeDecodeError for invalid UTF-8 inside a JSON string.
         raise InvalidInput(f"malformed JSON: {exc}", None, status=400) from None
     return validate(req, max_message_bytes)
 
@@ -96,12 +97,14 @@ def validate(req: SaveMessage, max_message_bytes: int) -> NewMessage:
         raise InvalidInput(
             f"runAt must be epoch milliseconds between {RUN_AT_MIN} and {RUN_AT_MAX}", "runAt"
         )
-    if len(req.message) * 4 > max_message_bytes:
-        size = len(req.message.encode("utf-8", "surrogatepass"))
-        if size > max_message_bytes:
-            raise InvalidInput(
-                f"message is {size} bytes; the limit is {max_message_bytes}", "message", 413
-            )
+    try:
+        size = len(req.message.encode("utf-8"))
+    except UnicodeEncodeError:
+        raise InvalidInput("message is not valid Unicode (lone surrogate)", "message") from None
+    if size > max_message_bytes:
+        raise InvalidInput(
+            f"message is {size} bytes; the limit is {max_message_bytes}", "message", 413
+        )
     return NewMessage(uuid=normalize_uuid(req.uuid), message=req.message, run_at=req.runAt)
 
 

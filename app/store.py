@@ -158,7 +158,7 @@ class Store:
     async def fail(self, delivery: Delivery, delay_ms: int, reason: str) -> tuple[str, int]:
         k = self.keys
         outcome, attempts = await self.scripts.fail(
-            keys=[k.stream, k.messages, k.delayed, k.dead, k.sequence],
+            keys=[k.stream, k.messages, k.delayed, k.dead, k.sequence, k.retention],
             args=[
                 CONSUMER_GROUP,
                 delivery.id,
@@ -167,6 +167,7 @@ class Store:
                 reason[:1000],
                 self.settings.dead_maxlen,
                 k.wake_channel,
+                int(self.settings.retention * 1000),
             ],
         )
         return outcome.decode(), int(attempts)
@@ -176,7 +177,7 @@ class Store:
     ) -> tuple[str, list[Delivery], int]:
         k = self.keys
         next_cursor, flat, dead = await self.scripts.reclaim(
-            keys=[k.stream, k.messages, k.dead],
+            keys=[k.stream, k.messages, k.dead, k.retention],
             args=[
                 CONSUMER_GROUP,
                 consumer,
@@ -185,6 +186,7 @@ class Store:
                 count,
                 self.settings.max_deliveries,
                 self.settings.dead_maxlen,
+                int(self.settings.retention * 1000),
             ],
         )
         claimed = [parse_entry(flat[i], flat[i + 1]) for i in range(0, len(flat), 2)]

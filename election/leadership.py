@@ -92,7 +92,8 @@ class LeaderElection:
         return self._election.contenders()
 
     def _on_connection_state(self, state: str) -> bool:
-        if state != KazooState.CONNECTED:
+        # After stop() the client's own LOST is no news: FOLLOWER stays the last word.
+        if state != KazooState.CONNECTED and not self._stopping.is_set():
             self._report(Role.SUSPENDED, None)
         self._changed.set()
         return False  # keep listening
@@ -128,7 +129,9 @@ class LeaderElection:
             while not self._stopping.is_set():
                 self._changed.clear()
                 state = self._client.state
-                if state == KazooState.LOST or self._client.client_id != session:
+                # client_id is None while disconnected (SUSPENDED): that is not a new session.
+                client_id = self._client.client_id
+                if state == KazooState.LOST or client_id not in (None, session):
                     log.warning("leadership lost: session expired", epoch=self.epoch)
                     return
                 if state == KazooState.SUSPENDED:

@@ -56,6 +56,10 @@ class Promoter:
         self._stopping = True
         self._poke.set()
 
+    @property
+    def stopping(self) -> bool:
+        return self._stopping
+
     async def run(self) -> None:
         retry_delay = 0.05
         while not self._stopping:
@@ -110,13 +114,13 @@ async def listen_for_wakeups(store: Store, promoter: Promoter) -> None:
     not subscribed would otherwise be missed until ``max_idle``.
     """
     channel = store.keys.wake_channel
-    while True:
+    while not promoter.stopping:
         pubsub = store.client.pubsub(ignore_subscribe_messages=True)
         try:
             await pubsub.subscribe(channel)
             promoter.poke()
-            while True:
-                message = await pubsub.get_message(timeout=5.0)
+            while not promoter.stopping:
+                message = await pubsub.get_message(timeout=0.5)
                 if message is not None:
                     promoter.poke()
         except (RedisError, OSError) as exc:

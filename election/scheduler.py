@@ -58,11 +58,16 @@ async def run_scheduler(settings: Settings, identifier: str | None = None) -> No
         promoter.stop()
         gate.set_role(Role.FOLLOWER)
         await loop.run_in_executor(None, election.stop)
+        # Both loops end on their own once stopping; cancellation is the fallback, repeated
+        # because Python 3.11's wait_for (inside redis-py) can swallow a cancel.
+        _, pending = await asyncio.wait(tasks, timeout=2.0)
+        while pending:
+            for task in pending:
+                task.cancel()
+            _, pending = await asyncio.wait(pending, timeout=0.5)
         for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                task.result()
         await client.aclose()
         log.info(
             "scheduler stopped",

@@ -9,6 +9,7 @@ KEYS[2] messages   HASH
 KEYS[3] delayed    ZSET
 KEYS[4] dead       STREAM
 KEYS[5] seq        STRING
+KEYS[6] retention  ZSET     uuid -> ms after which its record may go
 ARGV[1] group      string   consumer group
 ARGV[2] id         string   stream entry id
 ARGV[3] delay      integer  ms from now until the retry
@@ -16,6 +17,7 @@ ARGV[4] max        integer  handler runs allowed before dead-lettering
 ARGV[5] reason     string   why it failed (exception type and text, bounded by the caller)
 ARGV[6] deadlen    integer  approximate cap on the dead stream
 ARGV[7] channel    string   wake channel
+ARGV[8] keep       integer  retention window for a dead record, ms
 
 Returns {outcome, attempts}
   outcome  "retrying", "dead", or "gone" (no longer pending: acknowledged or
@@ -52,6 +54,8 @@ if attempts >= tonumber(ARGV[4]) then
   rec[1] = 'dead'
   rec[6] = ''
   redis.call('HSET', KEYS[2], f.u, cmsgpack.pack(rec))
+  -- The dead stream is capped, so the record must not outlive it forever either.
+  redis.call('ZADD', KEYS[6], now + tonumber(ARGV[8]), f.u)
   return {'dead', attempts}
 end
 

@@ -8,6 +8,7 @@ being handed out again: a message that crashes every worker must not cycle.
 KEYS[1] stream     STREAM
 KEYS[2] messages   HASH
 KEYS[3] dead       STREAM
+KEYS[4] retention  ZSET     uuid -> ms after which its record may go
 ARGV[1] group      string   consumer group
 ARGV[2] consumer   string   the caller
 ARGV[3] idle       integer  visibility timeout, ms
@@ -15,6 +16,7 @@ ARGV[4] start      string   XAUTOCLAIM cursor ("0-0" to begin)
 ARGV[5] count      integer  most entries to examine
 ARGV[6] max        integer  deliveries allowed
 ARGV[7] deadlen    integer  approximate cap on the dead stream
+ARGV[8] keep       integer  retention window for a dead record, ms
 
 Returns {cursor, claimed, dead}
   cursor   the next XAUTOCLAIM start ("0-0" when the scan wrapped around)
@@ -50,6 +52,7 @@ for _, entry in ipairs(res[2]) do
       rec[3] = deliveries - 1
       rec[5] = now
       redis.call('HSET', KEYS[2], f.u, cmsgpack.pack(rec))
+      redis.call('ZADD', KEYS[4], now + tonumber(ARGV[8]), f.u)
     end
     dead = dead + 1
   else

@@ -1,0 +1,268 @@
+"""The promotion loop against a real Redis, with a LeadershipGate opened by hand.
+
+Lateness is measured the way a worker sees it: the test blocks in XREADGROUP on
+the stream and notes the wall-clock time an entry arrives, minus its runAt
+(Redis and the test share this machine's clock).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import uuid as uuidlib
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import pytest
+
+from app.keys import CONSUMER_GROUP
+from app.model import NewMessage, State
+from app.settings import Settings
+from app.store import Store, connect
+from election.gate import LeadershipGate, Role
+from election.promoter import Promoter, listen_for_wakeups
+
+LATENESS_BOUND_MS = 100  # correctness, not performance: the sleep is timed in Python
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def new_uuid() -> str:
+    return str(uuidlib.uuid4())
+
+
+async def wait_until(check: Callable[[], bool | Awaitable[bool]], within: float, what: str):
+    deadline = time.monotonic() + within
+    while True:
+        result = check()
+        if asyncio.iscoroutine(result):
+            result = await result
+        if result:
+            return
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"not within {within} s: {what}")
+        await asyncio.sleep(0.005)
+
+
+@contextlib.asynccontextmanager
+async def open_store(settings: Settings) -> AsyncIterator[Store]:
+    client = connect(settings)
+    try:
+        yield Store(client, settings)
+    finally:
+        await client.aclose()
+
+
+async def reap(*tasks: asyncio.Task) -> None:
+    """Cancel until done, then await: one cancel() is not always enough.
+
+    On Python 3.11 ``asyncio.wait_for`` drops a cancellation that arrives as
+    its inner future completes (fixed in 3.12), and redis-py wraps every socket
+    write in ``wait_for``: a task cancelled mid-command may carry on.
+    """
+    for task in tasks:
+        while not task.done():
+            task.cancel()
+            await asyncio.wait([task], timeout=0.1)
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+@contextlib.asynccontextmanager
+async def running(*coros: Awaitable[None]) -> AsyncIterator[list[asyncio.Task]]:
+    """Run background coroutines for the block's duration; cancel and reap them after."""
+    tasks = [asyncio.ensure_future(c) for c in coros]
+    try:
+        yield tasks
+    finally:
+        await reap(*tasks)
+
+
+async def stop_promoter(promoter: Promoter, task: asyncio.Task) -> None:
+    promoter.stop()
+    try:
+        await asyncio.wait_for(asyncio.shield(task), 2.0)
+    finally:
+        await reap(task)
+
+
+async def accept(store: Store, run_at: int, message: str = "hello") -> str:
+    uuid = new_uuid()
+    accepted = await store.accept(NewMessage(uuid=uuid, message=message, run_at=run_at))
+    assert accepted.created
+    return uuid
+
+
+async def read_one(store: Store, consumer: str = "probe", block_ms: int = 3000) -> tuple[str, int]:
+    """Block on the stream for one entry; return (uuid, arrival wall-clock ms)."""
+    delivered = await store.read(consumer, 1, block_ms)
+    arrived = now_ms()
+    assert delivered, f"nothing reached the stream within {block_ms} ms"
+    return delivered[0].uuid, arrived
+
+
+async def stream_uuids(store: Store) -> list[str]:
+    entries = await store.client.xrange(store.keys.stream)
+    return [fields[b"u"].decode() for _id, fields in entries]
+
+
+@pytest.fixture
+def settings(redis_url: str, prefix: str, redis_client) -> Settings:
+    # redis_client: deletes this test's keys afterwards.
+    return Settings(redis_url=redis_url, prefix=prefix)
+
+
+def test_future_message_is_promoted_within_milliseconds_of_its_run_at(settings) -> None:
+    async def scenario() -> None:
+        async with open_store(settings) as store:
+            await store.ensure_group()
+            gate = LeadershipGate()
+            gate.set_role(Role.LEADER, 1)
+            promoter = Promoter(store, gate)
+            run_at = now_ms() + 300
+            uuid = await accept(store, run_at)
+            assert (await store.record(uuid)).state is State.SCHEDULED
+
+            task = asyncio.create_task(promoter.run())
+            try:
+                got, arrived = await read_one(store)
+            finally:
+                await stop_promoter(promoter, task)
+
+            assert got == uuid
+            lateness = arrived - run_at
+            assert 0 <= lateness < LATENESS_BOUND_MS, f"promoted {lateness} ms after runAt"
+            record = await store.record(uuid)
+            assert record.state is State.QUEUED
+            assert promoter.stats.moved == 1 and promoter.stats.refused == 0
+
+    asyncio.run(scenario())
+
+
+def test_earlier_message_accepted_while_sleeping_wakes_the_promoter_and_is_on_time(
+    settings, redis_client
+) -> None:
+    async def scenario() -> None:
+        async with open_store(settings) as store:
+            await store.ensure_group()
+            gate = LeadershipGate()
+            gate.set_role(Role.LEADER, 1)
+            # A long idle cap: only a wake-up can bring the promoter back before the later one.
+            promoter = Promoter(store, gate, max_idle=30.0)
+            later = await accept(store, now_ms() + 20_000, "later")
+
+            async with running(promoter.run(), listen_for_wakeups(store, promoter)):
+                channel = store.keys.wake_channel
+                await wait_until(
+                    lambda: dict(redis_client.pubsub_numsub(channel)).get(channel.encode(), 0) >= 1,
+                    2.0,
+                    "wake-up subscription",
+                )
+                # It has looked at least once: now it sleeps toward `later` (20 s away).
+                await wait_until(lambda: promoter.stats.calls >= 1, 2.0, "first promote call")
+                calls_before = promoter.stats.calls
+
+                run_at = now_ms() + 300
+                early = await accept(store, run_at, "early")
+                got, arrived = await read_one(store)
+                promoter.stop()
+
+            assert got == early
+            lateness = arrived - run_at
+            assert 0 <= lateness < LATENESS_BOUND_MS, f"promoted {lateness} ms after runAt"
+            assert promoter.stats.calls > calls_before
+            assert (await store.record(later)).state is State.SCHEDULED
+            assert await stream_uuids(store) == [early]
+
+    asyncio.run(scenario())
+
+
+def test_zombie_leader_is_refused_once_a_newer_epoch_promoted_and_nothing_is_promoted_twice(
+    settings,
+) -> None:
+    async def scenario() -> None:
+        async with open_store(settings) as store_a, open_store(settings) as store_b:
+            gate_a, gate_b = LeadershipGate(), LeadershipGate()
+            promoter_a = Promoter(store_a, gate_a, max_idle=0.05)
+            promoter_b = Promoter(store_b, gate_b, max_idle=0.05)
+            uuids: list[str] = []
+
+            # A leads under epoch 5 and promotes what is due.
+            gate_a.set_role(Role.LEADER, 5)
+            uuids += [await accept(store_a, now_ms() + 20, f"a{i}") for i in range(5)]
+            uuids += [await accept(store_a, now_ms() + 150, f"a-later{i}") for i in range(5)]
+            async with running(promoter_a.run()) as (task_a,):
+                await wait_until(lambda: promoter_a.stats.moved >= 5, 2.0, "A promoted")
+
+                # B is elected with epoch 7 while A, paused or partitioned, still thinks it leads.
+                gate_b.set_role(Role.LEADER, 7)
+                async with running(promoter_b.run()) as (task_b,):
+                    await wait_until(lambda: promoter_b.stats.calls >= 1, 2.0, "B promoted once")
+                    uuids += [await accept(store_b, now_ms() + 50, f"b{i}") for i in range(5)]
+                    promoter_a.poke()
+                    await wait_until(lambda: promoter_a.stats.refused >= 1, 2.0, "A refused")
+                    assert not gate_a.is_open and gate_a.role is Role.SUSPENDED
+                    # The stale epoch (or an older one) cannot reopen A's gate.
+                    assert gate_a.set_role(Role.LEADER, 5) is False
+                    assert gate_a.set_role(Role.LEADER, 4) is False
+
+                    await wait_until(_all_promoted(store_b), 3.0, "everything promoted by B")
+                    moved_by_a = promoter_a.stats.moved
+                    await stop_promoter(promoter_b, task_b)
+                await stop_promoter(promoter_a, task_a)
+
+            # A fenced call straight to the script says who won.
+            refused = await store_a.promote(5)
+            assert refused.refused_by == 7
+            assert promoter_a.stats.refused >= 1
+            assert promoter_a.stats.moved == moved_by_a
+            in_stream = await stream_uuids(store_a)
+            assert sorted(in_stream) == sorted(uuids), "each uuid exactly once"
+            assert len(in_stream) == len(set(in_stream))
+            assert promoter_a.stats.moved + promoter_b.stats.moved == len(uuids)
+            assert promoter_b.stats.moved >= 5
+
+    asyncio.run(scenario())
+
+
+def _all_promoted(store: Store) -> Callable[[], Awaitable[bool]]:
+    async def check() -> bool:
+        return await store.client.zcard(store.keys.delayed) == 0
+
+    return check
+
+
+def test_closing_the_gate_stops_promotion_and_reopening_resumes_it(settings, redis_client) -> None:
+    async def scenario() -> None:
+        async with open_store(settings) as store:
+            await store.ensure_group()
+            gate = LeadershipGate()
+            gate.set_role(Role.LEADER, 1)
+            promoter = Promoter(store, gate)
+            async with running(promoter.run(), listen_for_wakeups(store, promoter)):
+                first_at = now_ms() + 50
+                first = await accept(store, first_at)
+                assert (await read_one(store))[0] == first
+
+                gate.set_role(Role.SUSPENDED)
+                # A call already on its way when the gate closed may still land; no more after it.
+                calls = promoter.stats.calls + 1
+                run_at = now_ms() + 50
+                held = await accept(store, run_at)
+                # Well past its runAt, and still not promoted while the gate is closed.
+                await wait_until(lambda: now_ms() >= run_at + 300, 1.0, "time passes")
+                assert (await store.record(held)).state is State.SCHEDULED
+                assert await store.client.xlen(store.keys.stream) == 1
+                assert promoter.stats.calls <= calls
+
+                gate.set_role(Role.LEADER, 1)
+                got, _ = await read_one(store)
+                assert got == held
+                promoter.stop()
+            assert (await store.record(held)).state is State.QUEUED
+            groups = redis_client.xinfo_groups(store.keys.stream)
+            assert [g["name"] for g in groups] == [CONSUMER_GROUP.encode()]
+
+    asyncio.run(scenario())

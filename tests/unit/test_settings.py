@@ -1,0 +1,207 @@
+"""Settings.from_env: every EAT_* variable parsed, every bad value named."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from app.settings import Settings, SettingsError
+
+FIELDS = {f.name: f for f in dataclasses.fields(Settings)}
+VARIABLES = {"EAT_" + name.upper(): name for name in FIELDS}
+
+
+def refused(environ: dict[str, str], **overrides: object) -> SettingsError:
+    with pytest.raises(SettingsError) as info:
+        Settings.from_env(environ, **overrides)
+    return info.value
+
+
+def test_empty_environment_gives_the_documented_defaults():
+    settings = Settings.from_env({})
+    assert settings == Settings()
+    for name, f in FIELDS.items():
+        assert getattr(settings, name) == f.default
+    assert settings.redis_url.startswith("redis://")
+    assert settings.prefix == "eat"
+    assert settings.keys.prefix == "eat"
+
+
+def test_defaults_are_valid_and_consistent():
+    Settings().validate()
+    assert Settings().retry_max >= Settings().retry_base
+
+
+def test_empty_variable_means_default():
+    assert Settings.from_env({"EAT_PREFIX": "", "EAT_MAX_DELIVERIES": ""}) == Settings()
+
+
+def test_unrelated_variables_are_ignored():
+    assert Settings.from_env({"PREFIX": "x", "EAT_NOT_A_SETTING": "1", "HOME": "/"}) == Settings()
+
+
+GOOD_VALUES = {
+    "EAT_REDIS_URL": ("rediss://redis.example:6380/2", "rediss://redis.example:6380/2"),
+    "EAT_ZK_HOSTS": ("zk1:2181, zk2:2182,zk3:2183", "zk1:2181, zk2:2182,zk3:2183"),
+    "EAT_PREFIX": ("  my-app.v2_x  ", "my-app.v2_x"),
+    "EAT_ZK_SESSION_TIMEOUT": ("4.5", 4.5),
+    "EAT_VISIBILITY_TIMEOUT": ("12", 12.0),
+    "EAT_MAX_DELIVERIES": ("7", 7),
+    "EAT_MAX_MESSAGE_BYTES": ("1024", 1024),
+    "EAT_RETENTION": ("0.5", 0.5),
+    "EAT_RETRY_BASE": ("0.25", 0.25),
+    "EAT_RETRY_MAX": ("60", 60.0),
+    "EAT_PROMOTE_BATCH": ("250", 250),
+    "EAT_READ_COUNT": (" 10 ", 10),
+    "EAT_DEAD_MAXLEN": ("5000", 5000),
+    "EAT_LOG_FORMAT": ("json", "json"),
+    "EAT_LOG_LEVEL": ("debug", "debug"),
+}
+
+
+def test_every_setting_has_a_parse_case_here():
+    assert set(GOOD_VALUES) == set(VARIABLES)
+
+
+@pytest.mark.parametrize(("variable", "case"), sorted(GOOD_VALUES.items()))
+def test_each_variable_is_parsed_into_its_field(variable: str, case: tuple[str, object]):
+    raw, expected = case
+    settings = Settings.from_env({variable: raw})
+    value = getattr(settings, VARIABLES[variable])
+    assert value == expected
+    assert type(value) is type(expected)
+    others = {n: getattr(settings, n) for n in FIELDS if n != VARIABLES[variable]}
+    assert others == {n: getattr(Settings(), n) for n in others}
+
+
+def test_unix_socket_redis_url_is_accepted():
+    assert Settings.from_env({"EAT_REDIS_URL": "unix:///run/redis.sock"}).redis_url.startswith(
+        "unix://"
+    )
+
+
+def test_ipv6_zookeeper_host_is_accepted():
+    assert Settings.from_env({"EAT_ZK_HOSTS": "[::1]:2181"}).zk_hosts == "[::1]:2181"
+
+
+@pytest.mark.parametrize(
+    ("environ", "variable"),
+    [
+        ({"EAT_REDIS_URL": "http://localhost:6379"}, "EAT_REDIS_URL"),
+        ({"EAT_REDIS_URL": "localhost:6379"}, "EAT_REDIS_URL"),
+        ({"EAT_REDIS_URL": "memcached://x"}, "EAT_REDIS_URL"),
+        ({"EAT_ZK_HOSTS": "localhost"}, "EAT_ZK_HOSTS"),
+        ({"EAT_ZK_HOSTS": "zk1:2181,"}, "EAT_ZK_HOSTS"),
+        ({"EAT_ZK_HOSTS": "zk1:2181,zk2"}, "EAT_ZK_HOSTS"),
+        ({"EAT_ZK_HOSTS": "zk1:port"}, "EAT_ZK_HOSTS"),
+        ({"EAT_ZK_HOSTS": "zk 1:2181"}, "EAT_ZK_HOSTS"),
+        ({"EAT_ZK_HOSTS": "zk1:2181/chroot"}, "EAT_ZK_HOSTS"),
+        ({"EAT_ZK_HOSTS": "zk1:99999"}, "EAT_ZK_HOSTS"),
+        ({"EAT_ZK_HOSTS": "zk1:0"}, "EAT_ZK_HOSTS"),
+        ({"EAT_PREFIX": "has space"}, "EAT_PREFIX"),
+        ({"EAT_PREFIX": "a{b}"}, "EAT_PREFIX"),
+        ({"EAT_PREFIX": "a/b"}, "EAT_PREFIX"),
+        ({"EAT_PREFIX": "a:b"}, "EAT_PREFIX"),
+        ({"EAT_PREFIX": "x" * 65}, "EAT_PREFIX"),
+        ({"EAT_PREFIX": "."}, "EAT_PREFIX"),
+        ({"EAT_PREFIX": ".."}, "EAT_PREFIX"),
+        ({"EAT_PREFIX": "é"}, "EAT_PREFIX"),
+        ({"EAT_LOG_FORMAT": "xml"}, "EAT_LOG_FORMAT"),
+        ({"EAT_LOG_FORMAT": "JSON"}, "EAT_LOG_FORMAT"),
+        ({"EAT_LOG_LEVEL": "verbose"}, "EAT_LOG_LEVEL"),
+        ({"EAT_PROMOTE_BATCH": "10001"}, "EAT_PROMOTE_BATCH"),
+    ],
+)
+def test_invalid_value_raises_settings_error_naming_the_variable(
+    environ: dict[str, str], variable: str
+):
+    err = refused(environ)
+    assert err.variable == variable
+    assert str(err).startswith(variable)
+    assert err.problem
+
+
+INT_VARIABLES = sorted(v for v, n in VARIABLES.items() if FIELDS[n].type == "int")
+FLOAT_VARIABLES = sorted(v for v, n in VARIABLES.items() if FIELDS[n].type == "float")
+
+
+def test_numeric_variables_are_known():
+    assert "EAT_MAX_DELIVERIES" in INT_VARIABLES
+    assert "EAT_VISIBILITY_TIMEOUT" in FLOAT_VARIABLES
+
+
+@pytest.mark.parametrize("variable", INT_VARIABLES)
+@pytest.mark.parametrize("raw", ["ten", "1.5", "1e3", "0x10", "--1"])
+def test_non_integer_value_is_named(variable: str, raw: str):
+    assert refused({variable: raw}).variable == variable
+
+
+@pytest.mark.parametrize("variable", FLOAT_VARIABLES)
+@pytest.mark.parametrize("raw", ["soon", "1s", "nan", "inf", "-inf", "1e400"])
+def test_non_numeric_or_non_finite_seconds_are_named(variable: str, raw: str):
+    assert refused({variable: raw}).variable == variable
+
+
+@pytest.mark.parametrize("variable", INT_VARIABLES + FLOAT_VARIABLES)
+@pytest.mark.parametrize("raw", ["0", "-1"])
+def test_zero_or_negative_number_is_named(variable: str, raw: str):
+    environ = {variable: raw}
+    if variable == "EAT_RETRY_MAX":
+        # Keep retry_max >= retry_base out of the way so the positivity check is what fails.
+        environ["EAT_RETRY_BASE"] = "0.001"
+    assert refused(environ).variable == variable
+
+
+def test_retry_max_below_retry_base_is_named_as_retry_max():
+    err = refused({"EAT_RETRY_BASE": "10", "EAT_RETRY_MAX": "5"})
+    assert err.variable == "EAT_RETRY_MAX"
+
+
+def test_retry_max_equal_to_retry_base_is_accepted():
+    settings = Settings.from_env({"EAT_RETRY_BASE": "5", "EAT_RETRY_MAX": "5"})
+    assert settings.retry_base == settings.retry_max == 5.0
+
+
+def test_overrides_win_over_the_environment():
+    environ = {"EAT_PREFIX": "from-env", "EAT_MAX_DELIVERIES": "3", "EAT_RETENTION": "9"}
+    settings = Settings.from_env(environ, prefix="from-flag", max_deliveries=8)
+    assert settings.prefix == "from-flag"
+    assert settings.max_deliveries == 8
+    assert settings.retention == 9.0  # not overridden: the environment's value
+
+
+def test_none_override_means_not_given():
+    settings = Settings.from_env({"EAT_PREFIX": "from-env"}, prefix=None)
+    assert settings.prefix == "from-env"
+
+
+def test_override_that_fixes_a_bad_environment_value_wins():
+    assert Settings.from_env({"EAT_LOG_LEVEL": "loud"}, log_level="info").log_level == "info"
+
+
+def test_invalid_override_is_named_by_its_variable():
+    assert refused({}, max_deliveries=0).variable == "EAT_MAX_DELIVERIES"
+    assert refused({}, redis_url="http://x").variable == "EAT_REDIS_URL"
+
+
+def test_override_prefix_with_trailing_newline_is_refused():
+    # Overrides are not stripped; a `$`-anchored pattern would let "eat\n" through.
+    assert refused({}, prefix="eat\n").variable == "EAT_PREFIX"
+
+
+def test_documentation_lists_every_field_with_its_default_and_a_description():
+    docs = Settings.documentation()
+    assert [variable for variable, _, _ in docs] == [
+        "EAT_" + f.name.upper() for f in dataclasses.fields(Settings)
+    ]
+    for variable, default, description in docs:
+        assert default == str(FIELDS[VARIABLES[variable]].default)
+        assert description.strip()
+
+
+def test_process_environment_is_used_when_no_mapping_is_given(monkeypatch: pytest.MonkeyPatch):
+    for variable in VARIABLES:
+        monkeypatch.delenv(variable, raising=False)
+    monkeypatch.setenv("EAT_PREFIX", "from-os")
+    assert Settings.from_env().prefix == "from-os"
