@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import hmac
+import time
 from collections.abc import AsyncIterator
 
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -13,6 +15,8 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
+from app import metrics
+from app.health import health_routes, redis_ready
 from app.logging import get_logger
 from app.model import InvalidInput, parse_save_message
 from app.settings import Settings
@@ -53,10 +57,50 @@ def is_json(request: Request) -> bool:
     )
 
 
+def authorized(request: Request, token: bytes) -> bool:
+    """Constant-time comparison of the bearer token (no early exit on the first wrong byte)."""
+    header = request.headers.get("authorization", "")
+    scheme, _, provided = header.partition(" ")
+    return hmac.compare_digest(provided.strip().encode(), token) and scheme.lower() == "bearer"
+
+
+class HttpMetrics:
+    """Counts and times every request by route template (bounded label values)."""
+
+    def __init__(self, app, routes: set[str]) -> None:
+        self.app = app
+        self.routes = routes
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        route = scope["path"] if scope["path"] in self.routes else "other"
+        status = 500
+        start = time.perf_counter()
+
+        async def send_wrapper(message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            metrics.HTTP_DURATION.labels(route).observe(time.perf_counter() - start)
+            metrics.HTTP_REQUESTS.labels(route, scope["method"], str(status)).inc()
+
+
 def create_app(settings: Settings | None = None) -> Starlette:
     """Build the API. ``settings`` defaults to the environment's (validated)."""
     settings = settings or Settings.from_env()
     body_limit = settings.max_message_bytes * 6 + BODY_OVERHEAD
+    token = settings.api_token.encode() if settings.api_token else None
+    accepted_due = metrics.ACCEPTED.labels("due")
+    accepted_delayed = metrics.ACCEPTED.labels("delayed")
+    accepted_duplicate = metrics.ACCEPTED.labels("duplicate")
+    accepted_invalid = metrics.ACCEPTED.labels("invalid")
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -69,12 +113,15 @@ def create_app(settings: Settings | None = None) -> Starlette:
 
     async def save_message(request: Request) -> JSONResponse:
         store: Store = request.app.state.store
+        if token is not None and not authorized(request, token):
+            return unauthorized()
         try:
             if not is_json(request):
                 raise InvalidInput("Content-Type must be application/json", None, 415)
             body = await read_body(request, body_limit)
             msg = parse_save_message(body, settings.max_message_bytes)
         except InvalidInput as exc:
+            accepted_invalid.inc()
             return error(exc.status, exc.error, exc.field)
         except ClientDisconnect:
             return error(400, "client disconnected before the body was read")
@@ -89,20 +136,25 @@ def create_app(settings: Settings | None = None) -> Starlette:
             return error(503, "storage refused the write, retry with the same uuid")
         payload = {"uuid": msg.uuid, "runAt": result.run_at, "state": result.state}
         if result.created:
+            (accepted_due if result.state == "queued" else accepted_delayed).inc()
             log.info("accepted", uuid=msg.uuid, run_at=result.run_at, state=result.state)
             return JSONResponse(payload, status_code=201)
+        accepted_duplicate.inc()
         payload["duplicate"] = True
         return JSONResponse(payload, status_code=200)
 
-    async def healthz(request: Request) -> JSONResponse:
-        return JSONResponse({"status": "ok"})
+    def unauthorized() -> JSONResponse:
+        response = error(401, "missing or wrong bearer token", "Authorization")
+        response.headers["WWW-Authenticate"] = "Bearer"
+        return response
 
-    async def readyz(request: Request) -> JSONResponse:
-        try:
-            await request.app.state.store.client.ping()
-        except (RedisError, OSError):
-            return JSONResponse({"status": "unavailable", "redis": False}, status_code=503)
-        return JSONResponse({"status": "ok", "redis": True})
+    app_ref: list[Starlette] = []
+
+    def store_of() -> Store:
+        return app_ref[0].state.store
+
+    async def ready() -> dict[str, bool]:
+        return {"redis": await redis_ready(store_of())}
 
     async def not_found(request: Request, exc: Exception) -> JSONResponse:
         return error(404, "not found")
@@ -110,12 +162,15 @@ def create_app(settings: Settings | None = None) -> Starlette:
     async def method_not_allowed(request: Request, exc: Exception) -> JSONResponse:
         return error(405, "method not allowed")
 
-    return Starlette(
-        routes=[
-            Route("/api/v1/save-message", save_message, methods=["POST"]),
-            Route("/healthz", healthz, methods=["GET"]),
-            Route("/readyz", readyz, methods=["GET"]),
-        ],
+    routes = [
+        Route("/api/v1/save-message", save_message, methods=["POST"]),
+        *health_routes(store_of, ready),
+    ]
+    app = Starlette(
+        routes=routes,
         exception_handlers={404: not_found, 405: method_not_allowed},
         lifespan=lifespan,
     )
+    app_ref.append(app)
+    app.add_middleware(HttpMetrics, routes={r.path for r in routes})
+    return app

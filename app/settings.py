@@ -40,11 +40,27 @@ class Settings:
 
     redis_url: str = field(
         default="redis://127.0.0.1:6379/0",
-        metadata={"doc": "Redis URL (redis:// or rediss://, or unix://)."},
+        repr=False,  # may carry a password
+        metadata={
+            "doc": "Redis URL: redis://[user:password@]host:port/db, rediss:// for TLS, "
+            "or unix://. Never logged."
+        },
+    )
+    redis_ca_file: str = field(
+        default="",
+        metadata={"doc": "CA bundle to verify Redis' TLS certificate (with rediss://)."},
     )
     zk_hosts: str = field(
         default="127.0.0.1:2181",
         metadata={"doc": "ZooKeeper connect string: comma-separated host:port."},
+    )
+    zk_auth: str = field(
+        default="",
+        repr=False,
+        metadata={
+            "doc": "`user:password` for ZooKeeper digest auth; the election znodes then get "
+            "an ACL for that user only. Never logged."
+        },
     )
     prefix: str = field(
         default="eat",
@@ -100,6 +116,25 @@ class Settings:
         default=100000,
         metadata={"doc": "Approximate cap on the dead-letter stream's length."},
     )
+    api_token: str = field(
+        default="",
+        repr=False,
+        metadata={
+            "doc": "When set, every /api/* request needs `Authorization: Bearer <token>` "
+            "(compared in constant time). Never logged."
+        },
+    )
+    health_host: str = field(
+        default="127.0.0.1",
+        metadata={"doc": "Address of the scheduler's and worker's health and metrics server."},
+    )
+    health_port: int = field(
+        default=0,
+        metadata={
+            "doc": "Port of that server (/healthz, /readyz, /metrics); 0 turns it off. "
+            "The api serves the same paths on its own port."
+        },
+    )
     log_format: str = field(
         default="auto",
         metadata={"doc": "`json`, `console`, or `auto` (console when stderr is a terminal)."},
@@ -133,6 +168,17 @@ class Settings:
         url = urlparse(self.redis_url)
         if url.scheme not in ("redis", "rediss", "unix"):
             raise SettingsError(_env("redis_url"), "must start with redis://, rediss:// or unix://")
+        if self.redis_ca_file:
+            if url.scheme != "rediss":
+                raise SettingsError(_env("redis_ca_file"), "needs a rediss:// EAT_REDIS_URL")
+            if not os.path.isfile(self.redis_ca_file):
+                raise SettingsError(_env("redis_ca_file"), "no such file")
+        if self.zk_auth and ":" not in self.zk_auth:
+            raise SettingsError(_env("zk_auth"), "expected user:password")
+        if not 0 <= self.health_port <= 65535:
+            raise SettingsError(_env("health_port"), "must be between 0 and 65535")
+        if self.api_token and len(self.api_token) < 16:
+            raise SettingsError(_env("api_token"), "use at least 16 characters")
         hosts = [h.strip() for h in self.zk_hosts.split(",")]
         if not all(_HOST_PORT_RE.match(h) and 0 < int(h.rsplit(":", 1)[1]) < 65536 for h in hosts):
             raise SettingsError(_env("zk_hosts"), "must be comma-separated host:port pairs")
@@ -154,7 +200,10 @@ class Settings:
     @classmethod
     def documentation(cls) -> list[tuple[str, str, str]]:
         """(variable, default, description) for every setting, for the README and --help."""
-        return [(_env(f.name), str(f.default), f.metadata["doc"]) for f in dataclasses.fields(cls)]
+        return [
+            (_env(f.name), str(f.default) if f.default != "" else "(unset)", f.metadata["doc"])
+            for f in dataclasses.fields(cls)
+        ]
 
 
 def _positive(settings: Settings, *names: str) -> None:

@@ -46,6 +46,18 @@ class Promoted:
 
 
 @dataclass(frozen=True, slots=True)
+class QueueStats:
+    """Cluster-wide figures, read in one pipeline."""
+
+    delayed: int
+    stream_length: int
+    pending: int
+    lag: int
+    consumers: int
+    dead: int
+
+
+@dataclass(frozen=True, slots=True)
 class Delivery:
     """One stream entry handed to a worker."""
 
@@ -81,6 +93,8 @@ def connect(settings: Settings, **kwargs) -> aioredis.Redis:
     kwargs.setdefault("socket_connect_timeout", 1.0)
     kwargs.setdefault("socket_timeout", 5.0)
     kwargs.setdefault("health_check_interval", 15)
+    if settings.redis_ca_file:
+        kwargs.setdefault("ssl_ca_certs", settings.redis_ca_file)
     return aioredis.Redis.from_url(settings.redis_url, decode_responses=False, **kwargs)
 
 
@@ -197,6 +211,33 @@ class Store:
             return 0
         return await self.scripts.extend(
             keys=[self.keys.stream], args=[CONSUMER_GROUP, consumer, *ids]
+        )
+
+    async def queue_stats(self) -> QueueStats:
+        k = self.keys
+        async with self.client.pipeline(transaction=False) as pipe:
+            pipe.zcard(k.delayed)
+            pipe.xlen(k.stream)
+            pipe.xlen(k.dead)
+            pipe.execute_command("XINFO", "GROUPS", k.stream)
+            replies = await pipe.execute(raise_on_error=False)
+        delayed, length, dead, groups = replies
+        pending = consumers = 0
+        if isinstance(groups, list):
+            for group in groups:
+                info = dict(zip(group[::2], group[1::2], strict=False))
+                if info.get(b"name") == CONSUMER_GROUP.encode():
+                    pending = int(info.get(b"pending", 0))
+                    consumers = int(info.get(b"consumers", 0))
+        # Acknowledged entries are deleted, so what is in the stream and not pending is
+        # exactly what no worker has read yet (XINFO's own lag is unknown after XDEL).
+        return QueueStats(
+            delayed=int(delayed) if isinstance(delayed, int) else 0,
+            stream_length=int(length) if isinstance(length, int) else 0,
+            pending=pending,
+            lag=max(0, (int(length) if isinstance(length, int) else 0) - pending),
+            consumers=consumers,
+            dead=int(dead) if isinstance(dead, int) else 0,
         )
 
     async def record(self, uuid: str) -> Record | None:

@@ -28,6 +28,7 @@ from collections.abc import Callable
 from kazoo.client import KazooClient, KazooState
 from kazoo.exceptions import KazooException
 from kazoo.handlers.threading import KazooTimeoutError
+from kazoo.security import make_digest_acl
 
 from app.logging import get_logger
 from election.gate import Role
@@ -47,12 +48,23 @@ class LeaderElection:
         identifier: str,
         session_timeout: float,
         report: Report,
+        auth: str | None = None,
     ) -> None:
         self.path = path
         self.identifier = identifier
         self._report = report
+        acl_options = {}
+        if auth:
+            # Digest auth; the znodes this client creates are readable and writable by that
+            # user only, so another tenant of the ensemble cannot join or break the election.
+            user, _, password = auth.partition(":")
+            acl_options = {
+                "auth_data": [("digest", auth)],
+                "default_acl": [make_digest_acl(user, password, all=True)],
+            }
         self._client = KazooClient(
             hosts=hosts,
+            **acl_options,
             timeout=session_timeout,
             connection_retry={"max_tries": -1, "delay": 0.05, "max_delay": 1.0},
             command_retry={"max_tries": 3, "delay": 0.05, "max_delay": 0.5},

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 from redis.exceptions import RedisError
 
+from app import metrics
 from app.logging import get_logger
 from app.store import Store
 from election.gate import LeadershipGate
@@ -81,6 +82,7 @@ class Promoter:
             self.stats.calls += 1
             if result.refused_by is not None:
                 self.stats.refused += 1
+                metrics.PROMOTE_REFUSED.inc()
                 log.warning(
                     "promotion refused: a newer leader exists",
                     epoch=epoch,
@@ -90,6 +92,7 @@ class Promoter:
                 self.gate.mark_stale(epoch)
                 continue
             self.stats.moved += result.moved
+            metrics.PROMOTED.inc(result.moved)
             if result.moved:
                 log.debug("promoted", count=result.moved, epoch=epoch)
             if result.moved >= self.store.settings.promote_batch:

@@ -8,6 +8,8 @@ import os
 import signal
 import socket
 
+from app import metrics
+from app.health import maybe_start, redis_ready
 from app.logging import get_logger
 from app.settings import Settings
 from app.store import Store, connect
@@ -35,6 +37,12 @@ async def run_scheduler(settings: Settings, identifier: str | None = None) -> No
     gate = LeadershipGate()
     promoter = Promoter(store, gate)
 
+    def export_role() -> None:
+        metrics.LEADER.set(1 if gate.is_open else 0)
+        metrics.EPOCH.set(gate.epoch or 0)
+
+    gate.on_change(export_role)
+
     def report(role: Role, epoch: int | None) -> None:
         loop.call_soon_threadsafe(gate.set_role, role, epoch)
 
@@ -44,9 +52,15 @@ async def run_scheduler(settings: Settings, identifier: str | None = None) -> No
         identifier,
         settings.zk_session_timeout,
         report,
+        auth=settings.zk_auth or None,
     )
+
+    async def ready() -> dict[str, bool]:
+        return {"redis": await redis_ready(store), "zookeeper": election.client.connected}
+
     log.info("scheduler starting", identifier=identifier, path=settings.keys.zk_election)
     election.start()
+    health = await maybe_start(settings.health_host, settings.health_port, store, ready)
     tasks = [
         asyncio.create_task(promoter.run(), name="promoter"),
         asyncio.create_task(listen_for_wakeups(store, promoter), name="wakeups"),
@@ -68,6 +82,8 @@ async def run_scheduler(settings: Settings, identifier: str | None = None) -> No
         for task in tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 task.result()
+        if health is not None:
+            await health.stop()
         await client.aclose()
         log.info(
             "scheduler stopped",

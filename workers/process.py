@@ -7,6 +7,7 @@ import os
 import signal
 import socket
 
+from app.health import maybe_start, redis_ready
 from app.settings import Settings
 from app.store import Store, connect
 from workers.handlers import load_handler
@@ -28,7 +29,15 @@ async def run_worker(
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, worker.stop)
+    store = worker.store
+
+    async def ready() -> dict[str, bool]:
+        return {"redis": await redis_ready(store)}
+
+    health = await maybe_start(settings.health_host, settings.health_port, store, ready)
     try:
         await worker.run()
     finally:
+        if health is not None:
+            await health.stop()
         await client.aclose()

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 from redis.exceptions import RedisError
 
+from app import metrics
 from app.logging import get_logger
 from app.store import Delivery, Store
 from workers.handlers import Handler, is_async
@@ -158,6 +159,7 @@ class Worker:
             await self._failed(delivery, exc)
         else:
             self.stats.handled += 1
+            metrics.LATENESS.observe(max(0.0, time.time() - delivery.run_at / 1000))
             self._to_ack.append(delivery)
             self._ack_wanted.set()
         finally:
@@ -176,6 +178,9 @@ class Worker:
             return
         if outcome == "dead":
             self.stats.dead += 1
+            metrics.DEAD_LETTERED.inc()
+        elif outcome == "retrying":
+            metrics.RETRIED.inc()
         log.warning(
             "handler failed",
             uuid=delivery.uuid,
@@ -194,7 +199,9 @@ class Worker:
             if self._to_ack:
                 batch, self._to_ack = self._to_ack, []
                 try:
-                    self.stats.acked += await self.store.ack(batch)
+                    acked = await self.store.ack(batch)
+                    self.stats.acked += acked
+                    metrics.DELIVERED.inc(acked)
                     delay = 0.05
                 except (RedisError, OSError) as exc:
                     log.warning("ack failed, retrying", count=len(batch), error=type(exc).__name__)
@@ -220,10 +227,12 @@ class Worker:
                 await self._sleep(interval)
                 continue
             self.stats.dead += dead
+            metrics.DEAD_LETTERED.inc(dead)
             # An entry this process is still handling can come back if its renewal was late.
             claimed = [d for d in claimed if d.id not in self._in_flight]
             if claimed:
                 self.stats.reclaimed += len(claimed)
+                metrics.RECLAIMED.inc(len(claimed))
                 log.info("reclaimed", count=len(claimed), uuids=[d.uuid for d in claimed])
                 await self._dispatch(claimed)
             if dead:

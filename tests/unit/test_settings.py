@@ -57,6 +57,11 @@ GOOD_VALUES = {
     "EAT_DEAD_MAXLEN": ("5000", 5000),
     "EAT_LOG_FORMAT": ("json", "json"),
     "EAT_LOG_LEVEL": ("debug", "debug"),
+    "EAT_API_TOKEN": ("s3cret-token-0123456789", "s3cret-token-0123456789"),
+    "EAT_HEALTH_HOST": ("0.0.0.0", "0.0.0.0"),
+    "EAT_HEALTH_PORT": ("9090", 9090),
+    "EAT_ZK_AUTH": ("svc:pass", "svc:pass"),
+    "EAT_REDIS_CA_FILE": ("", ""),
 }
 
 
@@ -111,6 +116,14 @@ def test_ipv6_zookeeper_host_is_accepted():
         ({"EAT_LOG_FORMAT": "JSON"}, "EAT_LOG_FORMAT"),
         ({"EAT_LOG_LEVEL": "verbose"}, "EAT_LOG_LEVEL"),
         ({"EAT_PROMOTE_BATCH": "10001"}, "EAT_PROMOTE_BATCH"),
+        ({"EAT_API_TOKEN": "short"}, "EAT_API_TOKEN"),
+        ({"EAT_HEALTH_PORT": "70000"}, "EAT_HEALTH_PORT"),
+        ({"EAT_ZK_AUTH": "no-colon"}, "EAT_ZK_AUTH"),
+        ({"EAT_REDIS_CA_FILE": "/etc/hostname"}, "EAT_REDIS_CA_FILE"),
+        (
+            {"EAT_REDIS_URL": "rediss://h:6380/0", "EAT_REDIS_CA_FILE": "/no/such/ca.pem"},
+            "EAT_REDIS_CA_FILE",
+        ),
     ],
 )
 def test_invalid_value_raises_settings_error_naming_the_variable(
@@ -146,6 +159,9 @@ def test_non_numeric_or_non_finite_seconds_are_named(variable: str, raw: str):
 @pytest.mark.parametrize("variable", INT_VARIABLES + FLOAT_VARIABLES)
 @pytest.mark.parametrize("raw", ["0", "-1"])
 def test_zero_or_negative_number_is_named(variable: str, raw: str):
+    if variable == "EAT_HEALTH_PORT" and raw == "0":
+        assert Settings.from_env({variable: raw}).health_port == 0  # 0 means "off"
+        return
     environ = {variable: raw}
     if variable == "EAT_RETRY_MAX":
         # Keep retry_max >= retry_base out of the way so the positivity check is what fails.
@@ -196,7 +212,8 @@ def test_documentation_lists_every_field_with_its_default_and_a_description():
         "EAT_" + f.name.upper() for f in dataclasses.fields(Settings)
     ]
     for variable, default, description in docs:
-        assert default == str(FIELDS[VARIABLES[variable]].default)
+        expected = FIELDS[VARIABLES[variable]].default
+        assert default == (str(expected) if expected != "" else "(unset)")
         assert description.strip()
 
 
@@ -205,3 +222,16 @@ def test_process_environment_is_used_when_no_mapping_is_given(monkeypatch: pytes
         monkeypatch.delenv(variable, raising=False)
     monkeypatch.setenv("EAT_PREFIX", "from-os")
     assert Settings.from_env().prefix == "from-os"
+
+
+def test_secrets_never_appear_in_the_settings_repr():
+    settings = Settings.from_env(
+        {
+            "EAT_REDIS_URL": "redis://user:hunter2-password@redis:6379/0",
+            "EAT_API_TOKEN": "token-0123456789-abcdef",
+            "EAT_ZK_AUTH": "svc:zk-password-42",
+        }
+    )
+    text = repr(settings)
+    for secret in ("hunter2-password", "token-0123456789-abcdef", "zk-password-42"):
+        assert secret not in text

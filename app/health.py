@@ -1,0 +1,110 @@
+"""Health and metrics over HTTP: the API's own routes, and a small server for
+the scheduler and worker processes (``EAT_HEALTH_PORT``).
+
+``/healthz`` answers while the process lives; ``/readyz`` only while its
+dependencies answer; ``/metrics`` is the Prometheus exposition, with the queue
+gauges read from Redis at scrape time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Awaitable, Callable, Iterator
+
+import uvicorn
+from redis.exceptions import RedisError
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from app import metrics
+from app.store import Store
+
+ReadyCheck = Callable[[], Awaitable[dict[str, bool]]]
+
+
+async def refresh_queue_gauges(store: Store) -> None:
+    stats = await store.queue_stats()
+    metrics.DELAYED.set(stats.delayed)
+    metrics.STREAM_LENGTH.set(stats.stream_length)
+    metrics.STREAM_LAG.set(stats.lag)
+    metrics.PENDING.set(stats.pending)
+    metrics.DEAD.set(stats.dead)
+    metrics.CONSUMERS.set(stats.consumers)
+
+
+async def redis_ready(store: Store) -> bool:
+    try:
+        await store.client.ping()
+    except (RedisError, OSError):
+        return False
+    return True
+
+
+def health_routes(store_of: Callable[[], Store], ready: ReadyCheck) -> list[Route]:
+    """``store_of`` is called per request: the API builds its store in the lifespan."""
+
+    async def healthz(request: Request) -> JSONResponse:
+        return JSONResponse({"status": "ok"})
+
+    async def readyz(request: Request) -> JSONResponse:
+        checks = await ready()
+        ok = all(checks.values())
+        return JSONResponse(
+            {"status": "ok" if ok else "unavailable", **checks}, status_code=200 if ok else 503
+        )
+
+    async def metrics_endpoint(request: Request) -> Response:
+        with contextlib.suppress(RedisError, OSError):
+            await refresh_queue_gauges(store_of())
+        body, content_type = metrics.exposition()
+        return Response(body, media_type=content_type)
+
+    return [
+        Route("/healthz", healthz, methods=["GET"]),
+        Route("/readyz", readyz, methods=["GET"]),
+        Route("/metrics", metrics_endpoint, methods=["GET"]),
+    ]
+
+
+class _Server(uvicorn.Server):
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        # The process owns SIGTERM and drains its own work; this server only stops when told.
+        yield
+
+
+class HealthServer:
+    """Serves the health routes on ``host:port`` inside the running event loop."""
+
+    def __init__(self, host: str, port: int, store: Store, ready: ReadyCheck) -> None:
+        app = Starlette(routes=health_routes(lambda: store, ready))
+        config = uvicorn.Config(
+            app, host=host, port=port, log_config=None, access_log=False, lifespan="off"
+        )
+        self._server = _Server(config)
+        self._task: asyncio.Task | None = None
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._server.serve(), name="health")
+        while not self._server.started:
+            if self._task.done():
+                self._task.result()  # raises the bind error
+                raise RuntimeError("health server stopped at start")
+            await asyncio.sleep(0.01)
+
+    async def stop(self) -> None:
+        if self._task is None:
+            return
+        self._server.should_exit = True
+        await self._task
+
+
+async def maybe_start(host: str, port: int, store: Store, ready: ReadyCheck) -> HealthServer | None:
+    if not port:
+        return None
+    server = HealthServer(host, port, store, ready)
+    await server.start()
+    return server
