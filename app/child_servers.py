@@ -99,7 +99,11 @@ def _distinct_free_ports(count: int) -> list[int]:
 
 
 def redis_answers_ping(host: str, port: int, timeout: float = _PROBE_TIMEOUT) -> bool:
-    """True if a Redis server at host:port answers a raw ``PING`` with ``+PONG``."""
+    """True if a Redis server at host:port answers a raw ``PING``.
+
+    ``+PONG``, or ``-NOAUTH`` from a server with a password: it serves either way.
+    (While loading its AOF it answers ``-LOADING``, which is not ready.)
+    """
     try:
         with socket.create_connection((host, port), timeout=timeout) as sock:
             sock.sendall(b"*1\r\n$4\r\nPING\r\n")
@@ -111,7 +115,7 @@ def redis_answers_ping(host: str, port: int, timeout: float = _PROBE_TIMEOUT) ->
                 reply += chunk
     except OSError:
         return False
-    return reply.startswith(b"+PONG")
+    return reply.startswith((b"+PONG", b"-NOAUTH"))
 
 
 def four_letter_word(host: str, port: int, word: str, timeout: float = _PROBE_TIMEOUT) -> str:

@@ -44,7 +44,7 @@ class _ToStructlog(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         try:
             structlog.get_logger(record.name).log(
-                record.levelno, record.getMessage(), logger=record.name
+                record.levelno, record.getMessage(), logger=record.name, exc_info=record.exc_info
             )
         except Exception:
             self.handleError(record)

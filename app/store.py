@@ -219,16 +219,16 @@ class Store:
             pipe.zcard(k.delayed)
             pipe.xlen(k.stream)
             pipe.xlen(k.dead)
-            pipe.execute_command("XINFO", "GROUPS", k.stream)
+            pipe.xinfo_groups(k.stream)
             replies = await pipe.execute(raise_on_error=False)
         delayed, length, dead, groups = replies
         pending = consumers = 0
         if isinstance(groups, list):
-            for group in groups:
-                info = dict(zip(group[::2], group[1::2], strict=False))
-                if info.get(b"name") == CONSUMER_GROUP.encode():
-                    pending = int(info.get(b"pending", 0))
-                    consumers = int(info.get(b"consumers", 0))
+            for info in groups:  # redis-py parses each group into a dict with str keys
+                name = info.get("name")
+                if name in (CONSUMER_GROUP, CONSUMER_GROUP.encode()):
+                    pending = int(info.get("pending", 0))
+                    consumers = int(info.get("consumers", 0))
         # Acknowledged entries are deleted, so what is in the stream and not pending is
         # exactly what no worker has read yet (XINFO's own lag is unknown after XDEL).
         return QueueStats(
