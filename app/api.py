@@ -7,16 +7,19 @@ import hmac
 import time
 from collections.abc import AsyncIterator
 
+import msgspec
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from starlette.applications import Starlette
 from starlette.requests import ClientDisconnect, Request
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from app import metrics
+from app.batcher import AcceptBatcher
 from app.health import health_routes, redis_ready
+from app.lifecycle_store import Lifecycle
 from app.logging import get_logger
 from app.model import InvalidInput, parse_save_message
 from app.settings import Settings
@@ -28,8 +31,16 @@ log = get_logger("api")
 BODY_OVERHEAD = 4096
 
 
-def error(status: int, message: str, field: str | None = None) -> JSONResponse:
-    return JSONResponse({"error": message, "field": field}, status_code=status)
+_json = msgspec.json.Encoder()
+
+
+def json_response(payload: dict, status: int = 200) -> Response:
+    """Like Starlette's JSONResponse, with msgspec's encoder (the hot path's serialiser)."""
+    return Response(_json.encode(payload), status_code=status, media_type="application/json")
+
+
+def error(status: int, message: str, field: str | None = None) -> Response:
+    return json_response({"error": message, "field": field}, status)
 
 
 async def read_body(request: Request, limit: int) -> bytes:
@@ -40,6 +51,8 @@ async def read_body(request: Request, limit: int) -> bytes:
             raise InvalidInput("invalid Content-Length", None, 400)
         if int(declared) > limit:
             raise InvalidInput(f"body larger than {limit} bytes", None, 413)
+        # The server delivers no more than the declared length, so it cannot exceed the limit.
+        return await request.body()
     chunks: list[bytes] = []
     size = 0
     async for chunk in request.stream():
@@ -70,12 +83,14 @@ class HttpMetrics:
     def __init__(self, app, routes: set[str]) -> None:
         self.app = app
         self.routes = routes
+        self._children: dict[tuple[str, str, int], tuple] = {}
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        route = scope["path"] if scope["path"] in self.routes else "other"
+        path = scope["path"]
+        route = path if path in self.routes else "other"
         status = 500
         start = time.perf_counter()
 
@@ -88,8 +103,20 @@ class HttpMetrics:
         try:
             await self.app(scope, receive, send_wrapper)
         finally:
-            metrics.HTTP_DURATION.labels(route).observe(time.perf_counter() - start)
-            metrics.HTTP_REQUESTS.labels(route, scope["method"], str(status)).inc()
+            # A path with parameters counts under its template (the router put it in scope).
+            template = getattr(scope.get("route"), "path", None)
+            if route == "other" and template in self.routes:
+                route = template
+            key = (route, scope["method"], status)
+            children = self._children.get(key)
+            if children is None:
+                # labels() takes a lock and builds a tuple each call: look each child up once.
+                children = self._children[key] = (
+                    metrics.HTTP_DURATION.labels(route),
+                    metrics.HTTP_REQUESTS.labels(route, scope["method"], str(status)),
+                )
+            children[0].observe(time.perf_counter() - start)
+            children[1].inc()
 
 
 def create_app(settings: Settings | None = None) -> Starlette:
@@ -106,13 +133,14 @@ def create_app(settings: Settings | None = None) -> Starlette:
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         client = connect(settings)
         app.state.store = Store(client, settings)
+        app.state.batcher = AcceptBatcher(app.state.store)
+        app.state.lifecycle = Lifecycle(app.state.store)
         try:
             yield
         finally:
             await client.aclose()
 
     async def save_message(request: Request) -> JSONResponse:
-        store: Store = request.app.state.store
         if token is not None and not authorized(request, token):
             return unauthorized()
         try:
@@ -126,7 +154,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
         except ClientDisconnect:
             return error(400, "client disconnected before the body was read")
         try:
-            result = await store.accept(msg)
+            result = await request.app.state.batcher.accept(msg)
         except (RedisConnectionError, RedisTimeoutError, OSError):
             log.warning("redis unavailable", uuid=msg.uuid)
             return error(503, "storage unavailable, retry with the same uuid")
@@ -137,11 +165,11 @@ def create_app(settings: Settings | None = None) -> Starlette:
         payload = {"uuid": msg.uuid, "runAt": result.run_at, "state": result.state}
         if result.created:
             (accepted_due if result.state == "queued" else accepted_delayed).inc()
-            log.info("accepted", uuid=msg.uuid, run_at=result.run_at, state=result.state)
-            return JSONResponse(payload, status_code=201)
+            log.debug("accepted", uuid=msg.uuid, run_at=result.run_at, state=result.state)
+            return json_response(payload, 201)
         accepted_duplicate.inc()
         payload["duplicate"] = True
-        return JSONResponse(payload, status_code=200)
+        return json_response(payload, 200)
 
     def unauthorized() -> JSONResponse:
         response = error(401, "missing or wrong bearer token", "Authorization")
@@ -162,8 +190,12 @@ def create_app(settings: Settings | None = None) -> Starlette:
     async def method_not_allowed(request: Request, exc: Exception) -> JSONResponse:
         return error(405, "method not allowed")
 
+    # Imported here: the lifecycle routes build on this module's helpers (error, read_body...).
+    from app.routes_lifecycle import lifecycle_routes
+
     routes = [
         Route("/api/v1/save-message", save_message, methods=["POST"]),
+        *lifecycle_routes(settings),
         *health_routes(store_of, ready),
     ]
     app = Starlette(

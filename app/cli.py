@@ -7,6 +7,7 @@ import asyncio
 import signal
 import sys
 
+from app import cli_ops
 from app.logging import configure, get_logger
 from app.settings import Settings, SettingsError
 
@@ -41,7 +42,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--consumer-name", default=None, help="consumer name in the group (default: host-pid)"
     )
     worker.add_argument(
-        "--handler", default="echo", help="'echo' (default) or 'package.module:callable'"
+        "--handler",
+        default="echo",
+        help="'echo' (default), 'list' (LPUSH onto a legacy list) or 'package.module:callable'",
+    )
+    worker.add_argument(
+        "--list-name",
+        default=None,
+        help="with --handler list: the list to push onto (default: EAT_LEGACY_QUEUE)",
     )
 
     up = sub.add_parser(
@@ -55,6 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     up.add_argument("--schedulers", type=int, default=2, help="scheduler processes (2)")
     up.add_argument("--workers", type=int, default=2, help="worker processes (2)")
+    cli_ops.add_commands(sub)
     return parser
 
 
@@ -72,6 +81,8 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(f"invalid setting {exc}")
     configure(settings.log_format, settings.log_level, process=args.command)
 
+    if args.command in cli_ops.COMMANDS:
+        return cli_ops.run(args, settings)
     if args.command == "api":
         if not 0 < args.port < 65536:
             return _fail("--port must be between 1 and 65535")
@@ -88,7 +99,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.concurrency < 1:
             return _fail("--concurrency must be at least 1")
         try:
-            _run_async(run_worker(settings, args.consumer_name, args.concurrency, args.handler))
+            _run_async(
+                run_worker(
+                    settings, args.consumer_name, args.concurrency, args.handler, args.list_name
+                )
+            )
         except HandlerSpecError as exc:
             return _fail(str(exc))
         return 0

@@ -11,12 +11,44 @@ from dataclasses import dataclass
 
 # Legacy list names from the original service. Old producers hard-code them, so
 # they are not prefixed (configurable in settings for those that renamed them).
+# In Redis Cluster the three must share one slot: the bridge's RPOPLPUSH/LMOVE
+# spans two of them, so configure names with one hash tag, e.g. "{legacy}Queue",
+# "{legacy}QueueDelayed", "{legacy}QueueDead" (Settings.validate checks the tags agree).
 LEGACY_DELAYED = "QueueDelayed"
 LEGACY_QUEUE = "Queue"
 LEGACY_IN_FLIGHT = "QueueDead"
 
 # The consumer group every worker joins on the stream.
 CONSUMER_GROUP = "workers"
+
+
+def hash_tag(key: str) -> str | None:
+    """The part of ``key`` Redis Cluster hashes (``{...}``), or None when it has none.
+
+    Redis' rule: the first ``{``, then the first ``}`` after it, with at least
+    one character between them; otherwise the whole key is hashed.
+    """
+    start = key.find("{")
+    if start < 0:
+        return None
+    end = key.find("}", start + 1)
+    if end <= start + 1:
+        return None
+    return key[start + 1 : end]
+
+
+@dataclass(frozen=True, slots=True)
+class LegacyLists:
+    """The original service's three lists (names from settings, unprefixed by default).
+
+    Old producers LPUSH a JSON message onto ``queue`` (run now) or ``delayed``
+    (run at its runAt); the bridge moves each into ``in_flight`` while it accepts
+    it, and removes it from there afterwards.
+    """
+
+    delayed: str = LEGACY_DELAYED  # LIST: legacy messages to run at their runAt
+    queue: str = LEGACY_QUEUE  # LIST: legacy messages to run now
+    in_flight: str = LEGACY_IN_FLIGHT  # LIST: taken by the bridge, not yet accepted
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,6 +106,15 @@ class Keyspace:
     def epoch(self) -> str:
         """STRING: highest leader epoch that promoted (fencing against zombie leaders)."""
         return f"{self.tag}:epoch"
+
+    @property
+    def leader(self) -> str:
+        """HASH: identifier, epoch, since of the scheduler that promotes now (for /stats).
+
+        Written by every promote call with a TTL of a few seconds, so it vanishes
+        soon after the leader stops promoting.
+        """
+        return f"{self.tag}:leader"
 
     @property
     def wake_channel(self) -> str:

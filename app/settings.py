@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlparse
 
-from app.keys import Keyspace
+from app.keys import LEGACY_DELAYED, LEGACY_IN_FLIGHT, LEGACY_QUEUE, Keyspace, LegacyLists, hash_tag
 
 
 class SettingsError(ValueError):
@@ -28,6 +28,9 @@ class SettingsError(ValueError):
 
 _PREFIX_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}\Z")
 _HOST_PORT_RE = re.compile(r"^[A-Za-z0-9_.\-\[\]:]+:\d{1,5}$")
+_LIST_NAME_RE = re.compile(r"^[!-~]{1,256}\Z")  # printable ASCII, no spaces
+_TRUE = ("true", "1", "yes", "on")
+_FALSE = ("false", "0", "no", "off")
 
 
 def _env(name: str) -> str:
@@ -90,6 +93,13 @@ class Settings:
         default=65536,
         metadata={"doc": "Largest `message` accepted, in UTF-8 bytes."},
     )
+    max_batch_bytes: int = field(
+        default=16777216,
+        metadata={
+            "doc": "Largest body of `POST /api/v1/save-messages` (up to 1,000 messages), in "
+            "bytes; a larger one is refused with 413."
+        },
+    )
     retention: float = field(
         default=86400.0,
         metadata={
@@ -109,7 +119,7 @@ class Settings:
         metadata={"doc": "Most messages one promote script call moves to the stream."},
     )
     read_count: int = field(
-        default=100,
+        default=1000,
         metadata={"doc": "Most entries one XREADGROUP call takes."},
     )
     dead_maxlen: int = field(
@@ -123,6 +133,10 @@ class Settings:
             "doc": "When set, every /api/* request needs `Authorization: Bearer <token>` "
             "(compared in constant time). Never logged."
         },
+    )
+    api_url: str = field(
+        default="http://127.0.0.1:8080",
+        metadata={"doc": "Where the operator commands (send, status, dead) reach the API."},
     )
     health_host: str = field(
         default="127.0.0.1",
@@ -143,10 +157,37 @@ class Settings:
         default="info",
         metadata={"doc": "`debug`, `info`, `warning` or `error`."},
     )
+    legacy_bridge: bool = field(
+        default=True,
+        metadata={
+            "doc": "`true` or `false`: the leading scheduler moves messages that old producers "
+            "LPUSH onto the legacy lists into the service."
+        },
+    )
+    legacy_queue: str = field(
+        default=LEGACY_QUEUE,
+        metadata={"doc": "Legacy list of messages to run now (not prefixed)."},
+    )
+    legacy_delayed: str = field(
+        default=LEGACY_DELAYED,
+        metadata={"doc": "Legacy list of messages to run at their runAt (not prefixed)."},
+    )
+    legacy_in_flight: str = field(
+        default=LEGACY_IN_FLIGHT,
+        metadata={
+            "doc": "Legacy list holding what the bridge took but has not accepted yet; "
+            "re-driven when a scheduler starts leading. In Redis Cluster give the three legacy "
+            "names one hash tag."
+        },
+    )
 
     @property
     def keys(self) -> Keyspace:
         return Keyspace(self.prefix)
+
+    @property
+    def legacy(self) -> LegacyLists:
+        return LegacyLists(self.legacy_delayed, self.legacy_queue, self.legacy_in_flight)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
@@ -187,7 +228,7 @@ class Settings:
             raise SettingsError(_env("prefix"), "1-64 characters of letters, digits, '_', '.', '-'")
         _positive(self, "zk_session_timeout", "visibility_timeout", "retry_base", "retry_max")
         _positive(self, "max_deliveries", "max_message_bytes", "promote_batch", "read_count")
-        _positive(self, "dead_maxlen", "retention")
+        _positive(self, "dead_maxlen", "retention", "max_batch_bytes")
         if self.promote_batch > 10000:
             raise SettingsError(_env("promote_batch"), "at most 10000")
         if self.retry_max < self.retry_base:
@@ -196,14 +237,44 @@ class Settings:
             raise SettingsError(_env("log_format"), "one of auto, json, console")
         if self.log_level not in ("debug", "info", "warning", "error"):
             raise SettingsError(_env("log_level"), "one of debug, info, warning, error")
+        api = urlparse(self.api_url)
+        if api.scheme not in ("http", "https") or not api.netloc:
+            raise SettingsError(_env("api_url"), "must be an http:// or https:// URL")
+        _validate_legacy_names(self)
 
     @classmethod
     def documentation(cls) -> list[tuple[str, str, str]]:
         """(variable, default, description) for every setting, for the README and --help."""
         return [
-            (_env(f.name), str(f.default) if f.default != "" else "(unset)", f.metadata["doc"])
+            (_env(f.name), _default_text(f.default), f.metadata["doc"])
             for f in dataclasses.fields(cls)
         ]
+
+
+def _default_text(default: object) -> str:
+    if isinstance(default, bool):
+        return "true" if default else "false"
+    return str(default) if default != "" else "(unset)"
+
+
+def _validate_legacy_names(settings: Settings) -> None:
+    names = ("legacy_queue", "legacy_delayed", "legacy_in_flight")
+    seen: dict[str, str] = {}
+    for name in names:
+        value = getattr(settings, name)
+        if not _LIST_NAME_RE.match(value):
+            raise SettingsError(_env(name), "1-256 printable ASCII characters, no spaces")
+        if value in seen:
+            raise SettingsError(_env(name), f"must differ from {_env(seen[value])}")
+        seen[value] = name
+    # RPOPLPUSH spans two of the lists: in Redis Cluster they must hash to one slot. Names
+    # without hash tags work on a single Redis; names with tags must then agree.
+    tags = {hash_tag(getattr(settings, name)) for name in names}
+    if len(tags) > 1 and tags != {None}:
+        raise SettingsError(
+            _env("legacy_in_flight"),
+            "the three legacy list names must carry the same hash tag ({...}) or none",
+        )
 
 
 def _positive(settings: Settings, *names: str) -> None:
@@ -233,9 +304,19 @@ def _parse_str(variable: str, raw: str) -> str:
     return raw.strip()
 
 
+def _parse_bool(variable: str, raw: str) -> bool:
+    value = raw.strip().lower()
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    raise SettingsError(variable, f"expected true or false, got {raw!r}")
+
+
 # Field annotations are strings under `from __future__ import annotations`.
 _PARSERS: dict[Any, Callable[[str, str], Any]] = {
     "int": _parse_int,
     "float": _parse_float,
     "str": _parse_str,
+    "bool": _parse_bool,
 }

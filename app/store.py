@@ -20,6 +20,9 @@ from app.settings import Settings
 
 EPOCH_WIDTH = 20  # digits: a 64-bit ZooKeeper zxid fits, and padded strings compare like numbers
 PURGE_PER_ACK = 100
+# The leader record outlives the promoter's longest idle wait (1 s) several times over,
+# so it disappears only when no leader has promoted for this long.
+LEADER_TTL_MS = 5000
 
 
 def encode_epoch(epoch: int) -> str:
@@ -101,30 +104,41 @@ def connect(settings: Settings, **kwargs) -> aioredis.Redis:
 class Store:
     """Every state change of a message, each one Lua script call."""
 
-    def __init__(self, client: aioredis.Redis, settings: Settings) -> None:
+    def __init__(self, client: aioredis.Redis, settings: Settings, identifier: str = "") -> None:
+        """``identifier`` names the scheduler in the leader record its promote calls write."""
         self.client = client
         self.settings = settings
         self.keys = settings.keys
+        self.identifier = identifier
         self.scripts = Scripts.register(client)
 
     async def accept(self, msg: NewMessage) -> Accepted:
+        return (await self.accept_many([msg]))[0]
+
+    async def accept_many(self, msgs: list[NewMessage]) -> list[Accepted]:
+        """Accept messages in one script call (one round trip), in order."""
         k = self.keys
-        created, state, run_at = await self.scripts.accept(
-            keys=[k.messages, k.delayed, k.stream, k.sequence],
-            args=[
-                msg.uuid,
-                msg.message.encode("utf-8", "surrogatepass"),
-                msg.run_at,
-                k.wake_channel,
-            ],
+        args: list[object] = [k.wake_channel]
+        for msg in msgs:
+            args += [msg.uuid, msg.message.encode("utf-8"), msg.run_at]
+        flat = await self.scripts.accept(
+            keys=[k.messages, k.delayed, k.stream, k.sequence], args=args
         )
-        return Accepted(created=bool(created), state=state.decode(), run_at=int(run_at))
+        return [
+            Accepted(created=bool(flat[i]), state=flat[i + 1].decode(), run_at=int(flat[i + 2]))
+            for i in range(0, len(flat), 3)
+        ]
 
     async def promote(self, epoch: int, limit: int | None = None) -> Promoted:
         k = self.keys
         reply = await self.scripts.promote(
-            keys=[k.delayed, k.messages, k.stream, k.epoch],
-            args=[encode_epoch(epoch), limit or self.settings.promote_batch],
+            keys=[k.delayed, k.messages, k.stream, k.epoch, k.leader],
+            args=[
+                encode_epoch(epoch),
+                limit or self.settings.promote_batch,
+                self.identifier,
+                LEADER_TTL_MS,
+            ],
         )
         if reply[0] == -1:
             return Promoted(refused_by=int(reply[1]))

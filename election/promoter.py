@@ -37,7 +37,9 @@ class Promoter:
     :param store: the Redis client whose ``promote`` moves due messages.
     :param gate: opens with an epoch while this process leads.
     :param max_idle: longest sleep without a due time or a wake-up, seconds: a
-        safety net for a lost pub/sub message, not the timing mechanism.
+        safety net for a lost pub/sub message, not the timing mechanism. Each
+        promote call also refreshes the leader record (``Keyspace.leader``,
+        TTL ``LEADER_TTL_MS``), so keep this well below that TTL.
     """
 
     def __init__(self, store: Store, gate: LeadershipGate, max_idle: float = 1.0) -> None:

@@ -16,6 +16,7 @@ from app.store import Store, connect
 from election.gate import LeadershipGate, Role
 from election.leadership import LeaderElection
 from election.promoter import Promoter, listen_for_wakeups
+from workers.bridge import LegacyBridge
 
 log = get_logger("scheduler")
 
@@ -33,9 +34,11 @@ async def run_scheduler(settings: Settings, identifier: str | None = None) -> No
         loop.add_signal_handler(sig, stop.set)
 
     client = connect(settings)
-    store = Store(client, settings)
+    store = Store(client, settings, identifier=identifier)
     gate = LeadershipGate()
     promoter = Promoter(store, gate)
+    # The legacy list bridge works only while this process leads (the gate is open).
+    bridge = LegacyBridge(store, gate, settings.legacy) if settings.legacy_bridge else None
 
     def export_role() -> None:
         metrics.LEADER.set(1 if gate.is_open else 0)
@@ -65,11 +68,15 @@ async def run_scheduler(settings: Settings, identifier: str | None = None) -> No
         asyncio.create_task(promoter.run(), name="promoter"),
         asyncio.create_task(listen_for_wakeups(store, promoter), name="wakeups"),
     ]
+    if bridge is not None:
+        tasks.append(asyncio.create_task(bridge.run(), name="legacy-bridge"))
     try:
         await stop.wait()
     finally:
         log.info("scheduler stopping", identifier=identifier)
         promoter.stop()
+        if bridge is not None:
+            bridge.stop()
         gate.set_role(Role.FOLLOWER)
         await loop.run_in_executor(None, election.stop)
         # Both loops end on their own once stopping; cancellation is the fallback, repeated

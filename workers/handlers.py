@@ -13,9 +13,11 @@ import inspect
 import os
 import time
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import msgspec
 
+from app.keys import LEGACY_QUEUE
 from app.store import Delivery
 
 Handler = Callable[[Delivery], "Awaitable[None] | None"]
@@ -34,9 +36,8 @@ def write_line(fd: int, line: bytes) -> None:
 def make_echo(worker: str, fd: int = 1, clock: Callable[[], float] = time.time) -> Handler:
     """The default handler: one JSON line on stdout per handled message."""
 
-    def echo(delivery: Delivery) -> None:
-        now_ms = int(clock() * 1000)
-        line = _encoder.encode(
+    def line(delivery: Delivery, now_ms: int) -> bytes:
+        return _encoder.encode(
             {
                 "event": "echo",
                 "uuid": delivery.uuid,
@@ -48,23 +49,64 @@ def make_echo(worker: str, fd: int = 1, clock: Callable[[], float] = time.time) 
                 "attempt": delivery.attempts + 1,
             }
         )
-        write_line(fd, line + b"\n")
+
+    def echo(delivery: Delivery) -> None:
+        write_line(fd, line(delivery, int(clock() * 1000)) + b"\n")
+
+    def batch(deliveries: list[Delivery]) -> None:
+        """All lines of one read in one write: a syscall per read, not per message."""
+        now_ms = int(clock() * 1000)
+        write_line(fd, b"".join(line(d, now_ms) + b"\n" for d in deliveries))
 
     echo.inline = True  # type: ignore[attr-defined]
+    echo.batch = batch  # type: ignore[attr-defined]
     return echo
+
+
+def make_list_handler(redis_factory: Callable[[], Any], list_name: str) -> Handler:
+    """Push each due message, as the original service's JSON, onto a list (LPUSH).
+
+    An old consumer doing ``RPOPLPUSH <list> <in-flight>`` keeps working. The
+    Redis client comes from ``redis_factory``, asked once, on first use.
+    """
+    client: list[Any] = []
+
+    async def push(delivery: Delivery) -> None:
+        if not client:
+            client.append(redis_factory())
+        item = _encoder.encode(
+            {"message": delivery.message, "runAt": delivery.run_at, "uuid": delivery.uuid}
+        )
+        await client[0].lpush(list_name, item)
+
+    return push
 
 
 class HandlerSpecError(ValueError):
     pass
 
 
-def load_handler(spec: str, worker: str) -> Handler:
-    """``echo`` or ``package.module:callable``."""
+def load_handler(
+    spec: str,
+    worker: str,
+    *,
+    redis_factory: Callable[[], Any] | None = None,
+    list_name: str | None = None,
+) -> Handler:
+    """``echo``, ``list`` (needs ``redis_factory``) or ``package.module:callable``."""
+    if list_name is not None and spec != "list":
+        raise HandlerSpecError("--list-name goes with --handler list only")
     if spec == "echo":
         return make_echo(worker)
+    if spec == "list":
+        if redis_factory is None:
+            raise HandlerSpecError("--handler list needs a Redis client")
+        return make_list_handler(redis_factory, list_name or LEGACY_QUEUE)
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr:
-        raise HandlerSpecError(f"--handler must be 'echo' or 'module:callable', got {spec!r}")
+        raise HandlerSpecError(
+            f"--handler must be 'echo', 'list' or 'module:callable', got {spec!r}"
+        )
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:

@@ -10,7 +10,7 @@ import socket
 from app.health import maybe_start, redis_ready
 from app.settings import Settings
 from app.store import Store, connect
-from workers.handlers import load_handler
+from workers.handlers import HandlerSpecError, load_handler
 from workers.worker import Worker
 
 
@@ -19,11 +19,38 @@ def default_consumer_name() -> str:
     return f"{socket.gethostname()}-{os.getpid()}"
 
 
+def check_list_name(settings: Settings, handler_spec: str, list_name: str | None) -> str | None:
+    """The list the ``list`` handler pushes onto: ``--list-name``, else EAT_LEGACY_QUEUE.
+
+    Refused while the legacy bridge runs on that list: the bridge would take every
+    pushed message back (as a duplicate) before an old consumer could see it.
+    """
+    if handler_spec != "list":
+        return list_name
+    name = list_name or settings.legacy_queue
+    lists = settings.legacy
+    if settings.legacy_bridge and name in (lists.queue, lists.delayed, lists.in_flight):
+        raise HandlerSpecError(
+            f"--list-name {name!r} is a legacy list the bridge reads while EAT_LEGACY_BRIDGE "
+            "is true; set EAT_LEGACY_BRIDGE=false (producers use the API) or choose another "
+            "--list-name"
+        )
+    return name
+
+
 async def run_worker(
-    settings: Settings, consumer: str | None, concurrency: int, handler_spec: str
+    settings: Settings,
+    consumer: str | None,
+    concurrency: int,
+    handler_spec: str,
+    list_name: str | None = None,
 ) -> None:
     consumer = consumer or default_consumer_name()
-    handler = load_handler(handler_spec, consumer)
+    list_name = check_list_name(settings, handler_spec, list_name)
+    # The list handler shares the worker's client; it asks for it on first use.
+    handler = load_handler(
+        handler_spec, consumer, redis_factory=lambda: client, list_name=list_name
+    )
     client = connect(settings)
     worker = Worker(Store(client, settings), handler, consumer, concurrency)
     loop = asyncio.get_running_loop()

@@ -29,6 +29,10 @@ log = get_logger("worker")
 BLOCK_MS = 1000  # longest XREADGROUP wait; also bounds how long a stop waits for a read
 
 
+class _HandleOneByOne(Exception):
+    """The handler has no batch form."""
+
+
 @dataclass
 class WorkerStats:
     handled: int = 0
@@ -80,10 +84,11 @@ class Worker:
         log.info("worker started", worker=self.consumer, concurrency=self.concurrency)
         try:
             # Entries delivered to this name before a restart come first.
+            asked = time.monotonic()
             own = await self._retry(
                 lambda: self.store.read(self.consumer, 10_000, None, own_pending=True)
             )
-            await self._dispatch(own or [])
+            await self._dispatch(await self._still_ours(own or [], asked))
             await self._read_loop()
         finally:
             if self._tasks:
@@ -113,6 +118,7 @@ class Worker:
             free = await self._wait_for_capacity()
             if self._stopping.is_set():
                 return
+            asked = time.monotonic()
             try:
                 deliveries = await self.store.read(
                     self.consumer, min(free, self.settings.read_count), BLOCK_MS
@@ -123,9 +129,44 @@ class Worker:
                 delay = min(delay * 2, 2.0)
                 continue
             delay = 0.05
-            await self._dispatch(deliveries)
+            await self._dispatch(await self._still_ours(deliveries, asked))
+
+    async def _still_ours(self, deliveries: list[Delivery], asked: float) -> list[Delivery]:
+        """Drop entries another worker may have taken over while this process stalled.
+
+        Redis handed them over at some moment after ``asked``. When more than half
+        the visibility timeout has passed since (this process was paused, or
+        starved of CPU, with the reply waiting in its socket), another worker may
+        already have reclaimed and handled them: handling them now would run them
+        twice. Each one is checked and renewed with the extend script; those no
+        longer ours are left to their new owner. On the usual fast path, nothing
+        is checked. If Redis cannot answer, the entries stay pending and are
+        reclaimed after the visibility timeout (late, not lost, not doubled).
+        """
+        if not deliveries or time.monotonic() - asked < self.settings.visibility_timeout / 2:
+            return deliveries
+        kept: list[Delivery] = []
+        for delivery in deliveries:
+            try:
+                renewed = await self.store.extend(self.consumer, [delivery.id])
+            except (RedisError, OSError):
+                renewed = 0
+            if renewed:
+                kept.append(delivery)
+        if len(kept) < len(deliveries):
+            ours = {d.id for d in kept}
+            log.warning(
+                "skipped entries taken over during a stall",
+                worker=self.consumer,
+                stalled_s=round(time.monotonic() - asked, 3),
+                uuids=[d.uuid for d in deliveries if d.id not in ours],
+            )
+        return kept
 
     async def _wait_for_capacity(self) -> int:
+        if self._inline:
+            # An inline batch is finished before the next read: a full read is always room.
+            return self.settings.read_count
         free = self.concurrency - len(self._in_flight)
         if free > 0:
             return free
@@ -135,23 +176,55 @@ class Worker:
         return max(1, self.concurrency - len(self._in_flight))
 
     async def _dispatch(self, deliveries: list[Delivery]) -> None:
+        if self._inline:
+            await self._handle_inline(deliveries)
+            return
         for delivery in deliveries:
             await self._slots.acquire()
             self._in_flight[delivery.id] = time.monotonic()
-            if self._inline:
-                # Inline handlers never await: running them here keeps stream order.
-                await self._handle(delivery)
-            else:
-                task = asyncio.create_task(self._handle(delivery))
-                self._tasks.add(task)
-                task.add_done_callback(self._tasks.discard)
+            task = asyncio.create_task(self._handle(delivery))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _handle_inline(self, deliveries: list[Delivery]) -> None:
+        """Inline handlers never await: a whole read is handled here, in stream order.
+
+        A handler with a ``batch`` method (echo: one write for all lines) takes the
+        read at once; if that raises, each message is retried alone so only the
+        failing ones count as failures.
+        """
+        if not deliveries:
+            return
+        failures: list[tuple[Delivery, Exception]] = []
+        done = deliveries
+        batch = getattr(self.handler, "batch", None)
+        try:
+            if batch is None:
+                raise _HandleOneByOne
+            batch(deliveries)
+        except Exception:
+            done = []
+            for delivery in deliveries:
+                try:
+                    self.handler(delivery)
+                except Exception as exc:
+                    failures.append((delivery, exc))
+                else:
+                    done.append(delivery)
+        now = time.time()
+        for delivery in done:
+            metrics.LATENESS.observe(max(0.0, now - delivery.run_at / 1000))
+        self.stats.handled += len(done)
+        self._to_ack.extend(done)
+        self._ack_wanted.set()
+        for delivery, exc in failures:
+            self.stats.failed += 1
+            await self._failed(delivery, exc)
 
     async def _handle(self, delivery: Delivery) -> None:
         try:
             if self._async:
                 await self.handler(delivery)
-            elif self._inline:
-                self.handler(delivery)
             else:
                 await asyncio.to_thread(self.handler, delivery)
         except Exception as exc:
@@ -217,6 +290,7 @@ class Worker:
         interval = min(max(self.settings.visibility_timeout / 2, 0.05), 5.0)
         cursor = "0-0"
         while not self._stopping.is_set():
+            asked = time.monotonic()
             try:
                 free = max(1, self.concurrency - len(self._in_flight))
                 cursor, claimed, dead = await self.store.reclaim(
@@ -230,6 +304,7 @@ class Worker:
             metrics.DEAD_LETTERED.inc(dead)
             # An entry this process is still handling can come back if its renewal was late.
             claimed = [d for d in claimed if d.id not in self._in_flight]
+            claimed = await self._still_ours(claimed, asked)
             if claimed:
                 self.stats.reclaimed += len(claimed)
                 metrics.RECLAIMED.inc(len(claimed))

@@ -32,6 +32,9 @@ for i = 4, #ARGV, 2 do
       rec[3] = rec[3] + 1
       rec[5] = now
       rec[6] = ''
+      rec[7] = rec[7] or {}
+      rec[7].d = now - rec[4]
+      rec[8] = nil
       redis.call('HSET', KEYS[2], uuid, cmsgpack.pack(rec))
       redis.call('ZADD', KEYS[3], keep_until, uuid)
     end

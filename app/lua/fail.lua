@@ -47,12 +47,16 @@ if packed then
 end
 rec[3] = attempts
 rec[5] = now
+rec[7] = rec[7] or {}  -- transitions (see accept.lua; absent in older records)
 
 if attempts >= tonumber(ARGV[4]) then
-  redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[6], '*', 'u', f.u, 'm', f.m, 'r', f.r,
-    'a', string.format('%d', attempts), 'reason', ARGV[5], 'at', string.format('%.0f', now))
+  local dead_id = redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[6], '*', 'u', f.u, 'm', f.m,
+    'r', f.r, 'a', string.format('%d', attempts), 'reason', ARGV[5],
+    'at', string.format('%.0f', now))
   rec[1] = 'dead'
   rec[6] = ''
+  rec[7].x = now - rec[4]
+  rec[8] = dead_id
   redis.call('HSET', KEYS[2], f.u, cmsgpack.pack(rec))
   -- The dead stream is capped, so the record must not outlive it forever either.
   redis.call('ZADD', KEYS[6], now + tonumber(ARGV[8]), f.u)
@@ -60,10 +64,13 @@ if attempts >= tonumber(ARGV[4]) then
 end
 
 local retry_at = now + tonumber(ARGV[3])
-local member = string.format('%012x', redis.call('INCR', KEYS[5])) .. f.u
+local seq = redis.call('INCR', KEYS[5])
+local member = string.format('%012x', seq) .. f.u
 redis.call('ZADD', KEYS[3], retry_at, member)
 rec[1] = 'retrying'
 rec[6] = f.m
+rec[7].r = now - rec[4]
+rec[8] = seq
 redis.call('HSET', KEYS[2], f.u, cmsgpack.pack(rec))
 if redis.call('ZRANGE', KEYS[3], 0, 0)[1] == member then
   redis.call('PUBLISH', ARGV[7], string.format('%.0f', retry_at))

@@ -1,7 +1,9 @@
 --[[ promote.lua: move due messages from the sorted set to the stream (leader only).
 
 Fenced: refuses when a newer leader epoch is stored, so a paused ("zombie")
-leader that wakes after another took over cannot promote. Members are moved in
+leader that wakes after another took over cannot promote. Every accepted call
+also records who leads (for /stats) in a hash that expires a few seconds after
+the last promote call. Members are moved in
 (runAt, acceptance) order: equal scores sort by member, which starts with the
 fixed-width acceptance sequence.
 
@@ -9,8 +11,11 @@ KEYS[1] delayed   ZSET
 KEYS[2] messages  HASH
 KEYS[3] stream    STREAM
 KEYS[4] epoch     STRING  highest epoch that promoted, 20-digit zero-padded decimal
+KEYS[5] leader    HASH    identifier, epoch, since (ms this identifier and epoch first promoted)
 ARGV[1] epoch     string  the caller's epoch, 20-digit zero-padded decimal
 ARGV[2] limit     integer most members to move in this call
+ARGV[3] ident     string  the caller's scheduler identifier
+ARGV[4] ttl       integer ms the leader hash lives without another promote call
 
 Returns {moved, now, next}     moved count, Redis time ms, runAt ms of the earliest
                                member left (-1 when the set is empty)
@@ -26,6 +31,12 @@ end
 
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local seen = redis.call('HMGET', KEYS[5], 'identifier', 'epoch')
+if seen[1] ~= ARGV[3] or seen[2] ~= ARGV[1] then
+  redis.call('HSET', KEYS[5], 'identifier', ARGV[3], 'epoch', ARGV[1],
+    'since', string.format('%.0f', now))
+end
+redis.call('PEXPIRE', KEYS[5], ARGV[4])
 local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, tonumber(ARGV[2]))
 
 for _, member in ipairs(due) do
@@ -38,6 +49,9 @@ for _, member in ipairs(due) do
     rec[1] = 'queued'
     rec[5] = now
     rec[6] = ''
+    rec[7] = rec[7] or {}
+    rec[7].q = now - rec[4]
+    rec[8] = nil
     redis.call('HSET', KEYS[2], uuid, cmsgpack.pack(rec))
   end
 end

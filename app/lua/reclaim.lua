@@ -42,15 +42,18 @@ for _, entry in ipairs(res[2]) do
   if deliveries > max then
     redis.call('XACK', KEYS[1], ARGV[1], id)
     redis.call('XDEL', KEYS[1], id)
-    redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[7], '*', 'u', f.u, 'm', f.m, 'r', f.r,
-      'a', string.format('%d', deliveries - 1), 'reason', 'deliveries exhausted (worker lost)',
-      'at', string.format('%.0f', now))
+    local dead_id = redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[7], '*', 'u', f.u, 'm', f.m,
+      'r', f.r, 'a', string.format('%d', deliveries - 1),
+      'reason', 'deliveries exhausted (worker lost)', 'at', string.format('%.0f', now))
     local packed = redis.call('HGET', KEYS[2], f.u)
     if packed then
       local rec = cmsgpack.unpack(packed)
       rec[1] = 'dead'
       rec[3] = deliveries - 1
       rec[5] = now
+      rec[7] = rec[7] or {}
+      rec[7].x = now - rec[4]
+      rec[8] = dead_id
       redis.call('HSET', KEYS[2], f.u, cmsgpack.pack(rec))
       redis.call('ZADD', KEYS[4], now + tonumber(ARGV[8]), f.u)
     end

@@ -188,6 +188,7 @@ class ServiceProcess:
         port: int | None = None,
         ready_event: str | None = None,
         slot: str | None = None,
+        clock_offset: float = 0.0,
     ) -> None:
         self.role = role
         self.argv = list(argv)
@@ -203,6 +204,9 @@ class ServiceProcess:
         self._stdout = JsonLines(self.stdout_path)
         self._stderr = JsonLines(self.stderr_path)
         self.started_at: float | None = None  # wall clock, epoch seconds
+        # Seconds this process's wall clock is ahead of ours (run under faketime):
+        # subtracted from its log timestamps to put them on the test's clock.
+        self.clock_offset = clock_offset
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name} pid={self.pid} returncode={self.returncode}>"
@@ -314,6 +318,14 @@ class ServiceProcess:
         self.send_signal(signal.SIGKILL)
         return self.wait()
 
+    def pause(self) -> None:
+        """SIGSTOP: frozen as in a long GC pause or a suspended VM."""
+        self.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        """SIGCONT after :meth:`pause`."""
+        self.send_signal(signal.SIGCONT)
+
     # -- output ------------------------------------------------------------------------
 
     def echo_lines(self) -> list[dict[str, Any]]:
@@ -323,6 +335,15 @@ class ServiceProcess:
     def log_lines(self) -> list[dict[str, Any]]:
         """Complete stderr lines that are JSON objects (others are skipped)."""
         return self._stderr.read()
+
+    def stdout_lines(self) -> list[dict[str, Any]]:
+        """Every complete stdout line that is a JSON object, whatever its event."""
+        return self._stdout.read()
+
+    def log_time(self, line: Mapping[str, Any]) -> float | None:
+        """A log line's timestamp on the test's clock (epoch seconds), or None."""
+        at = parse_timestamp(line.get("timestamp"))
+        return None if at is None else at - self.clock_offset
 
     def stderr_tail(self, lines: int = STDERR_TAIL_LINES) -> str:
         try:
@@ -478,40 +499,74 @@ class Cluster:
         self.history: list[ServiceProcess] = []
         self._generation: Counter[str] = Counter()
         self._clients: list[ApiClient] = []
+        # slot -> (extra env, command prefix, clock offset): what a restart must repeat
+        self._specs: dict[str, tuple[dict[str, str], list[str], float]] = {}
 
     # -- building ----------------------------------------------------------------------
 
     def _new(
-        self, role: str, slot: str, args: Sequence[str], port: int | None = None
+        self,
+        role: str,
+        slot: str,
+        args: Sequence[str],
+        port: int | None = None,
+        *,
+        env: Mapping[str, str] | None = None,
+        command_prefix: Sequence[str] = (),
+        clock_offset: float = 0.0,
     ) -> ServiceProcess:
+        """``env`` is added to the cluster's environment for this process (and its
+        restarts); ``command_prefix`` goes before the console script (e.g. faketime)."""
         self._generation[slot] += 1
         generation = self._generation[slot]
         name = slot if generation == 1 else f"{slot}.run{generation}"
+        self._specs[slot] = (dict(env or {}), list(command_prefix), clock_offset)
         return ServiceProcess(
             role,
-            [self.script, role, *args],
-            self.env,
+            [*command_prefix, self.script, role, *args],
+            {**self.env, **(env or {})},
             self.workdir,
             name=name,
             port=port,
             slot=slot,
+            clock_offset=clock_offset,
         )
 
-    def add_api(self) -> ServiceProcess:
+    def add_api(self, *, env: Mapping[str, str] | None = None) -> ServiceProcess:
         port = free_port()
         slot = f"api-{len(self.apis) + 1}"
-        proc = self._new("api", slot, ["--host", LOCALHOST, "--port", str(port)], port=port)
+        proc = self._new(
+            "api", slot, ["--host", LOCALHOST, "--port", str(port)], port=port, env=env
+        )
         self.apis.append(proc)
         return proc
 
-    def add_scheduler(self) -> ServiceProcess:
+    def add_scheduler(
+        self,
+        *,
+        env: Mapping[str, str] | None = None,
+        command_prefix: Sequence[str] = (),
+        clock_offset: float = 0.0,
+    ) -> ServiceProcess:
         slot = f"scheduler-{len(self.schedulers) + 1}"
-        proc = self._new("scheduler", slot, [])
+        proc = self._new(
+            "scheduler",
+            slot,
+            [],
+            env=env,
+            command_prefix=command_prefix,
+            clock_offset=clock_offset,
+        )
         self.schedulers.append(proc)
         return proc
 
     def add_worker(
-        self, concurrency: int | None = None, consumer_name: str | None = None
+        self,
+        concurrency: int | None = None,
+        consumer_name: str | None = None,
+        *,
+        handler: str | None = None,
+        env: Mapping[str, str] | None = None,
     ) -> ServiceProcess:
         """A worker with a stable consumer name (``<prefix>-worker-N`` unless given):
         restarted, it takes back the entries delivered to its previous run."""
@@ -519,9 +574,15 @@ class Cluster:
         args = ["--consumer-name", consumer_name or f"{self.prefix}-{slot}"]
         if concurrency is not None:
             args += ["--concurrency", str(concurrency)]
-        proc = self._new("worker", slot, args)
+        if handler is not None:
+            args += ["--handler", handler]
+        proc = self._new("worker", slot, args, env=env)
         self.workers.append(proc)
         return proc
+
+    def consumer_name(self, proc: ServiceProcess) -> str:
+        """The consumer-group name a worker process reads under."""
+        return proc.argv[proc.argv.index("--consumer-name") + 1]
 
     def launch(self, processes: Sequence[ServiceProcess], timeout: float = 30.0) -> None:
         """Start the processes together, then wait until every one is ready."""
@@ -565,7 +626,17 @@ class Cluster:
                 raise RuntimeError(f"{proc.name} is still running; stop it first")
             slots = {"api": self.apis, "scheduler": self.schedulers, "worker": self.workers}
             role_list = slots[proc.role]
-            fresh = self._new(proc.role, proc.slot, proc.argv[2:], port=proc.port)
+            env, command_prefix, clock_offset = self._specs.get(proc.slot, ({}, [], 0.0))
+            args = proc.argv[len(command_prefix) + 2 :]
+            fresh = self._new(
+                proc.role,
+                proc.slot,
+                args,
+                port=proc.port,
+                env=env,
+                command_prefix=command_prefix,
+                clock_offset=clock_offset,
+            )
             role_list[role_list.index(proc)] = fresh
             new.append(fresh)
         self.launch(new, timeout)
@@ -582,6 +653,7 @@ class Cluster:
         self._clients.clear()
         for proc in self.history:
             proc.send_signal(signal.SIGTERM)
+            proc.send_signal(signal.SIGCONT)  # a paused process must wake to hear it
         deadline = within(grace)
         for proc in self.history:
             try:
@@ -626,7 +698,7 @@ class Cluster:
                 continue
             for line in proc.log_lines():
                 if line.get("event") == "leadership acquired":
-                    at = parse_timestamp(line.get("timestamp")) or 0.0
+                    at = proc.log_time(line) or 0.0
                     found.append(Acquisition(proc, int(line["epoch"]), at))
         found.sort(key=lambda a: (a.at, a.epoch))
         return found

@@ -49,6 +49,7 @@ GOOD_VALUES = {
     "EAT_VISIBILITY_TIMEOUT": ("12", 12.0),
     "EAT_MAX_DELIVERIES": ("7", 7),
     "EAT_MAX_MESSAGE_BYTES": ("1024", 1024),
+    "EAT_MAX_BATCH_BYTES": ("1048576", 1048576),
     "EAT_RETENTION": ("0.5", 0.5),
     "EAT_RETRY_BASE": ("0.25", 0.25),
     "EAT_RETRY_MAX": ("60", 60.0),
@@ -62,6 +63,11 @@ GOOD_VALUES = {
     "EAT_HEALTH_PORT": ("9090", 9090),
     "EAT_ZK_AUTH": ("svc:pass", "svc:pass"),
     "EAT_REDIS_CA_FILE": ("", ""),
+    "EAT_API_URL": ("https://eat.example:8443", "https://eat.example:8443"),
+    "EAT_LEGACY_BRIDGE": (" False ", False),
+    "EAT_LEGACY_QUEUE": ("OldQueue", "OldQueue"),
+    "EAT_LEGACY_DELAYED": ("LegacyDelayed", "LegacyDelayed"),
+    "EAT_LEGACY_IN_FLIGHT": ("LegacyInFlight", "LegacyInFlight"),
 }
 
 
@@ -213,7 +219,10 @@ def test_documentation_lists_every_field_with_its_default_and_a_description():
     ]
     for variable, default, description in docs:
         expected = FIELDS[VARIABLES[variable]].default
-        assert default == (str(expected) if expected != "" else "(unset)")
+        if isinstance(expected, bool):
+            assert default == str(expected).lower()  # as the variable is written
+        else:
+            assert default == (str(expected) if expected != "" else "(unset)")
         assert description.strip()
 
 

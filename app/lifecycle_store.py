@@ -1,0 +1,260 @@
+"""The Redis side of the lifecycle API: look up, cancel, reschedule, bulk accept,
+dead letters, stats. Thin like ``app.store``: one script call per state change,
+typed results, no HTTP.
+
+Every change is atomic (one Lua script, or one MULTI for a purge). Lookups of a
+dead entry by uuid start from the id the record keeps (``ref``) and fall back
+to a scan of the dead stream in bounded script calls: the record may be gone
+(its retention window passed while the entry stayed) or predate ``ref``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from redis.commands.core import AsyncScript
+
+from app.keys import CONSUMER_GROUP
+from app.model import NewMessage, Record, State
+from app.scripts import source
+from app.store import Accepted, Store
+from app.wire import STREAM_ID, ConsumerStats, DeadItem, LeaderInfo, Stats
+
+# Dead entries one replay/delete script call examines: bounds the time it blocks Redis.
+DEAD_BATCH = 200
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """Result of a change to one message.
+
+    ``done``: it happened (``state``/``run_at`` are the new ones); ``missing``: no such
+    message; ``conflict``: the message is in ``state``, which does not allow the change.
+    """
+
+    kind: Literal["done", "missing", "conflict"]
+    state: str | None = None
+    run_at: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class _Scan:
+    changed: int
+    examined: int
+    last: str
+    blocked: str
+
+
+def _text(value: bytes | None) -> str | None:
+    return None if value is None else value.decode("utf-8", "replace")
+
+
+def _int(value: bytes | None) -> int | None:
+    try:
+        return None if value is None else int(value)
+    except ValueError:
+        return None
+
+
+def parse_dead(entry_id: bytes, fields: dict[bytes, bytes]) -> DeadItem:
+    return DeadItem(
+        id=entry_id.decode(),
+        uuid=_text(fields.get(b"u")),
+        message=_text(fields.get(b"m")),
+        runAt=_int(fields.get(b"r")),
+        attempts=_int(fields.get(b"a")),
+        reason=_text(fields.get(b"reason")),
+        deadAt=_int(fields.get(b"at")),
+    )
+
+
+def _outcome(reply: list) -> Outcome:
+    kind = reply[0].decode()
+    if kind == "missing":
+        return Outcome("missing")
+    if kind == "conflict":
+        return Outcome("conflict", state=reply[1].decode())
+    return Outcome("done", state=kind, run_at=int(reply[1]))
+
+
+class Lifecycle:
+    """Lifecycle operations over a Store's client, settings and keys."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.client = store.client
+        self.settings = store.settings
+        self.keys = store.keys
+        register = self.client.register_script
+        self._cancel: AsyncScript = register(source("cancel"))
+        self._reschedule: AsyncScript = register(source("reschedule"))
+        self._replay: AsyncScript = register(source("replay"))
+        self._drop_dead: AsyncScript = register(source("drop_dead"))
+
+    # --- one message -------------------------------------------------------------------------
+
+    async def record(self, uuid: str) -> Record | None:
+        return await self.store.record(uuid)
+
+    async def cancel(self, uuid: str) -> Outcome:
+        k = self.keys
+        reply = await self._cancel(
+            keys=[k.messages, k.delayed, k.retention],
+            args=[uuid, int(self.settings.retention * 1000)],
+        )
+        return _outcome(reply)
+
+    async def reschedule(self, uuid: str, run_at: int) -> Outcome:
+        k = self.keys
+        reply = await self._reschedule(
+            keys=[k.messages, k.delayed, k.stream, k.sequence],
+            args=[uuid, run_at, k.wake_channel],
+        )
+        return _outcome(reply)
+
+    async def accept_many(self, msgs: list[NewMessage]) -> list[Accepted]:
+        """All in one accept script call: one round trip, one atomic step."""
+        return await self.store.accept_many(msgs) if msgs else []
+
+    # --- dead letters ------------------------------------------------------------------------
+
+    async def dead_page(self, limit: int, cursor: str | None) -> tuple[list[DeadItem], str | None]:
+        """Up to ``limit`` entries after ``cursor`` (an entry id), oldest first, and the
+        cursor of the next page (None when this is the last)."""
+        start = "-" if cursor is None else "(" + cursor
+        entries = await self.client.xrange(self.keys.dead, min=start, max="+", count=limit + 1)
+        items = [parse_dead(eid, fields) for eid, fields in entries[:limit]]
+        return items, (items[-1].id if len(entries) > limit else None)
+
+    async def _replay_range(self, start: str, end: str, count: int, uuid: str) -> _Scan:
+        k = self.keys
+        replayed, examined, last, blocked = await self._replay(
+            keys=[k.messages, k.dead, k.stream, k.retention], args=[start, end, count, uuid]
+        )
+        return _Scan(int(replayed), int(examined), last.decode(), blocked.decode())
+
+    async def _drop_range(self, start: str, end: str, count: int, uuid: str) -> _Scan:
+        deleted, examined, last = await self._drop_dead(
+            keys=[self.keys.dead], args=[start, end, count, uuid]
+        )
+        return _Scan(int(deleted), int(examined), last.decode(), "")
+
+    async def _by_uuid(self, uuid: str, step) -> _Scan:
+        """Apply ``step`` (replay or drop) to the dead entry of ``uuid``: first at the id its
+        record keeps, else scanning the whole dead stream, DEAD_BATCH entries per call."""
+        record = await self.store.record(uuid)
+        if record is not None and record.state is State.DEAD and STREAM_ID.match(record.ref or ""):
+            found = await step(record.ref, record.ref, 1, uuid)
+            if found.changed or found.blocked:
+                return found
+        start, blocked = "-", ""
+        while True:
+            scan = await step(start, "+", DEAD_BATCH, uuid)
+            blocked = blocked or scan.blocked
+            if scan.changed or scan.examined < DEAD_BATCH:
+                return _Scan(scan.changed, 0, scan.last, blocked)
+            start = "(" + scan.last
+
+    async def replay(self, uuid: str) -> Outcome:
+        """Send the dead message ``uuid`` back to the stream, attempts reset."""
+        scan = await self._by_uuid(uuid, self._replay_range)
+        if scan.changed:
+            return Outcome("done", state=State.QUEUED.value)
+        if scan.blocked:
+            return Outcome("conflict", state=scan.blocked)
+        return Outcome("missing")
+
+    async def replay_all(self) -> tuple[int, int]:
+        """Replay every entry present when called, DEAD_BATCH per atomic script call.
+
+        Returns (replayed, skipped). Entries dead-lettered meanwhile (after the last id
+        seen at the start) are left for the next call, so this always ends.
+        """
+        tail = await self.client.xrevrange(self.keys.dead, max="+", min="-", count=1)
+        if not tail:
+            return 0, 0
+        end = tail[0][0].decode()
+        start, replayed, skipped = "-", 0, 0
+        while True:
+            scan = await self._replay_range(start, end, DEAD_BATCH, "")
+            replayed += scan.changed
+            skipped += scan.examined - scan.changed
+            if scan.examined < DEAD_BATCH or scan.last == end:
+                return replayed, skipped
+            start = "(" + scan.last
+
+    async def drop_dead(self, uuid: str) -> bool:
+        """Delete the dead entry of ``uuid``; False when there is none."""
+        return bool((await self._by_uuid(uuid, self._drop_range)).changed)
+
+    async def purge_dead(self) -> int:
+        """Delete the whole dead stream at once (UNLINK frees it off the main thread)."""
+        async with self.client.pipeline(transaction=True) as pipe:
+            pipe.xlen(self.keys.dead)
+            pipe.unlink(self.keys.dead)
+            length, _ = await pipe.execute()
+        return int(length)
+
+    # --- stats -------------------------------------------------------------------------------
+
+    async def stats(self) -> Stats:
+        """Every figure in one pipelined round trip (read-only, so not a transaction)."""
+        k = self.keys
+        async with self.client.pipeline(transaction=False) as pipe:
+            pipe.zcard(k.delayed)
+            pipe.xlen(k.stream)
+            pipe.xlen(k.dead)
+            pipe.xinfo_groups(k.stream)
+            pipe.xinfo_consumers(k.stream, CONSUMER_GROUP)
+            pipe.hgetall(k.leader)
+            pipe.zrange(k.delayed, 0, 0, withscores=True)
+            pipe.time()
+            replies = await pipe.execute(raise_on_error=False)
+        delayed, length, dead, groups, consumers, leader, first, now = replies
+        # XINFO fails while the stream or group does not exist yet: no workers, nothing pending.
+        pending = 0
+        if isinstance(groups, list):
+            for group in groups:
+                if group.get("name") in (CONSUMER_GROUP, CONSUMER_GROUP.encode()):
+                    pending = int(group.get("pending", 0))
+        members = []
+        if isinstance(consumers, list):
+            for c in consumers:
+                name = c.get("name", b"")
+                members.append(
+                    ConsumerStats(
+                        name=name.decode() if isinstance(name, bytes) else str(name),
+                        pending=int(c.get("pending", 0)),
+                        idleMs=int(c.get("idle", 0)),
+                    )
+                )
+        now_ms = now[0] * 1000 + now[1] // 1000
+        overdue = None
+        if first and first[0][1] <= now_ms:
+            overdue = now_ms - int(first[0][1])
+        return Stats(
+            delayed=int(delayed),
+            streamLength=int(length),
+            pending=pending,
+            # Acknowledged entries are deleted, so what is in the stream and not pending is
+            # exactly what no worker has read yet.
+            lag=max(0, int(length) - pending),
+            dead=int(dead),
+            consumers=members,
+            leader=_leader(leader),
+            oldestOverdueMs=overdue,
+        )
+
+
+def _leader(fields: dict[bytes, bytes] | Exception) -> LeaderInfo | None:
+    if not isinstance(fields, dict) or not fields:
+        return None
+    try:
+        return LeaderInfo(
+            identifier=fields[b"identifier"].decode("utf-8", "replace"),
+            epoch=int(fields[b"epoch"]),
+            since=int(fields[b"since"]),
+        )
+    except (KeyError, ValueError):
+        return None

@@ -1,0 +1,66 @@
+--[[ replay.lua: send dead-lettered messages back to the stream, attempts reset.
+
+Examines up to `count` entries of the dead stream between `start` and `end`
+(XRANGE bounds), optionally only those of one uuid. Each is added to the
+stream as a fresh delivery (attempts 0), its record marked queued (or made
+anew when it was already purged) and taken off the retention list, and the
+entry deleted from the dead stream. An entry stays where it is when its uuid
+has a record that is not dead (the message lives elsewhere: replaying it would
+run it twice), or when it lacks the fields of a delivery.
+
+KEYS[1] messages   HASH    uuid -> msgpack record (see accept.lua)
+KEYS[2] dead       STREAM  dead-lettered entries: u, m, r, a, reason, at
+KEYS[3] stream     STREAM  due messages
+KEYS[4] retention  ZSET    uuid -> ms after which its record may go
+ARGV[1] start      string  XRANGE start: "-", an id, or "(" id (exclusive)
+ARGV[2] end        string  XRANGE end: "+" or an id
+ARGV[3] count      integer most entries to examine
+ARGV[4] uuid       string  only entries of this uuid; "" for every entry
+
+Returns {replayed, examined, last, blocked}
+  replayed  entries sent back to the stream
+  examined  entries looked at (fewer than count: the range is exhausted)
+  last      id of the last entry examined, "" when none
+  blocked   state of a live record that kept a matching entry in place, "" when none
+]]
+local entries = redis.call('XRANGE', KEYS[2], ARGV[1], ARGV[2], 'COUNT', tonumber(ARGV[3]))
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local replayed, last, blocked = 0, '', ''
+
+for _, entry in ipairs(entries) do
+  local id, raw = entry[1], entry[2]
+  last = id
+  local f = {}
+  for i = 1, #raw, 2 do
+    f[raw[i]] = raw[i + 1]
+  end
+  if f.u and f.m and f.r and tonumber(f.r) and (ARGV[4] == '' or f.u == ARGV[4]) then
+    local packed = redis.call('HGET', KEYS[1], f.u)
+    local rec = nil
+    if packed then
+      rec = cmsgpack.unpack(packed)
+    end
+    if rec and rec[1] ~= 'dead' then
+      blocked = rec[1]
+    else
+      redis.call('XADD', KEYS[3], '*', 'u', f.u, 'm', f.m, 'r', f.r, 'a', '0')
+      if rec then
+        rec[1] = 'queued'
+        rec[3] = 0
+        rec[5] = now
+        rec[6] = ''
+        rec[7] = rec[7] or {}
+        rec[7].q = now - rec[4]
+        rec[8] = nil
+      else
+        rec = {'queued', tonumber(f.r), 0, now, now, '', {q = 0}}
+      end
+      redis.call('HSET', KEYS[1], f.u, cmsgpack.pack(rec))
+      redis.call('ZREM', KEYS[4], f.u)
+      redis.call('XDEL', KEYS[2], id)
+      replayed = replayed + 1
+    end
+  end
+end
+return {replayed, #entries, last, blocked}

@@ -1,0 +1,297 @@
+"""The lifecycle routes under /api/v1: look a message up, cancel or move it, send
+many at once, inspect and replay the dead letters, read the queue's figures,
+and the OpenAPI document of the whole API.
+
+Each handler validates every input (path uuid, query, body size and shape)
+before it touches Redis, answers errors as ``{"error", "field"}`` like
+save-message, and sits behind the same optional bearer token.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Awaitable, Callable
+
+import msgspec
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from app import metrics, openapi
+from app.api import authorized, error, is_json, read_body
+from app.lifecycle_store import Lifecycle, Outcome
+from app.logging import get_logger
+from app.model import InvalidInput, normalize_uuid, parse_save_message
+from app.settings import Settings
+from app.wire import (
+    BULK_MAX_ITEMS,
+    DEAD_PAGE_DEFAULT,
+    DEAD_PAGE_MAX,
+    RESCHEDULE_BODY_LIMIT,
+    STREAM_ID,
+    BulkEnvelope,
+    BulkItem,
+    BulkResult,
+    ConflictBody,
+    DeadPage,
+    DeletedAll,
+    DeletedOne,
+    MessageRef,
+    MessageStatus,
+    Replayed,
+    ReplayedAll,
+    Reschedule,
+    decode,
+    encode,
+)
+
+log = get_logger("api")
+
+Handler = Callable[[Request, Lifecycle], Awaitable[Response]]
+
+_reschedule_decoder = msgspec.json.Decoder(Reschedule)
+_bulk_decoder = msgspec.json.Decoder(list[msgspec.Raw] | BulkEnvelope)
+
+
+def respond(value: msgspec.Struct, status: int = 200) -> Response:
+    return Response(encode(value), status_code=status, media_type="application/json")
+
+
+def conflict(uuid: str, state: str, action: str) -> Response:
+    body = ConflictBody(
+        error=f"message {uuid} is {state}; only a scheduled or retrying message can be {action}",
+        field="state",
+        state=state,  # type: ignore[arg-type]
+    )
+    return respond(body, 409)
+
+
+def not_found(uuid: str, where: str = "") -> Response:
+    return error(404, f"no message {uuid}{where}", "uuid")
+
+
+def path_uuid(request: Request) -> str:
+    return normalize_uuid(request.path_params["uuid"])
+
+
+def require_json(request: Request) -> None:
+    if not is_json(request):
+        raise InvalidInput("Content-Type must be application/json", None, 415)
+
+
+def query_limit(request: Request) -> int:
+    raw = request.query_params.get("limit")
+    if raw is None:
+        return DEAD_PAGE_DEFAULT
+    digits = raw.isascii() and raw.isdigit() and len(raw) <= 4
+    if not digits or not 1 <= int(raw) <= DEAD_PAGE_MAX:
+        raise InvalidInput(f"limit must be an integer from 1 to {DEAD_PAGE_MAX}", "limit")
+    return int(raw)
+
+
+def query_cursor(request: Request) -> str | None:
+    raw = request.query_params.get("cursor")
+    if raw is None or raw == "":
+        return None
+    # Redis refuses an id whose parts do not fit 64 bits.
+    if not STREAM_ID.match(raw) or any(int(part) >= 2**64 for part in raw.split("-")):
+        raise InvalidInput("cursor must be the `next` of a previous page", "cursor")
+    return raw
+
+
+def lifecycle_routes(settings: Settings) -> list[Route]:
+    """The routes; their handlers find the Lifecycle in ``app.state.lifecycle``."""
+    token = settings.api_token.encode() if settings.api_token else None
+    bulk_limit = settings.max_batch_bytes
+    max_message = settings.max_message_bytes
+    accepted_due = metrics.ACCEPTED.labels("due")
+    accepted_delayed = metrics.ACCEPTED.labels("delayed")
+    accepted_duplicate = metrics.ACCEPTED.labels("duplicate")
+    accepted_invalid = metrics.ACCEPTED.labels("invalid")
+
+    def guarded(handler: Handler) -> Callable[[Request], Awaitable[Response]]:
+        """Token check, then the handler; bad input and an unavailable Redis become errors."""
+
+        @functools.wraps(handler)
+        async def endpoint(request: Request) -> Response:
+            if token is not None and not authorized(request, token):
+                response = error(401, "missing or wrong bearer token", "Authorization")
+                response.headers["WWW-Authenticate"] = "Bearer"
+                return response
+            try:
+                return await handler(request, request.app.state.lifecycle)
+            except InvalidInput as exc:
+                return error(exc.status, exc.error, exc.field)
+            except ClientDisconnect:
+                return error(400, "client disconnected before the body was read")
+            except (RedisConnectionError, RedisTimeoutError, OSError):
+                log.warning("redis unavailable", path=request.url.path)
+                return error(503, "storage unavailable, retry")
+            except RedisError as exc:
+                # Redis answered with an error (OOM, LOADING, READONLY...): scripts are atomic,
+                # so nothing was changed.
+                log.error("lifecycle call failed", path=request.url.path, error=str(exc)[:200])
+                return error(503, "storage refused the request, retry")
+
+        return endpoint
+
+    async def get_message(request: Request, lc: Lifecycle) -> Response:
+        uuid = path_uuid(request)
+        record = await lc.record(uuid)
+        if record is None:
+            return not_found(uuid)
+        return respond(
+            MessageStatus(
+                uuid=uuid,
+                state=record.state.value,
+                runAt=record.run_at,
+                attempts=record.attempts,
+                acceptedAt=record.accepted_at,
+                updatedAt=record.updated_at,
+                transitions=record.transitions,
+            )
+        )
+
+    def changed(uuid: str, outcome: Outcome, action: str) -> Response:
+        if outcome.kind == "missing":
+            return not_found(uuid)
+        if outcome.kind == "conflict":
+            return conflict(uuid, outcome.state or "", action)
+        assert outcome.state is not None and outcome.run_at is not None
+        return respond(MessageRef(uuid=uuid, runAt=outcome.run_at, state=outcome.state))  # type: ignore[arg-type]
+
+    async def cancel_message(request: Request, lc: Lifecycle) -> Response:
+        uuid = path_uuid(request)
+        outcome = await lc.cancel(uuid)
+        if outcome.kind == "done":
+            log.info("cancelled", uuid=uuid)
+        return changed(uuid, outcome, "cancelled")
+
+    async def reschedule_message(request: Request, lc: Lifecycle) -> Response:
+        uuid = path_uuid(request)
+        require_json(request)
+        body = await read_body(request, RESCHEDULE_BODY_LIMIT)
+        run_at = decode(body, _reschedule_decoder).runAt  # type: ignore[attr-defined]
+        outcome = await lc.reschedule(uuid, run_at)
+        if outcome.kind == "done":
+            log.info("rescheduled", uuid=uuid, run_at=run_at, state=outcome.state)
+        return changed(uuid, outcome, "rescheduled")
+
+    async def save_messages(request: Request, lc: Lifecycle) -> Response:
+        require_json(request)
+        body = await read_body(request, bulk_limit)
+        try:
+            decoded = decode(body, _bulk_decoder)
+        except InvalidInput as exc:
+            if exc.status != 422:
+                raise
+            shape = 'the body must be an array of messages, or {"messages": [...]}'
+            raise InvalidInput(f"{exc.error}; {shape}", exc.field) from None
+        raws = decoded.messages if isinstance(decoded, BulkEnvelope) else decoded
+        assert isinstance(raws, list)
+        if len(raws) > BULK_MAX_ITEMS:
+            raise InvalidInput(f"at most {BULK_MAX_ITEMS} messages per request", None, 413)
+        results: list[BulkItem | None] = [None] * len(raws)
+        valid = []
+        for index, raw in enumerate(raws):
+            try:
+                valid.append((index, parse_save_message(bytes(raw), max_message)))
+            except InvalidInput as exc:
+                results[index] = BulkItem(
+                    index=index, status="invalid", error=exc.error, field=exc.field
+                )
+        stored = await lc.accept_many([msg for _, msg in valid])
+        for (index, msg), got in zip(valid, stored, strict=True):
+            results[index] = BulkItem(
+                index=index,
+                status="accepted" if got.created else "duplicate",
+                uuid=msg.uuid,
+                runAt=got.run_at,
+                state=got.state,  # type: ignore[arg-type]
+            )
+        done = [r for r in results if r is not None]
+        counts = {s: sum(1 for r in done if r.status == s) for s in ("accepted", "duplicate")}
+        invalid = len(done) - counts["accepted"] - counts["duplicate"]
+        accepted_invalid.inc(invalid)
+        accepted_duplicate.inc(counts["duplicate"])
+        for r in done:
+            if r.status == "accepted":
+                (accepted_due if r.state == "queued" else accepted_delayed).inc()
+        log.info(
+            "bulk accepted",
+            accepted=counts["accepted"],
+            duplicates=counts["duplicate"],
+            invalid=invalid,
+        )
+        return respond(
+            BulkResult(
+                results=done,
+                accepted=counts["accepted"],
+                duplicates=counts["duplicate"],
+                invalid=invalid,
+            )
+        )
+
+    async def list_dead(request: Request, lc: Lifecycle) -> Response:
+        limit, cursor = query_limit(request), query_cursor(request)
+        items, next_cursor = await lc.dead_page(limit, cursor)
+        return respond(DeadPage(items=items, next=next_cursor))
+
+    async def replay_dead(request: Request, lc: Lifecycle) -> Response:
+        uuid = path_uuid(request)
+        outcome = await lc.replay(uuid)
+        if outcome.kind == "missing":
+            return not_found(uuid, " in the dead stream")
+        if outcome.kind == "conflict":
+            body = ConflictBody(
+                error=f"message {uuid} is {outcome.state}, not dead: replaying its dead entry "
+                "would run it twice",
+                field="state",
+                state=outcome.state,  # type: ignore[arg-type]
+            )
+            return respond(body, 409)
+        log.info("replayed", uuid=uuid)
+        return respond(Replayed(uuid=uuid, state="queued"))
+
+    async def replay_all(request: Request, lc: Lifecycle) -> Response:
+        replayed, skipped = await lc.replay_all()
+        log.info("replayed dead letters", replayed=replayed, skipped=skipped)
+        return respond(ReplayedAll(replayed=replayed, skipped=skipped))
+
+    async def delete_dead(request: Request, lc: Lifecycle) -> Response:
+        uuid = path_uuid(request)
+        if not await lc.drop_dead(uuid):
+            return not_found(uuid, " in the dead stream")
+        log.info("dead letter deleted", uuid=uuid)
+        return respond(DeletedOne(uuid=uuid, deleted=True))
+
+    async def purge_dead(request: Request, lc: Lifecycle) -> Response:
+        deleted = await lc.purge_dead()
+        log.info("dead letters purged", deleted=deleted)
+        return respond(DeletedAll(deleted=deleted))
+
+    async def stats(request: Request, lc: Lifecycle) -> Response:
+        return respond(await lc.stats())
+
+    document = openapi.encoded(settings)
+
+    async def openapi_json(request: Request, lc: Lifecycle) -> Response:
+        return Response(document, media_type="application/json")
+
+    v1 = "/api/v1"
+    return [
+        Route(f"{v1}/messages/{{uuid}}", guarded(get_message), methods=["GET"]),
+        Route(f"{v1}/messages/{{uuid}}", guarded(cancel_message), methods=["DELETE"]),
+        Route(f"{v1}/messages/{{uuid}}", guarded(reschedule_message), methods=["PATCH"]),
+        Route(f"{v1}/save-messages", guarded(save_messages), methods=["POST"]),
+        Route(f"{v1}/dead", guarded(list_dead), methods=["GET"]),
+        Route(f"{v1}/dead", guarded(purge_dead), methods=["DELETE"]),
+        Route(f"{v1}/dead/replay", guarded(replay_all), methods=["POST"]),
+        Route(f"{v1}/dead/{{uuid}}/replay", guarded(replay_dead), methods=["POST"]),
+        Route(f"{v1}/dead/{{uuid}}", guarded(delete_dead), methods=["DELETE"]),
+        Route(f"{v1}/stats", guarded(stats), methods=["GET"]),
+        Route(f"{v1}/openapi.json", guarded(openapi_json), methods=["GET"]),
+    ]

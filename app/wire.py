@@ -1,0 +1,252 @@
+"""Bodies of the HTTP API as msgspec structs: plain data, no I/O.
+
+The lifecycle routes decode requests and encode responses with these, and
+``app.openapi`` documents the API from the same structs (``msgspec.json.schema``),
+so the document cannot drift from what the code sends. Optional members use
+``UNSET``: absent from the JSON rather than null.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Literal
+
+import msgspec
+from msgspec import UNSET, Meta, UnsetType
+
+from app.model import RUN_AT_MAX, RUN_AT_MIN, InvalidInput
+
+RunAt = Annotated[
+    int,
+    Meta(
+        ge=RUN_AT_MIN,
+        le=RUN_AT_MAX,
+        description="Epoch milliseconds (0 .. 9999-12-31). Passed or now means due now; "
+        "Redis' clock decides.",
+    ),
+]
+UUID_PATTERN = r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$"
+Uuid = Annotated[str, Meta(pattern=UUID_PATTERN, description="Canonical UUID, stored lower-case.")]
+StateName = Literal["scheduled", "queued", "delivered", "retrying", "dead", "cancelled"]
+BULK_MAX_ITEMS = 1000  # items in one POST /api/v1/save-messages
+DEAD_PAGE_DEFAULT = 100
+DEAD_PAGE_MAX = 1000
+RESCHEDULE_BODY_LIMIT = 1024  # bytes: {"runAt": <15 digits>} with room for whitespace
+# Stream entry ids: <ms>-<seq>, each a 64-bit unsigned integer.
+STREAM_ID = re.compile(r"^\d{1,20}-\d{1,20}\Z")
+
+_PATH_FIELD = re.compile(r"at `\$\.(\w+)")
+_MISSING = re.compile(r"missing required field `(\w+)`")
+_UNKNOWN = re.compile(r"unknown field `([^`]*)`")
+
+
+# --- errors ----------------------------------------------------------------------------------
+
+
+class ErrorBody(msgspec.Struct):
+    """Every error: what went wrong, and the field it concerns (null: the whole request)."""
+
+    error: str
+    field: str | None
+
+
+class ConflictBody(msgspec.Struct):
+    """409: the message is not in a state that allows the change; ``state`` says which it is in."""
+
+    error: str
+    field: str | None
+    state: StateName
+
+
+# --- messages --------------------------------------------------------------------------------
+
+
+class SaveMessageBody(msgspec.Struct, forbid_unknown_fields=True):
+    """Body of ``POST /api/v1/save-message``, and one item of ``POST /api/v1/save-messages``.
+
+    (Documentation of ``app.model.SaveMessage``, which decodes it, with its limits.)
+    """
+
+    message: Annotated[str, Meta(description="At most EAT_MAX_MESSAGE_BYTES of UTF-8.")]
+    runAt: RunAt
+    uuid: Uuid | None = None
+
+
+class Saved(msgspec.Struct):
+    """A message as accepted (201) or as stored before (200, ``duplicate``: true)."""
+
+    uuid: str
+    runAt: int
+    state: StateName
+    duplicate: bool | UnsetType = UNSET
+
+
+class MessageRef(msgspec.Struct):
+    """A message after a change: its uuid, runAt and state."""
+
+    uuid: str
+    runAt: int
+    state: StateName
+
+
+class MessageStatus(msgspec.Struct):
+    """``GET /api/v1/messages/{uuid}``."""
+
+    uuid: str
+    state: StateName
+    runAt: int
+    attempts: Annotated[int, Meta(description="Handler runs so far (failed or acknowledged).")]
+    acceptedAt: int
+    updatedAt: int
+    transitions: Annotated[
+        dict[str, int],
+        Meta(description="Each state the message went through -> epoch ms it last entered it."),
+    ]
+
+
+class Reschedule(msgspec.Struct, forbid_unknown_fields=True):
+    """Body of ``PATCH /api/v1/messages/{uuid}``."""
+
+    runAt: RunAt
+
+
+# --- bulk ------------------------------------------------------------------------------------
+
+
+class BulkEnvelope(msgspec.Struct, forbid_unknown_fields=True):
+    """``{"messages": [...]}``, the other accepted shape of a bulk body."""
+
+    messages: list[msgspec.Raw]
+
+
+class BulkItem(msgspec.Struct):
+    """The outcome of one item, by its ``index`` in the request."""
+
+    index: int
+    status: Literal["accepted", "duplicate", "invalid"]
+    uuid: str | UnsetType = UNSET
+    runAt: int | UnsetType = UNSET
+    state: StateName | UnsetType = UNSET
+    error: str | UnsetType = UNSET
+    field: str | UnsetType | None = UNSET
+
+
+class BulkResult(msgspec.Struct):
+    results: list[BulkItem]
+    accepted: int
+    duplicates: int
+    invalid: int
+
+
+# --- dead letters ----------------------------------------------------------------------------
+
+
+class DeadItem(msgspec.Struct):
+    """One dead-stream entry. A member the entry lacks is null."""
+
+    id: Annotated[str, Meta(description="Dead-stream entry id; the paging cursor.")]
+    uuid: str | None
+    message: str | None
+    runAt: int | None
+    attempts: int | None
+    reason: str | None
+    deadAt: int | None
+
+
+class DeadPage(msgspec.Struct):
+    items: list[DeadItem]
+    next: Annotated[
+        str | None, Meta(description="Pass as `cursor` for the next page; null on the last one.")
+    ]
+
+
+class Replayed(msgspec.Struct):
+    uuid: str
+    state: Literal["queued"]
+
+
+class ReplayedAll(msgspec.Struct):
+    replayed: int
+    skipped: Annotated[
+        int,
+        Meta(
+            description="Entries left in place: their uuid has a live record, or they lack "
+            "the fields of a message."
+        ),
+    ]
+
+
+class DeletedOne(msgspec.Struct):
+    uuid: str
+    deleted: bool
+
+
+class DeletedAll(msgspec.Struct):
+    deleted: int
+
+
+# --- stats -----------------------------------------------------------------------------------
+
+
+class ConsumerStats(msgspec.Struct):
+    name: str
+    pending: int
+    idleMs: int
+
+
+class LeaderInfo(msgspec.Struct):
+    identifier: str
+    epoch: int
+    since: Annotated[int, Meta(description="Epoch ms this leader first promoted with this epoch.")]
+
+
+class Stats(msgspec.Struct):
+    delayed: Annotated[int, Meta(description="Messages in the sorted set (scheduled, retrying).")]
+    streamLength: Annotated[int, Meta(description="Entries in the stream, not yet acknowledged.")]
+    pending: Annotated[int, Meta(description="Entries delivered to a worker, not acknowledged.")]
+    lag: Annotated[int, Meta(description="Entries no worker has read yet.")]
+    dead: int
+    consumers: list[ConsumerStats]
+    leader: Annotated[
+        LeaderInfo | None, Meta(description="Null when no scheduler promoted in the last seconds.")
+    ]
+    oldestOverdueMs: Annotated[
+        int | None,
+        Meta(description="How long the earliest delayed message is past due; null if none."),
+    ]
+
+
+# --- health ----------------------------------------------------------------------------------
+
+
+class Health(msgspec.Struct):
+    status: str
+
+
+class Ready(msgspec.Struct):
+    status: Literal["ok", "unavailable"]
+    redis: bool
+
+
+# --- decoding --------------------------------------------------------------------------------
+
+
+def decode(body: bytes, decoder: msgspec.json.Decoder) -> object:
+    """Decode a JSON body, raising InvalidInput as save-message does: 400 for malformed
+    JSON, 422 naming the field for a wrong type, a missing or an unknown field."""
+    try:
+        return decoder.decode(body)
+    except msgspec.ValidationError as exc:
+        text = str(exc)
+        if missing := _MISSING.search(text):
+            raise InvalidInput(f"field is required: {missing.group(1)}", missing.group(1)) from None
+        if unknown := _UNKNOWN.search(text):
+            raise InvalidInput(f"unknown field: {unknown.group(1)}", unknown.group(1)) from None
+        match = _PATH_FIELD.search(text)
+        raise InvalidInput(text, match.group(1) if match else None) from None
+    except (msgspec.DecodeError, UnicodeDecodeError) as exc:
+        raise InvalidInput(f"malformed JSON: {exc}", None, status=400) from None
+
+
+def encode(value: msgspec.Struct) -> bytes:
+    return msgspec.json.encode(value)

@@ -1,0 +1,133 @@
+"""B3: a due burst. 20,000 messages all due at one instant T; seconds from T to the
+last echo, messages/s and lateness, with 1 and with 2 worker processes.
+
+Baseline in the same run: redis-benchmark XADD with -P 16 against the same Redis.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import subprocess
+import time
+import uuid as uuidlib
+
+from app.model import NewMessage
+from app.settings import Settings
+from app.store import Store, connect
+from bench.common import percentile, print_table, stack, write_result
+
+
+async def load(redis_url: str, prefix: str, count: int, run_at: int) -> None:
+    settings = Settings.from_env({}, redis_url=redis_url, prefix=prefix)
+    client = connect(settings)
+    store = Store(client, settings)
+    body = "x" * 100
+    try:
+        for start in range(0, count, 1000):
+            batch = [
+                NewMessage(str(uuidlib.uuid4()), body, run_at)
+                for _ in range(min(1000, count - start))
+            ]
+            await store.accept_many(batch)
+    finally:
+        await client.aclose()
+
+
+def redis_benchmark_xadd(port: int, count: int) -> float:
+    out = subprocess.run(
+        [
+            "redis-benchmark",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            str(port),
+            "-n",
+            str(count),
+            "-P",
+            "16",
+            "-q",
+            "XADD",
+            "bench:xadd",
+            "*",
+            "m",
+            "x" * 100,
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    match = re.search(r"([\d.]+) requests per second", out.replace(",", ""))
+    return float(match.group(1)) if match else float("nan")
+
+
+def burst(workers: int, count: int) -> dict:
+    with stack() as s:
+        for i in range(2):
+            s.spawn(f"scheduler{i}", ["scheduler"])
+        for i in range(workers):
+            s.spawn(f"worker{i}", ["worker", "--consumer-name", f"w{i}"])
+        time.sleep(2.0)  # processes start; nothing is due yet
+        run_at = int(time.time() * 1000) + 4000
+        asyncio.run(load(s.redis.url, "bench", count, run_at))
+        if time.time() * 1000 > run_at:
+            raise SystemExit("loading took longer than the lead time; raise it")
+        deadline = time.monotonic() + 120
+        lines: list[dict] = []
+        while time.monotonic() < deadline:
+            lines = s.echo_lines()
+            if len(lines) >= count:
+                break
+            time.sleep(0.2)
+        baseline = redis_benchmark_xadd(s.redis.port, 100_000)
+    late = [e["handledAt"] - e["runAt"] for e in lines]
+    last = max(e["handledAt"] for e in lines) if lines else float("nan")
+    seconds = (last - run_at) / 1000
+    return {
+        "workers": workers,
+        "echoed": len(lines),
+        "lost": count - len({e["uuid"] for e in lines}),
+        "seconds": seconds,
+        "rate": len(lines) / seconds if seconds > 0 else float("nan"),
+        "p50_ms": percentile(late, 50),
+        "p99_ms": percentile(late, 99),
+        "max_ms": max(late, default=float("nan")),
+        "baseline_xadd_per_s": baseline,
+    }
+
+
+def run(count: int = 20_000) -> dict:
+    results = [burst(1, count), burst(2, count)]
+    print_table(
+        f"B3 due burst of {count:,} (target: >= 40,000/s with 1 worker, p99 <= 600 ms)",
+        (
+            "workers",
+            "msgs/s",
+            "seconds",
+            "p50 ms",
+            "p99 ms",
+            "max ms",
+            "lost",
+            "XADD -P16/s (baseline)",
+        ),
+        [
+            (
+                r["workers"],
+                r["rate"],
+                r["seconds"],
+                r["p50_ms"],
+                r["p99_ms"],
+                r["max_ms"],
+                r["lost"],
+                r["baseline_xadd_per_s"],
+            )
+            for r in results
+        ],
+    )
+    payload = {"count": count, "results": results}
+    write_result("b3", payload)
+    return payload
+
+
+if __name__ == "__main__":
+    run()

@@ -1,0 +1,165 @@
+"""What every benchmark needs: its own servers, service processes, figures, output.
+
+Each benchmark starts its own Redis (AOF everysec, as in production) and
+ZooKeeper on loopback ports, runs the service through the console script, and
+stops everything it started, by pid, when done.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+from app.child_servers import RedisServer, ZooKeeperServer, free_port
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def console_script() -> str:
+    return str(Path(sys.executable).parent / "echo-at-time")
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    ordered = sorted(values)
+    if not ordered:
+        return float("nan")
+    rank = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
+    return ordered[rank]
+
+
+@dataclass
+class Stack:
+    """Servers and service processes of one benchmark run."""
+
+    workdir: Path
+    redis: RedisServer
+    zookeeper: ZooKeeperServer | None
+    env: dict[str, str]
+    processes: list[tuple[str, subprocess.Popen]] = field(default_factory=list)
+
+    def spawn(
+        self, name: str, argv: Sequence[str], env: dict[str, str] | None = None
+    ) -> subprocess.Popen:
+        out = open(self.workdir / f"{name}.out", "wb")  # noqa: SIM115 - closed in stop()
+        err = open(self.workdir / f"{name}.err", "wb")  # noqa: SIM115
+        proc = subprocess.Popen(
+            [console_script(), *argv],
+            env=env or self.env,
+            stdout=out,
+            stderr=err,
+            start_new_session=True,
+        )
+        out.close()
+        err.close()
+        self.processes.append((name, proc))
+        return proc
+
+    def api(self, name: str = "api") -> str:
+        port = free_port()
+        self.spawn(name, ["api", "--host", "127.0.0.1", "--port", str(port)])
+        url = f"http://127.0.0.1:{port}"
+        wait_http(url + "/healthz")
+        return url
+
+    def echo_lines(self, prefix: str = "worker") -> list[dict]:
+        lines = []
+        for name, _ in self.processes:
+            if name.startswith(prefix):
+                for raw in (self.workdir / f"{name}.out").read_bytes().splitlines():
+                    if raw.startswith(b"{"):
+                        lines.append(json.loads(raw))
+        return lines
+
+    def stop_processes(self, names: Sequence[str] | None = None) -> None:
+        chosen = [(n, p) for n, p in self.processes if names is None or n in names]
+        for _, proc in chosen:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for _, proc in chosen:
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        self.processes = [(n, p) for n, p in self.processes if (n, p) not in chosen]
+
+
+def wait_http(url: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if httpx.get(url, timeout=1.0).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{url} did not answer within {timeout} s")
+        time.sleep(0.05)
+
+
+@contextlib.contextmanager
+def stack(zookeeper: bool = True, prefix: str = "bench", **settings: str) -> Iterator[Stack]:
+    with tempfile.TemporaryDirectory(prefix="eat-bench-") as tmp:
+        workdir = Path(tmp)
+        redis = RedisServer(workdir / "redis", appendfsync="everysec").start()
+        zk = ZooKeeperServer(workdir / "zk").start() if zookeeper else None
+        env = {k: v for k, v in os.environ.items() if not k.startswith("EAT_")}
+        env.update(
+            EAT_REDIS_URL=redis.url,
+            EAT_ZK_HOSTS=zk.hosts if zk else "127.0.0.1:1",
+            EAT_PREFIX=prefix,
+            EAT_LOG_FORMAT="json",
+            EAT_LOG_LEVEL="warning",
+            EAT_ZK_SESSION_TIMEOUT="2",
+        )
+        env.update({f"EAT_{k.upper()}": v for k, v in settings.items()})
+        run = Stack(workdir, redis, zk, env)
+        try:
+            yield run
+        finally:
+            run.stop_processes()
+            if zk:
+                zk.stop()
+            redis.stop()
+
+
+def write_result(bench_id: str, payload: dict) -> Path:
+    RESULTS.mkdir(exist_ok=True)
+    path = RESULTS / f"{bench_id}.json"
+    path.write_text(json.dumps(payload, indent=2))
+    return path
+
+
+def print_table(title: str, header: Sequence[str], rows: Sequence[Sequence[object]]) -> None:
+    cells = [[str(h) for h in header]] + [[_fmt(c) for c in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    print(f"\n{title}")
+    for i, row in enumerate(cells):
+        print(
+            "  "
+            + "  ".join(
+                c.rjust(w) if j else c.ljust(w)
+                for j, (c, w) in enumerate(zip(row, widths, strict=True))
+            )
+        )
+        if i == 0:
+            print("  " + "  ".join("-" * w for w in widths))
+
+
+def _fmt(value: object) -> str:
+    if isinstance(value, float):
+        return f"{value:,.1f}" if abs(value) < 100 else f"{value:,.0f}"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return str(value)

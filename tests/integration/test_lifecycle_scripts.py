@@ -1,0 +1,310 @@
+"""The lifecycle scripts (cancel, reschedule, replay, drop_dead) and what they need from
+the others (transitions, ref, the leader record), through Store and Lifecycle, against
+the real Redis. Same style as test_scripts.py: sync tests, a private event loop.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import msgspec
+import pytest
+import redis
+
+from app import lifecycle_store
+from app.keys import Keyspace
+from app.lifecycle_store import Lifecycle, Outcome
+from app.model import State, decode_record
+from app.store import LEADER_TTL_MS, Store, encode_epoch
+from tests.integration.test_scripts import (
+    Harness,
+    delayed_members,
+    new,
+    pending,
+    redis_now_ms,
+    stream_uuids,
+    wait_for_redis_time,
+    wait_until,
+)
+
+FAR = 253402300799999
+
+
+@pytest.fixture
+def h(redis_url: str, prefix: str, redis_client: redis.Redis) -> Iterator[Harness]:
+    # redis_client is requested so the test's keys are deleted afterwards.
+    harness = Harness(redis_url, prefix)
+    try:
+        yield harness
+    finally:
+        harness.close()
+
+
+@pytest.fixture
+def ks(prefix: str) -> Keyspace:
+    return Keyspace(prefix)
+
+
+@pytest.fixture
+def r(redis_client: redis.Redis) -> redis.Redis:
+    return redis_client
+
+
+def named(h: Harness, identifier: str) -> Store:
+    base = h.store()
+    return Store(base.client, base.settings, identifier=identifier)
+
+
+def old_record(state: str, run_at: int, at: int, body: str = "") -> bytes:
+    """A record as written before transitions and ref existed: six elements."""
+    return msgspec.msgpack.encode([state, run_at, 0, at, at, body])
+
+
+def dead_letter(h: Harness, store: Store, message: str = "poison") -> str:
+    """Accept a due message and fail it once with max_deliveries=1: it is dead."""
+    msg = new(message, run_at=1)
+    h.run(store.accept(msg))
+    [delivery] = [d for d in h.run(store.read("w", 100, None)) if d.uuid == msg.uuid]
+    assert h.run(store.fail(delivery, 0, "ValueError: boom")) == ("dead", 1)
+    return msg.uuid
+
+
+# --- transitions and ref ---------------------------------------------------------------------
+
+
+def test_every_state_change_stamps_its_transition(h, r, ks):
+    store = h.store(max_deliveries=2)
+    h.run(store.ensure_group())
+    now = redis_now_ms(r)
+    msg = new("t", run_at=now + 30)
+    h.run(store.accept(msg))
+    record = h.run(store.record(msg.uuid))
+    assert record.transitions == {"scheduled": record.accepted_at}
+    wait_for_redis_time(r, msg.run_at)
+    h.run(store.promote(1))
+    [d] = h.run(store.read("w", 10, None))
+    assert h.run(store.fail(d, 0, "boom")) == ("retrying", 1)
+    h.run(store.promote(1))
+    [d] = h.run(store.read("w", 10, None))
+    assert h.run(store.fail(d, 0, "boom")) == ("dead", 2)
+    record = h.run(store.record(msg.uuid))
+    assert set(record.transitions) == {"scheduled", "queued", "retrying", "dead"}
+    assert record.transitions["dead"] == record.updated_at
+    # Each state's last entry: queued again after retrying.
+    ordered = [record.transitions[s] for s in ("scheduled", "retrying", "queued", "dead")]
+    assert ordered == sorted(ordered)
+    [(dead_id, _fields)] = r.xrange(ks.dead)
+    assert record.ref == dead_id.decode()
+
+    lc = Lifecycle(store)
+    assert h.run(lc.replay(msg.uuid)) == Outcome("done", state="queued")
+    [d] = h.run(store.read("w", 10, None))
+    h.run(store.ack([d]))
+    record = h.run(store.record(msg.uuid))
+    assert record.state is State.DELIVERED
+    assert record.ref is None
+    assert record.transitions["queued"] >= record.transitions["dead"]
+    assert record.transitions["delivered"] == record.updated_at
+
+
+def test_a_scheduled_record_keeps_the_sequence_of_its_sorted_set_member(h, r, ks):
+    store = h.store()
+    msg = new(run_at=FAR)
+    h.run(store.accept(msg))
+    [member] = r.zrange(ks.delayed, 0, -1)
+    record = h.run(store.record(msg.uuid))
+    assert record.ref is not None and member.decode() == record.ref + msg.uuid
+
+
+def test_reclaim_dead_letter_keeps_the_dead_entry_id(h, r, ks):
+    store = h.store(visibility_timeout=0.01, max_deliveries=1)
+    h.run(store.ensure_group())
+    msg = new(run_at=1)
+    h.run(store.accept(msg))
+    [delivery] = h.run(store.read("w1", 10, None))
+    wait_until(lambda: pending(r, ks)[delivery.id]["idle"] > 10, "idle")
+    assert h.run(store.reclaim("w2", "0-0", 10))[2] == 1
+    record = h.run(store.record(msg.uuid))
+    [(dead_id, _)] = r.xrange(ks.dead)
+    assert record.state is State.DEAD and record.ref == dead_id.decode()
+    assert "dead" in record.transitions
+
+
+def test_a_record_written_before_transitions_reads_as_its_state_at_updated_at(h, r, ks):
+    store = h.store()
+    r.hset(ks.messages, "u-old", old_record("delivered", 5, 1234))
+    record = h.run(store.record("u-old"))
+    assert (record.state, record.transitions, record.ref) == (
+        State.DELIVERED,
+        {"delivered": 1234},
+        None,
+    )
+
+
+# --- leader record ---------------------------------------------------------------------------
+
+
+def test_promote_records_the_leader_with_a_ttl_and_keeps_since_while_the_epoch_holds(h, r, ks):
+    store = named(h, "sched-a")
+    before = redis_now_ms(r)
+    assert h.run(store.promote(7)).refused_by is None
+    first = r.hgetall(ks.leader)
+    assert first[b"identifier"] == b"sched-a"
+    assert first[b"epoch"] == encode_epoch(7).encode()
+    assert before <= int(first[b"since"]) <= redis_now_ms(r)
+    assert 0 < r.pttl(ks.leader) <= LEADER_TTL_MS
+    wait_for_redis_time(r, int(first[b"since"]) + 2)
+    h.run(store.promote(7))
+    assert r.hgetall(ks.leader) == first  # same leader, same epoch: since unchanged
+    other = named(h, "sched-b")
+    h.run(other.promote(8))
+    second = r.hgetall(ks.leader)
+    assert second[b"identifier"] == b"sched-b"
+    assert int(second[b"since"]) > int(first[b"since"])
+
+
+def test_a_refused_promote_does_not_claim_leadership(h, r, ks):
+    store = named(h, "new")
+    h.run(store.promote(9))
+    zombie = named(h, "zombie")
+    assert h.run(zombie.promote(3)).refused_by == 9
+    assert r.hget(ks.leader, "identifier") == b"new"
+
+
+# --- cancel and reschedule of records written before ref -------------------------------------
+
+
+def test_cancel_finds_the_member_of_an_old_scheduled_record_by_score(h, r, ks):
+    lc = Lifecycle(h.store())
+    uuid = "11111111-1111-1111-1111-111111111111"
+    r.hset(ks.messages, uuid, old_record("scheduled", FAR, 1, "body"))
+    r.zadd(ks.delayed, {"000000000001" + "22222222-2222-2222-2222-222222222222": FAR})
+    r.zadd(ks.delayed, {"000000000002" + uuid: FAR})
+    assert h.run(lc.cancel(uuid)) == Outcome("done", state="cancelled", run_at=FAR)
+    assert [u for u, _ in delayed_members(r, ks)] == ["22222222-2222-2222-2222-222222222222"]
+
+
+def test_reschedule_finds_the_member_of_an_old_retrying_record_by_scan(h, r, ks):
+    lc = Lifecycle(h.store())
+    uuid = "33333333-3333-3333-3333-333333333333"
+    # Retrying: the score is the retry time, not the record's runAt.
+    r.hset(ks.messages, uuid, old_record("retrying", 5, 1, "body"))
+    for i in range(300):  # big enough to be a skiplist, scanned in several ZSCAN steps
+        r.zadd(ks.delayed, {f"{i:012x}{i:08d}-0000-0000-0000-000000000000": FAR - 1})
+    r.zadd(ks.delayed, {"00000000ffff" + uuid: FAR - 1})
+    assert h.run(lc.reschedule(uuid, FAR)) == Outcome("done", state="retrying", run_at=FAR)
+    members = delayed_members(r, ks)
+    assert len(members) == 301
+    assert members[-1] == (uuid, float(FAR))
+    record = decode_record(uuid, r.hget(ks.messages, uuid))
+    assert (record.run_at, record.ref) == (FAR, r.zrange(ks.delayed, -1, -1)[0].decode()[:12])
+
+
+def test_reschedule_to_a_passed_time_puts_the_stored_body_in_the_stream(h, r, ks):
+    store = h.store()
+    lc = Lifecycle(store)
+    msg = new("the body", run_at=FAR)
+    h.run(store.accept(msg))
+    assert h.run(lc.reschedule(msg.uuid, 10)) == Outcome("done", state="queued", run_at=10)
+    [(_id, fields)] = r.xrange(ks.stream)
+    assert (fields[b"u"].decode(), fields[b"m"], fields[b"r"], fields[b"a"]) == (
+        msg.uuid,
+        b"the body",
+        b"10",
+        b"0",
+    )
+    assert r.zcard(ks.delayed) == 0
+
+
+# --- dead letters ----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def small_batches(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two entries per script call, so scans and replay-all take several calls."""
+    monkeypatch.setattr(lifecycle_store, "DEAD_BATCH", 2)
+
+
+def test_replay_all_replays_every_entry_over_several_atomic_batches(h, r, ks, small_batches):
+    store = h.store(max_deliveries=1)
+    h.run(store.ensure_group())
+    uuids = [dead_letter(h, store, f"m{i}") for i in range(5)]
+    r.xadd(ks.dead, {"reason": "malformed legacy item", "raw": "x"})  # no uuid: skipped
+    assert h.run(Lifecycle(store).replay_all()) == (5, 1)
+    assert stream_uuids(r, ks.stream) == uuids
+    assert r.xlen(ks.dead) == 1
+    for uuid in uuids:
+        record = h.run(store.record(uuid))
+        assert (record.state, record.attempts) == (State.QUEUED, 0)
+        assert r.zscore(ks.retention, uuid) is None  # not purged while queued again
+
+
+def test_replay_of_an_empty_dead_stream_replays_nothing(h):
+    assert h.run(Lifecycle(h.store()).replay_all()) == (0, 0)
+
+
+def test_replay_finds_an_entry_whose_record_was_purged_by_scanning(h, r, ks, small_batches):
+    store = h.store(max_deliveries=1)
+    h.run(store.ensure_group())
+    uuids = [dead_letter(h, store, f"m{i}") for i in range(5)]
+    r.hdel(ks.messages, uuids[3])  # its retention window passed; the entry stayed
+    lc = Lifecycle(store)
+    assert h.run(lc.replay(uuids[3])) == Outcome("done", state="queued")
+    assert stream_uuids(r, ks.stream) == [uuids[3]]
+    record = h.run(store.record(uuids[3]))
+    assert (record.state, record.attempts, record.run_at) == (State.QUEUED, 0, 1)
+    assert [u for u in stream_uuids(r, ks.dead)] == uuids[:3] + uuids[4:]
+
+
+def test_replay_refuses_an_entry_whose_uuid_lives_elsewhere(h, r, ks):
+    store = h.store()
+    msg = new(run_at=FAR)
+    h.run(store.accept(msg))
+    r.xadd(ks.dead, {"u": msg.uuid, "m": "x", "r": "1", "a": "3", "reason": "?", "at": "1"})
+    assert h.run(Lifecycle(store).replay(msg.uuid)) == Outcome("conflict", state="scheduled")
+    assert r.xlen(ks.dead) == 1 and r.xlen(ks.stream) == 0
+
+
+def test_drop_dead_deletes_only_that_uuid_and_keeps_its_record(h, r, ks, small_batches):
+    store = h.store(max_deliveries=1)
+    h.run(store.ensure_group())
+    uuids = [dead_letter(h, store, f"m{i}") for i in range(4)]
+    lc = Lifecycle(store)
+    assert h.run(lc.drop_dead(uuids[1])) is True
+    assert h.run(lc.drop_dead(uuids[1])) is False
+    assert stream_uuids(r, ks.dead) == [uuids[0], *uuids[2:]]
+    assert h.run(store.record(uuids[1])).state is State.DEAD
+    assert h.run(lc.replay(uuids[1])) == Outcome("missing")
+
+
+def test_purge_deletes_the_whole_dead_stream_and_counts_it(h, r, ks):
+    store = h.store(max_deliveries=1)
+    h.run(store.ensure_group())
+    for i in range(3):
+        dead_letter(h, store, f"m{i}")
+    assert h.run(Lifecycle(store).purge_dead()) == 3
+    assert not r.exists(ks.dead)
+    assert h.run(Lifecycle(store).purge_dead()) == 0
+
+
+def test_keyspace_names_the_leader_record():
+    assert Keyspace("eat").leader == "{eat}:leader"
+
+
+def test_lifecycle_scripts_keep_the_record_readable_by_the_core_scripts(h, r, ks):
+    """A cancelled or rescheduled record goes on through promote/ack unchanged in shape."""
+    store = h.store()
+    h.run(store.ensure_group())
+    lc = Lifecycle(store)
+    now = redis_now_ms(r)
+    msg = new("moved", run_at=FAR)
+    h.run(store.accept(msg))
+    assert h.run(lc.reschedule(msg.uuid, now + 30)).state == "scheduled"
+    wait_for_redis_time(r, now + 30)
+    assert h.run(store.promote(1)).moved == 1
+    [d] = h.run(store.read("w", 10, None))
+    assert (d.uuid, d.message, d.run_at) == (msg.uuid, "moved", now + 30)
+    assert h.run(store.ack([d])) == 1
+    record = h.run(store.record(msg.uuid))
+    assert record.state is State.DELIVERED
+    assert set(record.transitions) == {"scheduled", "queued", "delivered"}

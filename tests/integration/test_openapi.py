@@ -1,0 +1,115 @@
+"""The OpenAPI document: it lists exactly the routes the app serves, its schemas are
+valid JSON Schema, and the running app (in-process, real Redis) honours it for
+inputs schemathesis generates: no 5xx, only documented status codes, bodies and
+content types as documented.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterator
+
+import jsonschema
+import pytest
+import redis
+import schemathesis
+from hypothesis import HealthCheck, Phase
+from hypothesis import settings as hsettings
+from schemathesis.checks import (
+    content_type_conformance,
+    not_a_server_error,
+    response_schema_conformance,
+    status_code_conformance,
+)
+from schemathesis.python import asgi as schemathesis_asgi
+from starlette.routing import Route
+
+from app import openapi
+from app.api import create_app
+from app.settings import Settings
+
+with warnings.catch_warnings():
+    # Starlette's test client asks for httpx2 at import; the project's test extra has httpx.
+    warnings.filterwarnings("ignore", "Using `httpx` with `starlette.testclient`", UserWarning)
+    from starlette.testclient import TestClient
+
+DOC = "/api/v1/openapi.json"
+
+
+@pytest.fixture
+def settings(redis_url: str, prefix: str) -> Settings:
+    return Settings.from_env({}, redis_url=redis_url, prefix=prefix, max_message_bytes=1000)
+
+
+def served(settings: Settings) -> set[tuple[str, str]]:
+    app = create_app(settings)
+    return {
+        (method.lower(), route.path)
+        for route in app.routes
+        if isinstance(route, Route)
+        for method in route.methods or ()
+        if method != "HEAD"
+    }
+
+
+def test_the_document_lists_exactly_the_routes_the_app_serves(settings):
+    doc = openapi.build(settings)
+    documented = {(method, path) for path, ops in doc["paths"].items() for method in ops}
+    assert documented == served(settings)
+
+
+def test_every_api_operation_is_behind_the_optional_token_and_documents_401(settings):
+    for path, ops in openapi.build(settings)["paths"].items():
+        for method, op in ops.items():
+            if path.startswith("/api/"):
+                assert op["security"] == [{"bearer": []}, {}], (method, path)
+                assert "401" in op["responses"], (method, path)
+            else:
+                assert "security" not in op, (method, path)
+
+
+def test_the_document_schemas_are_valid_json_schema(settings):
+    doc = openapi.build(settings)
+    assert doc["openapi"].startswith("3.1")
+    for schema in doc["components"]["schemas"].values():
+        jsonschema.Draft202012Validator.check_schema(schema)
+
+
+def test_the_app_serves_the_document(settings, redis_client: redis.Redis):
+    with TestClient(create_app(settings)) as client:
+        response = client.get(DOC)
+    assert response.status_code == 200
+    assert response.json() == openapi.build(settings)
+
+
+@pytest.fixture
+def api_schema(settings: Settings, redis_client: redis.Redis) -> Iterator[object]:
+    # redis_client: the test's keys are deleted afterwards.
+    app = create_app(settings)
+    try:
+        yield schemathesis.openapi.from_asgi(DOC, app)
+    finally:
+        # schemathesis keeps each app's lifespan running; end it (closes the Redis client).
+        schemathesis_asgi.shutdown_lifespans()
+
+
+schema = schemathesis.pytest.from_fixture("api_schema")
+
+
+@schema.parametrize()
+@hsettings(
+    max_examples=25,
+    deadline=None,
+    # No shrinking: a failure is printed as found; shrinking replays against Redis.
+    phases=[Phase.explicit, Phase.generate],
+    suppress_health_check=list(HealthCheck),
+)
+def test_the_app_honours_its_document_for_generated_input(case):
+    case.call_and_validate(
+        checks=[
+            not_a_server_error,
+            status_code_conformance,
+            content_type_conformance,
+            response_schema_conformance,
+        ]
+    )

@@ -1,0 +1,339 @@
+"""The legacy list bridge: messages old producers LPUSH onto ``Queue`` / ``QueueDelayed``.
+
+The original service's producers push a JSON message ``{"message", "runAt",
+"uuid"}`` onto ``Queue`` (run now) or ``QueueDelayed`` (run at ``runAt``). The
+bridge runs in the leading scheduler only (while its
+:class:`~election.gate.LeadershipGate` is open) and takes each item through
+three steps:
+
+1. ``LMOVE <list> QueueDead RIGHT LEFT`` (what ``RPOPLPUSH`` does): the item is
+   now in flight, oldest first;
+2. accept it with the API's idempotent accept script (:meth:`Store.accept`);
+   an item from ``Queue`` is due now whatever its ``runAt`` says;
+3. ``LREM QueueDead 1 <item>``.
+
+A crash between 1 and 3 leaves the item in ``QueueDead``. Whoever leads next
+re-drives ``QueueDead`` before taking anything new, and the uuid makes that
+safe: an item accepted before the crash is a duplicate and changes nothing. An
+item without a uuid gets one derived from its bytes (:func:`legacy_uuid`,
+uuid5-style), so its re-drive is a duplicate as well.
+
+Bridge loop states, per process::
+
+    idle (gate closed) --gate opens--> re-driving --QueueDead empty--> bridging
+    bridging --nothing waiting--> polling (5 ms doubling to 100 ms) --items--> bridging
+    bridging --gate closes or a new epoch--> idle / re-driving
+    any --Redis error--> backoff (50 ms doubling to 1 s) --> re-driving
+    any --stop()--> stopped, after finishing the items already taken
+
+What may happen twice, and what not:
+
+- No message is accepted twice: accept is idempotent by uuid. So two bridges
+  at once (a paused old leader waking up next to the new one) are safe too:
+  ``LMOVE`` hands each item to one of them, and a re-drive of the other's
+  in-flight item is a duplicate. No Redis lock is needed.
+- A malformed item (bad JSON, a missing or wrong field, a value the API would
+  refuse) goes to the dead stream with the reason and its original bytes
+  (``raw``), and leaves ``QueueDead``; it never blocks the bridge. A bridge
+  that dies between those two steps dead-letters it a second time on re-drive.
+- An item re-driven from ``QueueDead`` no longer says which list it came from:
+  it is accepted at its own ``runAt`` (an item pushed onto ``Queue`` with a
+  future ``runAt`` then waits for that time).
+- Two byte-identical items without a uuid are one message.
+
+Unknown fields in an item are ignored (old producers may add their own); a
+message is never logged, only its uuid.
+
+In Redis Cluster the three lists must share one slot (one hash tag in the
+configured names) because ``LMOVE`` spans two of them; see :mod:`app.keys`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import hashlib
+import json
+import uuid as uuidlib
+from dataclasses import dataclass
+
+import msgspec
+from redis.exceptions import RedisError
+
+from app.keys import LegacyLists
+from app.logging import get_logger
+from app.model import RUN_AT_MAX, RUN_AT_MIN, InvalidInput, NewMessage, SaveMessage, validate
+from app.store import Store
+from election.gate import LeadershipGate
+
+log = get_logger("bridge")
+
+# Fixed namespace of the uuids derived from uuid-less legacy items (uuid5 over the raw bytes).
+LEGACY_NAMESPACE = uuidlib.UUID("5b0b3c55-2d1e-4e0a-9f38-6c6567616379")
+
+DEFAULT_BATCH = 100  # most items moved from each list per round
+POLL_MIN = 0.005  # seconds: first idle poll interval once the lists are empty
+POLL_MAX = 0.1  # seconds: longest idle poll interval (the legacy latency bound)
+RAW_KEEP = 70_000  # bytes of a malformed item kept in its dead entry
+
+
+class LegacyItem(msgspec.Struct, frozen=True):
+    """One legacy list item; unknown fields are ignored, unlike the API's body."""
+
+    message: str
+    runAt: int
+    uuid: str | None = None
+
+
+_decoder = msgspec.json.Decoder(LegacyItem)
+
+
+def legacy_uuid(raw: bytes) -> str:
+    """The uuid of an item that has none: SHA-1 of a fixed namespace and its bytes (uuid5).
+
+    Deterministic, so re-driving the same bytes is a duplicate, never a second message.
+    (``uuid.uuid5`` takes only ``str`` before Python 3.12; items are bytes.)
+    """
+    digest = hashlib.sha1(LEGACY_NAMESPACE.bytes + raw, usedforsecurity=False).digest()
+    return str(uuidlib.UUID(bytes=digest[:16], version=5))
+
+
+class MalformedItem(ValueError):
+    """An item the bridge cannot accept, with what could be read of it for the dead entry.
+
+    ``message`` and ``run_at`` are None when the item has no usable value for them.
+    """
+
+    def __init__(self, reason: str, uuid: str, message: str | None, run_at: int | None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.uuid = uuid
+        self.message = message
+        self.run_at = run_at
+
+
+def parse_item(raw: bytes, max_message_bytes: int) -> NewMessage:
+    """Decode and validate one legacy item as the API would; raise MalformedItem."""
+    try:
+        item = _decoder.decode(raw)
+    except msgspec.ValidationError as exc:
+        raise _malformed(raw, f"invalid legacy item: {exc}", max_message_bytes) from None
+    except (msgspec.DecodeError, UnicodeDecodeError) as exc:
+        raise _malformed(raw, f"malformed JSON: {exc}", max_message_bytes) from None
+    uuid = item.uuid if item.uuid is not None else legacy_uuid(raw)
+    try:
+        return validate(
+            SaveMessage(message=item.message, runAt=item.runAt, uuid=uuid), max_message_bytes
+        )
+    except InvalidInput as exc:
+        raise _malformed(raw, f"invalid {exc.field}: {exc.error}", max_message_bytes) from None
+
+
+def _malformed(raw: bytes, reason: str, max_message_bytes: int) -> MalformedItem:
+    """What can be salvaged from a bad item: its uuid if canonical, message and runAt if valid."""
+    try:
+        obj = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        obj = None
+    if not isinstance(obj, dict):
+        obj = {}
+    uuid = obj.get("uuid")
+    try:
+        if not isinstance(uuid, str):
+            raise InvalidInput("no uuid")
+        validate(SaveMessage(message="", runAt=0, uuid=uuid), 1)
+        uuid = uuid.lower()
+    except InvalidInput:
+        uuid = legacy_uuid(raw)
+    message = obj.get("message")
+    try:
+        if not isinstance(message, str) or len(message.encode()) > max_message_bytes:
+            message = None
+    except UnicodeEncodeError:
+        message = None
+    run_at = obj.get("runAt")
+    valid = isinstance(run_at, int) and not isinstance(run_at, bool)
+    if not valid or not RUN_AT_MIN <= run_at <= RUN_AT_MAX:
+        run_at = None
+    return MalformedItem(reason[:1000], uuid, message, run_at)
+
+
+@dataclass
+class BridgeStats:
+    moved: int = 0  # items taken from the legacy lists
+    accepted: int = 0  # new messages
+    duplicates: int = 0  # uuids accepted before (re-drives, repeated pushes)
+    malformed: int = 0  # dead-lettered
+    redriven: int = 0  # items found in the in-flight list and re-driven
+    errors: int = 0  # Redis errors (each followed by a backoff and a re-drive)
+
+
+class LegacyBridge:
+    """
+    :param store: the Redis client; its accept script takes every item.
+    :param gate: open while this process leads; the bridge works only then.
+    :param lists: the three legacy list names.
+    :param batch: most items taken from each list per round.
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        gate: LeadershipGate,
+        lists: LegacyLists,
+        batch: int = DEFAULT_BATCH,
+    ) -> None:
+        if batch < 1:
+            raise ValueError("batch must be at least 1")
+        self.store = store
+        self.client = store.client
+        self.gate = gate
+        self.lists = lists
+        self.batch = batch
+        self.stats = BridgeStats()
+        self._poke = asyncio.Event()
+        self._stopping = False
+        gate.on_change(self.poke)
+
+    def poke(self) -> None:
+        """Look again now: a leadership change or a stop."""
+        self._poke.set()
+
+    def stop(self) -> None:
+        """Stop after the items already taken (they are accepted and removed first)."""
+        self._stopping = True
+        self._poke.set()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping
+
+    async def run(self) -> None:
+        retry_delay = 0.05
+        while not self._stopping:
+            self._poke.clear()
+            epoch = self.gate.epoch
+            if epoch is None:
+                await self._pause(None)
+                continue
+            try:
+                redriven = await self.redrive()
+                log.info("legacy bridge running", epoch=epoch, redriven=redriven)
+                await self._bridge(epoch)
+            except (RedisError, OSError) as exc:
+                self.stats.errors += 1
+                log.warning("legacy bridge failed", error=type(exc).__name__, retry_in=retry_delay)
+                await self._pause(retry_delay)
+                retry_delay = min(retry_delay * 2, 1.0)
+                continue
+            retry_delay = 0.05
+
+    def _leading(self, epoch: int) -> bool:
+        return not self._stopping and self.gate.epoch == epoch
+
+    async def _bridge(self, epoch: int) -> None:
+        """Rounds while leading under ``epoch``; poll with backoff when nothing waits."""
+        idle = POLL_MIN
+        while self._leading(epoch):
+            self._poke.clear()
+            if await self.round():
+                idle = POLL_MIN
+                continue
+            await self._pause(idle)
+            idle = min(idle * 2, POLL_MAX)
+
+    async def redrive(self) -> int:
+        """Accept and remove everything in the in-flight list, oldest first; how many."""
+        total = 0
+        in_flight = self.lists.in_flight
+        while not self._stopping:
+            async with self.client.pipeline(transaction=False) as pipe:
+                pipe.lrange(in_flight, -self.batch, -1)
+                pipe.time()
+                raws, now = await pipe.execute()
+            if not raws:
+                break
+            # LMOVE pushes at the head, so the oldest item is last.
+            await self._settle([(raw, False) for raw in reversed(raws)], _ms(now))
+            total += len(raws)
+            self.stats.redriven += len(raws)
+        return total
+
+    async def round(self) -> int:
+        """Move up to ``batch`` items from each legacy list, accept them; how many."""
+        lists = self.lists
+        async with self.client.pipeline(transaction=False) as pipe:
+            pipe.llen(lists.queue)
+            pipe.llen(lists.delayed)
+            pipe.time()
+            waiting_now, waiting_later, now = await pipe.execute()
+        if not waiting_now and not waiting_later:
+            return 0
+        take_now = min(waiting_now, self.batch)
+        take_later = min(waiting_later, self.batch)
+        async with self.client.pipeline(transaction=False) as pipe:
+            for _ in range(take_now):
+                pipe.lmove(lists.queue, lists.in_flight, "RIGHT", "LEFT")
+            for _ in range(take_later):
+                pipe.lmove(lists.delayed, lists.in_flight, "RIGHT", "LEFT")
+            moved = await pipe.execute()
+        # None: the list ran short meanwhile (another bridge took the item).
+        items = [(raw, True) for raw in moved[:take_now] if raw is not None]
+        items += [(raw, False) for raw in moved[take_now:] if raw is not None]
+        self.stats.moved += len(items)
+        await self._settle(items, _ms(now))
+        return len(items)
+
+    async def _settle(self, items: list[tuple[bytes, bool]], now_ms: int) -> None:
+        """Accept (or dead-letter) each in-flight item, then remove them from the list."""
+        limit = self.store.settings.max_message_bytes
+        for raw, due_now in items:
+            try:
+                msg = parse_item(raw, limit)
+            except MalformedItem as bad:
+                await self._dead_letter(raw, bad, now_ms)
+                continue
+            if due_now and msg.run_at > now_ms:
+                # Queue means "run now"; now_ms is Redis' clock, read before the move.
+                msg = dataclasses.replace(msg, run_at=now_ms)
+            result = await self.store.accept(msg)
+            if result.created:
+                self.stats.accepted += 1
+            else:
+                self.stats.duplicates += 1
+        if items:
+            async with self.client.pipeline(transaction=False) as pipe:
+                for raw, _ in items:
+                    pipe.lrem(self.lists.in_flight, 1, raw)
+                await pipe.execute()
+
+    async def _dead_letter(self, raw: bytes, bad: MalformedItem, now_ms: int) -> None:
+        """XADD to the dead stream with the fields of other dead entries, plus ``raw``.
+
+        ``m`` and ``r`` are left out when the item has no valid value for them, so a
+        replay (which needs both) cannot send an unreadable item on as a message.
+        """
+        fields: dict[str, str | bytes] = {"u": bad.uuid}
+        if bad.message is not None:
+            fields["m"] = bad.message.encode()
+        if bad.run_at is not None:
+            fields["r"] = str(bad.run_at)
+        fields.update(a="0", reason=bad.reason, at=str(now_ms), raw=raw[:RAW_KEEP])
+        await self.client.xadd(
+            self.store.keys.dead,
+            fields,
+            maxlen=self.store.settings.dead_maxlen,
+            approximate=True,
+        )
+        self.stats.malformed += 1
+        log.warning("legacy item dead-lettered", uuid=bad.uuid, reason=bad.reason[:200])
+
+    async def _pause(self, seconds: float | None) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._poke.wait(), seconds)
+
+
+def _ms(redis_time: tuple[int, int]) -> int:
+    seconds, micros = redis_time
+    return int(seconds) * 1000 + int(micros) // 1000
