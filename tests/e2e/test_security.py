@@ -73,7 +73,15 @@ def test_no_secret_reaches_any_log_or_response_and_election_nodes_carry_the_acl(
                 headers=auth,
             )
             assert ok.status_code == 201
-            replies += [ok, http.get("/metrics"), http.get("/readyz")]
+            replies += [
+                ok,
+                http.get("/metrics"),
+                http.get("/readyz"),
+                http.get("/api/v1/stats", headers=auth),
+                http.get(f"/api/v1/messages/{uid}", headers=auth),
+                http.get("/api/v1/dead", headers=auth),
+                http.get("/api/v1/stats"),
+            ]
             wait_until(
                 lambda: any(e["uuid"] == uid for e in cluster.all_echoes()),
                 within(10),
