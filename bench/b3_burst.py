@@ -67,7 +67,7 @@ def burst(workers: int, count: int) -> dict:
             s.spawn(f"scheduler{i}", ["scheduler"])
         for i in range(workers):
             s.spawn(f"worker{i}", ["worker", "--consumer-name", f"w{i}"])
-        time.sleep(2.0)  # processes start; nothing is due yet
+        s.wait_until_serving()
         run_at = int(time.time() * 1000) + 4000
         asyncio.run(load(s.redis.url, "bench", count, run_at))
         if time.time() * 1000 > run_at:

@@ -51,7 +51,7 @@ def measure(rate: float, seconds: float, delay: float) -> dict:
             s.spawn(f"scheduler{i}", ["scheduler"])
         for i in range(2):
             s.spawn(f"worker{i}", ["worker", "--consumer-name", f"w{i}"])
-        time.sleep(2.0)
+        s.wait_until_serving()
         accepted = asyncio.run(post_at_rate(url, rate, seconds, int(delay * 1000)))
         deadline = time.monotonic() + delay + 20
         lines: list[dict] = []

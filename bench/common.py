@@ -72,6 +72,24 @@ class Stack:
         wait_http(url + "/healthz")
         return url
 
+    def wait_for_log(self, prefix: str, event: str, every: bool, timeout: float = 60.0) -> None:
+        """Wait until one (or every) process whose name starts with ``prefix`` logged ``event``."""
+        names = [n for n, _ in self.processes if n.startswith(prefix)]
+        needle = f'"event": "{event}"'.encode()
+        deadline = time.monotonic() + timeout
+        while True:
+            seen = [needle in (self.workdir / f"{n}.err").read_bytes() for n in names]
+            if (all(seen) if every else any(seen)) and names:
+                return
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"no {event!r} from {prefix}* within {timeout} s")
+            time.sleep(0.05)
+
+    def wait_until_serving(self) -> None:
+        """A scheduler leads and every worker has started: nothing posted now waits on start-up."""
+        self.wait_for_log("scheduler", "leadership acquired", every=False)
+        self.wait_for_log("worker", "worker started", every=True)
+
     def echo_lines(self, prefix: str = "worker") -> list[dict]:
         lines = []
         for name, _ in self.processes:
@@ -120,7 +138,7 @@ def stack(zookeeper: bool = True, prefix: str = "bench", **settings: str) -> Ite
             EAT_ZK_HOSTS=zk.hosts if zk else "127.0.0.1:1",
             EAT_PREFIX=prefix,
             EAT_LOG_FORMAT="json",
-            EAT_LOG_LEVEL="warning",
+            EAT_LOG_LEVEL="info",
             EAT_ZK_SESSION_TIMEOUT="2",
         )
         env.update({f"EAT_{k.upper()}": v for k, v in settings.items()})
