@@ -15,20 +15,26 @@ import random
 import time
 import uuid as uuidlib
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 
 import pytest
 import redis
 
 from app.model import NewMessage, State
 from app.settings import Settings
-from app.store import Delivery, Store, connect
+from app.store import Delivery, Store
 from election.gate import LeadershipGate, Role
+from tests import aio
+from tests.aio import open_store
 from workers.bridge import LegacyBridge, legacy_uuid
 from workers.handlers import make_list_handler
 from workers.worker import Worker
 
 DEADLINE = 15.0  # generous: the machine is shared; the bridge needs well under a second
+
+
+async def wait_until(check, what: str, within: float = DEADLINE) -> None:
+    await aio.wait_until(check, what, within)
 
 
 def now_ms() -> int:
@@ -37,21 +43,6 @@ def now_ms() -> int:
 
 def new_uuid() -> str:
     return str(uuidlib.uuid4())
-
-
-async def wait_until(
-    check: Callable[[], bool | Awaitable[bool]], what: str, within: float = DEADLINE
-) -> None:
-    deadline = time.monotonic() + within
-    while True:
-        result = check()
-        if asyncio.iscoroutine(result):
-            result = await result
-        if result:
-            return
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"not within {within} s: {what}")
-        await asyncio.sleep(0.01)
 
 
 @pytest.fixture
@@ -67,15 +58,6 @@ def settings(redis_url: str, prefix: str, redis_client: redis.Redis) -> Settings
     )
     settings.validate()
     return settings
-
-
-@contextlib.asynccontextmanager
-async def open_store(settings: Settings) -> AsyncIterator[Store]:
-    client = connect(settings)
-    try:
-        yield Store(client, settings)
-    finally:
-        await client.aclose()
 
 
 def leading_gate(epoch: int = 1) -> LeadershipGate:

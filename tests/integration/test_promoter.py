@@ -18,9 +18,11 @@ import pytest
 from app.keys import CONSUMER_GROUP
 from app.model import NewMessage, State
 from app.settings import Settings
-from app.store import Store, connect
+from app.store import Store
 from election.gate import LeadershipGate, Role
 from election.promoter import Promoter, listen_for_wakeups
+from tests import aio
+from tests.aio import open_store, reap
 
 LATENESS_BOUND_MS = 100  # correctness, not performance: the sleep is timed in Python
 
@@ -33,41 +35,8 @@ def new_uuid() -> str:
     return str(uuidlib.uuid4())
 
 
-async def wait_until(check: Callable[[], bool | Awaitable[bool]], within: float, what: str):
-    deadline = time.monotonic() + within
-    while True:
-        result = check()
-        if asyncio.iscoroutine(result):
-            result = await result
-        if result:
-            return
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"not within {within} s: {what}")
-        await asyncio.sleep(0.005)
-
-
-@contextlib.asynccontextmanager
-async def open_store(settings: Settings) -> AsyncIterator[Store]:
-    client = connect(settings)
-    try:
-        yield Store(client, settings)
-    finally:
-        await client.aclose()
-
-
-async def reap(*tasks: asyncio.Task) -> None:
-    """Cancel until done, then await: one cancel() is not always enough.
-
-    On Python 3.11 ``asyncio.wait_for`` drops a cancellation that arrives as
-    its inner future completes (fixed in 3.12), and redis-py wraps every socket
-    write in ``wait_for``: a task cancelled mid-command may carry on.
-    """
-    for task in tasks:
-        while not task.done():
-            task.cancel()
-            await asyncio.wait([task], timeout=0.1)
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+async def wait_until(check, within: float, what: str) -> None:
+    await aio.wait_until(check, what, within, interval=0.005)
 
 
 @contextlib.asynccontextmanager

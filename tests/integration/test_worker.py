@@ -18,7 +18,7 @@ import threading
 import time
 import uuid as uuidlib
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -26,62 +26,29 @@ import pytest
 from app.keys import CONSUMER_GROUP
 from app.model import NewMessage, State
 from app.settings import Settings
-from app.store import Delivery, Store, connect
+from app.store import Delivery, Store
 from election.gate import LeadershipGate, Role
 from election.promoter import Promoter, listen_for_wakeups
+from tests import aio
+from tests.aio import open_store, reap
 from workers.handlers import make_echo
 from workers.worker import Worker
 
 DEADLINE = 5.0
 
 
+async def wait_until(check, what: str, within: float = DEADLINE) -> None:
+    await aio.wait_until(check, what, within)
+
+
 def now_ms() -> int:
     return int(time.time() * 1000)
-
-
-async def wait_until(
-    check: Callable[[], bool | Awaitable[bool]], what: str, within: float = DEADLINE
-) -> None:
-    deadline = time.monotonic() + within
-    while True:
-        result = check()
-        if asyncio.iscoroutine(result):
-            result = await result
-        if result:
-            return
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"not within {within} s: {what}")
-        await asyncio.sleep(0.01)
 
 
 @pytest.fixture
 def settings(redis_url: str, prefix: str, redis_client) -> Settings:
     # redis_client: deletes this test's keys afterwards.
     return Settings(redis_url=redis_url, prefix=prefix)
-
-
-@contextlib.asynccontextmanager
-async def open_store(settings: Settings) -> AsyncIterator[Store]:
-    client = connect(settings)
-    try:
-        yield Store(client, settings)
-    finally:
-        await client.aclose()
-
-
-async def reap(*tasks: asyncio.Task) -> None:
-    """Cancel until done, then await: one cancel() is not always enough.
-
-    On Python 3.11 ``asyncio.wait_for`` drops a cancellation that arrives as
-    its inner future completes (fixed in 3.12), and redis-py wraps every socket
-    write in ``wait_for``: a task cancelled mid-command may carry on.
-    """
-    for task in tasks:
-        while not task.done():
-            task.cancel()
-            await asyncio.wait([task], timeout=0.1)
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
 
 
 @contextlib.asynccontextmanager

@@ -1,0 +1,54 @@
+"""asyncio helpers shared by the in-process integration tests."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+from app.settings import Settings
+from app.store import Store, connect
+
+
+async def wait_until(
+    check: Callable[[], bool | Awaitable[bool]],
+    what: str,
+    within: float,
+    interval: float = 0.01,
+) -> None:
+    """Poll ``check`` (sync or async) until true; after ``within`` s fail naming ``what``."""
+    deadline = time.monotonic() + within
+    while True:
+        result = check()
+        if asyncio.iscoroutine(result):
+            result = await result
+        if result:
+            return
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"not within {within} s: {what}")
+        await asyncio.sleep(interval)
+
+
+@contextlib.asynccontextmanager
+async def open_store(settings: Settings) -> AsyncIterator[Store]:
+    client = connect(settings)
+    try:
+        yield Store(client, settings)
+    finally:
+        await client.aclose()
+
+
+async def reap(*tasks: asyncio.Task) -> None:
+    """Cancel until done, then await: one cancel() is not always enough.
+
+    On Python 3.11 ``asyncio.wait_for`` drops a cancellation that arrives as
+    its inner future completes (fixed in 3.12), and redis-py wraps every socket
+    write in ``wait_for``: a task cancelled mid-command may carry on.
+    """
+    for task in tasks:
+        while not task.done():
+            task.cancel()
+            await asyncio.wait([task], timeout=0.1)
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
