@@ -7,15 +7,13 @@ same run: redis-benchmark ZADD with -P 16 against the same Redis.
 from __future__ import annotations
 
 import asyncio
-import re
-import subprocess
 import time
 import uuid as uuidlib
 
 import httpx
 import msgspec
 
-from bench.common import print_table, stack, write_result
+from bench.common import print_table, redis_benchmark, stack, write_result
 
 FUTURE = 253402300799999
 
@@ -46,31 +44,15 @@ async def post_bulk(url: str, seconds: float, clients: int, size: int) -> tuple[
 
 
 def redis_benchmark_zadd(port: int, count: int) -> float:
-    out = subprocess.run(
-        [
-            "redis-benchmark",
-            "-h",
-            "127.0.0.1",
-            "-p",
-            str(port),
-            "-n",
-            str(count),
-            "-P",
-            "16",
-            "-r",
-            "1000000",
-            "-q",
-            "ZADD",
-            "bench:zadd",
-            "__rand_int__",
-            "member:__rand_int__",
-        ],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
-    match = re.search(r"([\d.]+) requests per second", out.replace(",", ""))
-    return float(match.group(1)) if match else float("nan")
+    return redis_benchmark(
+        port,
+        count,
+        "ZADD",
+        "bench:zadd",
+        "__rand_int__",
+        "member:__rand_int__",
+        extra=("-r", "1000000"),
+    )
 
 
 def run(seconds: float = 10.0, clients: int = 4, size: int = 1000) -> dict:

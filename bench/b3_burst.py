@@ -7,15 +7,13 @@ Baseline in the same run: redis-benchmark XADD with -P 16 against the same Redis
 from __future__ import annotations
 
 import asyncio
-import re
-import subprocess
 import time
 import uuid as uuidlib
 
 from app.model import NewMessage
 from app.settings import Settings
 from app.store import Store, connect
-from bench.common import percentile, print_table, stack, write_result
+from bench.common import percentile, print_table, redis_benchmark, stack, write_result
 
 
 async def load(redis_url: str, prefix: str, count: int, run_at: int) -> None:
@@ -35,30 +33,7 @@ async def load(redis_url: str, prefix: str, count: int, run_at: int) -> None:
 
 
 def redis_benchmark_xadd(port: int, count: int) -> float:
-    out = subprocess.run(
-        [
-            "redis-benchmark",
-            "-h",
-            "127.0.0.1",
-            "-p",
-            str(port),
-            "-n",
-            str(count),
-            "-P",
-            "16",
-            "-q",
-            "XADD",
-            "bench:xadd",
-            "*",
-            "m",
-            "x" * 100,
-        ],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
-    match = re.search(r"([\d.]+) requests per second", out.replace(",", ""))
-    return float(match.group(1)) if match else float("nan")
+    return redis_benchmark(port, count, "XADD", "bench:xadd", "*", "m", "x" * 100)
 
 
 def burst(workers: int, count: int) -> dict:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -181,3 +182,28 @@ def _fmt(value: object) -> str:
     if isinstance(value, int):
         return f"{value:,}"
     return str(value)
+
+
+def redis_benchmark(port: int, count: int, *command: str, extra: Sequence[str] = ()) -> float:
+    """requests/s of ``redis-benchmark -P 16`` running ``command`` against our Redis."""
+    out = subprocess.run(
+        [
+            "redis-benchmark",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            str(port),
+            "-n",
+            str(count),
+            "-P",
+            "16",
+            *extra,
+            "-q",
+            *command,
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    match = re.search(r"([\d.]+) requests per second", out.replace(",", ""))
+    return float(match.group(1)) if match else float("nan")
