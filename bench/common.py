@@ -95,7 +95,9 @@ class Stack:
         lines = []
         for name, _ in self.processes:
             if name.startswith(prefix):
-                for raw in (self.workdir / f"{name}.out").read_bytes().splitlines():
+                data = (self.workdir / f"{name}.out").read_bytes()
+                # Only whole lines: the last one may still be being written.
+                for raw in data[: data.rfind(b"\n") + 1].splitlines():
                     if raw.startswith(b"{"):
                         lines.append(json.loads(raw))
         return lines

@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from bench import b1_ingest, b2_bulk, b3_burst, b4_steady, b5_memory, b7_failover
+from bench import b1_ingest, b2_bulk, b3_burst, b4_steady, b5_memory, b6_backlog, b7_failover
 
 SUITE = {
     "B1": lambda quick: b1_ingest.run(seconds=3 if quick else 10),
@@ -19,6 +19,11 @@ SUITE = {
     "B3": lambda quick: b3_burst.run(count=5_000 if quick else 20_000),
     "B4": lambda quick: b4_steady.run([100, 2000], 5 if quick else 30, 2.0),
     "B5": lambda quick: b5_memory.run(50_000 if quick else 1_000_000),
+    "B6": lambda quick: b6_backlog.run(
+        [10_000, 200_000] if quick else [10_000, 1_000_000, 5_000_000],
+        burst=5_000 if quick else 20_000,
+        seconds=5 if quick else 20,
+    ),
     "B7": lambda quick: b7_failover.run(seconds=10 if quick else 30),
 }
 
