@@ -1,35 +1,33 @@
-"""The HTTP API (Starlette): validate, then one accept script call per message."""
+"""The HTTP API (Starlette): validate, then one accept script call per message.
+
+``POST /api/v1/save-message`` is served by ``app.ingest`` ahead of Starlette's
+routing and middleware (see there why); every other route is plain Starlette.
+"""
 
 from __future__ import annotations
 
 import contextlib
-import hmac
 import time
 from collections.abc import AsyncIterator
 
 import msgspec
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 from starlette.applications import Starlette
-from starlette.requests import ClientDisconnect, Request
+from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from app import metrics
 from app.batcher import AcceptBatcher
 from app.health import health_routes, redis_ready
+from app.ingest import BODY_OVERHEAD as BODY_OVERHEAD  # re-exported: tests size bodies by it
+from app.ingest import SAVE_PATH, SaveMessageHandler, bearer_matches, json_media_type
 from app.lifecycle_store import Lifecycle
 from app.logging import get_logger
-from app.model import InvalidInput, parse_save_message
+from app.model import InvalidInput
 from app.settings import Settings
 from app.store import Store, connect
 
 log = get_logger("api")
-
-# JSON escapes can make a body up to 6x its decoded text (\uXXXX), plus the other fields.
-BODY_OVERHEAD = 4096
-
 
 _json = msgspec.json.Encoder()
 
@@ -64,17 +62,11 @@ async def read_body(request: Request, limit: int) -> bytes:
 
 
 def is_json(request: Request) -> bool:
-    media_type = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
-    return media_type == "application/json" or (
-        media_type.startswith("application/") and media_type.endswith("+json")
-    )
+    return json_media_type(request.headers.get("content-type", ""))
 
 
 def authorized(request: Request, token: bytes) -> bool:
-    """Constant-time comparison of the bearer token (no early exit on the first wrong byte)."""
-    header = request.headers.get("authorization", "")
-    scheme, _, provided = header.partition(" ")
-    return hmac.compare_digest(provided.strip().encode(), token) and scheme.lower() == "bearer"
+    return bearer_matches(request.headers.get("authorization", ""), token)
 
 
 class HttpMetrics:
@@ -110,7 +102,7 @@ class HttpMetrics:
             key = (route, scope["method"], status)
             children = self._children.get(key)
             if children is None:
-                # labels() takes a lock and builds a tuple each call: look each child up once.
+                # labels() builds and hashes a key each call: look each child up once.
                 children = self._children[key] = (
                     metrics.HTTP_DURATION.labels(route),
                     metrics.HTTP_REQUESTS.labels(route, scope["method"], str(status)),
@@ -119,62 +111,41 @@ class HttpMetrics:
             children[1].inc()
 
 
-def create_app(settings: Settings | None = None) -> Starlette:
+class ApiApp(Starlette):
+    """Starlette, except that ``POST /api/v1/save-message`` goes straight to its handler."""
+
+    def __init__(self, *args, ingest: SaveMessageHandler, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.ingest = ingest
+
+    async def __call__(self, scope, receive, send) -> None:
+        # Under a root_path the route path differs from scope["path"]: Starlette resolves it.
+        if (
+            scope["type"] == "http"
+            and scope["path"] == SAVE_PATH
+            and scope["method"] == "POST"
+            and not scope.get("root_path")
+        ):
+            await self.ingest.dispatch(scope, receive, send)
+            return
+        await super().__call__(scope, receive, send)
+
+
+def create_app(settings: Settings | None = None) -> ApiApp:
     """Build the API. ``settings`` defaults to the environment's (validated)."""
     settings = settings or Settings.from_env()
-    body_limit = settings.max_message_bytes * 6 + BODY_OVERHEAD
-    token = settings.api_token.encode() if settings.api_token else None
-    accepted_due = metrics.ACCEPTED.labels("due")
-    accepted_delayed = metrics.ACCEPTED.labels("delayed")
-    accepted_duplicate = metrics.ACCEPTED.labels("duplicate")
-    accepted_invalid = metrics.ACCEPTED.labels("invalid")
+    ingest = SaveMessageHandler(settings)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         client = connect(settings)
         app.state.store = Store(client, settings)
-        app.state.batcher = AcceptBatcher(app.state.store)
+        app.state.batcher = ingest.batcher = AcceptBatcher(app.state.store)
         app.state.lifecycle = Lifecycle(app.state.store)
         try:
             yield
         finally:
             await client.aclose()
-
-    async def save_message(request: Request) -> JSONResponse:
-        if token is not None and not authorized(request, token):
-            return unauthorized()
-        try:
-            if not is_json(request):
-                raise InvalidInput("Content-Type must be application/json", None, 415)
-            body = await read_body(request, body_limit)
-            msg = parse_save_message(body, settings.max_message_bytes)
-        except InvalidInput as exc:
-            accepted_invalid.inc()
-            return error(exc.status, exc.error, exc.field)
-        except ClientDisconnect:
-            return error(400, "client disconnected before the body was read")
-        try:
-            result = await request.app.state.batcher.accept(msg)
-        except (RedisConnectionError, RedisTimeoutError, OSError):
-            log.warning("redis unavailable", uuid=msg.uuid)
-            return error(503, "storage unavailable, retry with the same uuid")
-        except RedisError as exc:
-            # Redis answered with an error (e.g. OOM, LOADING, READONLY): nothing was written.
-            log.error("accept failed", uuid=msg.uuid, error=str(exc)[:200])
-            return error(503, "storage refused the write, retry with the same uuid")
-        payload = {"uuid": msg.uuid, "runAt": result.run_at, "state": result.state}
-        if result.created:
-            (accepted_due if result.state == "queued" else accepted_delayed).inc()
-            log.debug("accepted", uuid=msg.uuid, run_at=result.run_at, state=result.state)
-            return json_response(payload, 201)
-        accepted_duplicate.inc()
-        payload["duplicate"] = True
-        return json_response(payload, 200)
-
-    def unauthorized() -> JSONResponse:
-        response = error(401, "missing or wrong bearer token", "Authorization")
-        response.headers["WWW-Authenticate"] = "Bearer"
-        return response
 
     app_ref: list[Starlette] = []
 
@@ -194,14 +165,16 @@ def create_app(settings: Settings | None = None) -> Starlette:
     from app.routes_lifecycle import lifecycle_routes
 
     routes = [
-        Route("/api/v1/save-message", save_message, methods=["POST"]),
+        # Reached through Starlette only for what ApiApp does not dispatch itself.
+        Route(SAVE_PATH, ingest, methods=["POST"], name="save_message"),
         *lifecycle_routes(settings),
         *health_routes(store_of, ready),
     ]
-    app = Starlette(
+    app = ApiApp(
         routes=routes,
         exception_handlers={404: not_found, 405: method_not_allowed},
         lifespan=lifespan,
+        ingest=ingest,
     )
     app_ref.append(app)
     app.add_middleware(HttpMetrics, routes={r.path for r in routes})

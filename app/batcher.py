@@ -25,30 +25,41 @@ class AcceptBatcher:
     def __init__(self, store: Store, max_batch: int = MAX_BATCH) -> None:
         self.store = store
         self.max_batch = max_batch
-        self._queue: list[tuple[NewMessage, asyncio.Future[Accepted]]] = []
+        # Two parallel lists rather than one of pairs: the script call takes the messages as
+        # they are, with no per-request tuple to build and take apart.
+        self._msgs: list[NewMessage] = []
+        self._futures: list[asyncio.Future[Accepted]] = []
         self._flushing = False
+        # The loop keeps only a weak reference to a task: hold the running flush.
+        self._flush_task: asyncio.Task[None] | None = None
 
     async def accept(self, msg: NewMessage) -> Accepted:
-        future: asyncio.Future[Accepted] = asyncio.get_running_loop().create_future()
-        self._queue.append((msg, future))
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Accepted] = loop.create_future()
+        self._msgs.append(msg)
+        self._futures.append(future)
         if not self._flushing:
             self._flushing = True
-            asyncio.get_running_loop().create_task(self._flush())
+            self._flush_task = loop.create_task(self._flush())
         return await future
 
     async def _flush(self) -> None:
         try:
-            while self._queue:
-                batch = self._queue[: self.max_batch]
-                del self._queue[: self.max_batch]
+            while self._msgs:
+                if len(self._msgs) <= self.max_batch:
+                    msgs, futures = self._msgs, self._futures
+                    self._msgs, self._futures = [], []
+                else:
+                    msgs, futures = self._msgs[: self.max_batch], self._futures[: self.max_batch]
+                    del self._msgs[: self.max_batch], self._futures[: self.max_batch]
                 try:
-                    results = await self.store.accept_many([msg for msg, _ in batch])
+                    results = await self.store.accept_many(msgs)
                 except (RedisError, OSError) as exc:
-                    for _, future in batch:
+                    for future in futures:
                         if not future.done():
                             future.set_exception(exc)
                     continue
-                for (_, future), result in zip(batch, results, strict=True):
+                for future, result in zip(futures, results, strict=True):
                     if not future.done():  # done: the client went away; its message is stored
                         future.set_result(result)
         finally:

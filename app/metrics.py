@@ -6,16 +6,132 @@ when scraped, so every process reports the same cluster-wide figures.
 
 from __future__ import annotations
 
+import time
+from bisect import bisect_left
+from collections.abc import Iterator, Sequence
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.metrics_core import Metric
+from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 
-ACCEPTED = Counter(
+
+class _LoopFamily(Collector):
+    """A labelled metric updated only from the event loop's thread, without locks.
+
+    prometheus_client's children take a threading.Lock on every update. The api
+    updates three per ingest request, which profiled at ~4 % of a request under
+    B1; its handlers all run on the one event loop thread, so plain additions are
+    safe there. Exposed exactly like the prometheus_client metric of the same
+    name, type and labels. Not for metrics updated from other threads.
+    """
+
+    typ = ""
+
+    def __init__(self, name: str, documentation: str, labelnames: Sequence[str]) -> None:
+        self.name = name
+        self.documentation = documentation
+        self.labelnames = tuple(labelnames)
+        self._children: dict[tuple[str, ...], object] = {}
+        REGISTRY.register(self)
+
+    def labels(self, *values: object):
+        key = tuple(str(v) for v in values)
+        child = self._children.get(key)
+        if child is None:
+            if len(key) != len(self.labelnames):
+                raise ValueError(f"{self.name} takes labels {self.labelnames}, got {key}")
+            child = self._children[key] = self._child()
+        return child
+
+    def _child(self) -> object:
+        raise NotImplementedError
+
+    def describe(self) -> list[Metric]:
+        return [Metric(self.name, self.documentation, self.typ)]
+
+    def collect(self) -> Iterator[Metric]:
+        metric = Metric(self.name, self.documentation, self.typ)
+        for key, child in list(self._children.items()):
+            self._samples(metric, dict(zip(self.labelnames, key, strict=True)), child)
+        yield metric
+
+    def _samples(self, metric: Metric, labels: dict[str, str], child) -> None:
+        raise NotImplementedError
+
+
+class _CounterChild:
+    __slots__ = ("created", "value")
+
+    def __init__(self) -> None:
+        self.value = 0.0
+        self.created = time.time()
+
+    def inc(self, amount: float = 1) -> None:
+        if amount < 0:
+            raise ValueError("Counters can only be incremented by non-negative amounts.")
+        self.value += amount
+
+
+class LoopCounter(_LoopFamily):
+    typ = "counter"
+
+    def _child(self) -> _CounterChild:
+        return _CounterChild()
+
+    def _samples(self, metric: Metric, labels: dict[str, str], child: _CounterChild) -> None:
+        metric.add_sample(self.name + "_total", labels, child.value)
+        metric.add_sample(self.name + "_created", labels, child.created)
+
+
+class _HistogramChild:
+    __slots__ = ("bounds", "counts", "created", "sum")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * len(bounds)
+        self.sum = 0.0
+        self.created = time.time()
+
+    def observe(self, amount: float) -> None:
+        self.sum += amount
+        # The first bucket whose upper bound is >= amount (bounds end with +Inf).
+        self.counts[bisect_left(self.bounds, amount)] += 1
+
+
+class LoopHistogram(_LoopFamily):
+    typ = "histogram"
+
+    def __init__(
+        self, name: str, documentation: str, labelnames: Sequence[str], buckets: Sequence[float]
+    ) -> None:
+        bounds = sorted(float(b) for b in buckets)
+        if bounds[-1] != float("inf"):
+            bounds.append(float("inf"))
+        self.bounds = tuple(bounds)
+        super().__init__(name, documentation, labelnames)
+
+    def _child(self) -> _HistogramChild:
+        return _HistogramChild(self.bounds)
+
+    def _samples(self, metric: Metric, labels: dict[str, str], child: _HistogramChild) -> None:
+        total = 0.0
+        for bound, count in zip(self.bounds, list(child.counts), strict=True):
+            total += count  # buckets are cumulative
+            le = floatToGoString(bound)
+            metric.add_sample(self.name + "_bucket", {**labels, "le": le}, total)
+        metric.add_sample(self.name + "_count", labels, total)
+        metric.add_sample(self.name + "_sum", labels, child.sum)
+        metric.add_sample(self.name + "_created", labels, child.created)
+
+
+ACCEPTED = LoopCounter(
     "eat_messages_accepted",
     "Messages posted to the API, by outcome: due, delayed, duplicate, invalid.",
     ["kind"],
-    registry=REGISTRY,
 )
 PROMOTED = Counter(
     "eat_messages_promoted", "Messages moved from the sorted set to the stream.", registry=REGISTRY
@@ -59,18 +175,17 @@ PENDING = Gauge(
 )
 DEAD = Gauge("eat_dead_messages", "Entries in the dead stream.", registry=REGISTRY)
 CONSUMERS = Gauge("eat_consumers", "Consumers in the workers group.", registry=REGISTRY)
-HTTP_REQUESTS = Counter(
+# The api's per-request metrics: updated on its event loop only.
+HTTP_REQUESTS = LoopCounter(
     "eat_http_requests",
     "HTTP requests by route, method and status.",
     ["route", "method", "status"],
-    registry=REGISTRY,
 )
-HTTP_DURATION = Histogram(
+HTTP_DURATION = LoopHistogram(
     "eat_http_request_duration_seconds",
     "HTTP request latency by route.",
     ["route"],
     buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
-    registry=REGISTRY,
 )
 
 
