@@ -13,8 +13,9 @@ from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.exceptions import ResponseError
 
+from app.codec import decode_record, uuid_key, uuid_text
 from app.keys import CONSUMER_GROUP
-from app.model import NewMessage, Record, decode_record
+from app.model import NewMessage, Record
 from app.scripts import Scripts
 from app.settings import Settings
 
@@ -66,6 +67,7 @@ class Delivery:
 
     id: str
     uuid: str
+    key: bytes  # the uuid as stored (its 16 bytes)
     message: str
     run_at: int
     attempts: int  # failed handler runs before this delivery
@@ -74,9 +76,11 @@ class Delivery:
 def parse_entry(entry_id: bytes | str, fields: list | dict) -> Delivery:
     if isinstance(fields, list):
         fields = dict(zip(fields[::2], fields[1::2], strict=True))
+    key = fields[b"u"]
     return Delivery(
         id=entry_id.decode() if isinstance(entry_id, bytes) else entry_id,
-        uuid=fields[b"u"].decode(),
+        uuid=uuid_text(key),
+        key=key,
         message=fields[b"m"].decode("utf-8", "surrogatepass"),
         run_at=int(fields[b"r"]),
         attempts=int(fields[b"a"]),
@@ -120,7 +124,7 @@ class Store:
         k = self.keys
         args: list[object] = [k.wake_channel]
         for msg in msgs:
-            args += [msg.uuid, msg.message.encode("utf-8"), msg.run_at]
+            args += [uuid_key(msg.uuid), msg.message.encode("utf-8"), msg.run_at]
         flat = await self.scripts.accept(
             keys=[k.messages, k.delayed, k.stream, k.sequence], args=args
         )
@@ -180,7 +184,7 @@ class Store:
             PURGE_PER_ACK,
         ]
         for d in deliveries:
-            args += [d.id, d.uuid]
+            args += [d.id, d.key]
         return await self.scripts.ack(keys=[k.stream, k.messages, k.retention], args=args)
 
     async def fail(self, delivery: Delivery, delay_ms: int, reason: str) -> tuple[str, int]:
@@ -255,5 +259,5 @@ class Store:
         )
 
     async def record(self, uuid: str) -> Record | None:
-        packed = await self.client.hget(self.keys.messages, uuid)
+        packed = await self.client.hget(self.keys.messages, uuid_key(uuid))
         return None if packed is None else decode_record(uuid, packed)

@@ -61,6 +61,7 @@ from dataclasses import dataclass
 import msgspec
 from redis.exceptions import RedisError
 
+from app.codec import uuid_key
 from app.keys import LegacyLists
 from app.logging import get_logger
 from app.model import RUN_AT_MAX, RUN_AT_MIN, InvalidInput, NewMessage, SaveMessage, validate
@@ -314,7 +315,7 @@ class LegacyBridge:
         ``m`` and ``r`` are left out when the item has no valid value for them, so a
         replay (which needs both) cannot send an unreadable item on as a message.
         """
-        fields: dict[str, str | bytes] = {"u": bad.uuid}
+        fields: dict[str, str | bytes] = {"u": uuid_key(bad.uuid)}
         if bad.message is not None:
             fields["m"] = bad.message.encode()
         if bad.run_at is not None:

@@ -5,20 +5,13 @@ The same uuid again changes nothing and returns the stored record. One call
 takes one message or many (the API coalesces concurrent requests into one
 call); each message is treated exactly as if it came alone, in argument order.
 
-KEYS[1] messages  HASH    uuid -> msgpack {state, runAt, attempts, acceptedAt, updatedAt, body,
-                          transitions, ref}. transitions: state code -> ms after acceptedAt it
-                          last entered that state; codes s scheduled, q queued, d delivered,
-                          r retrying, x dead, c cancelled (short: the record of every message
-                          is kept for the retention window). ref: the integer acceptance
-                          sequence of its sorted-set member while scheduled or retrying, its
-                          dead-stream entry id while dead, absent otherwise. Records written
-                          before these two existed have six elements.
-KEYS[2] delayed   ZSET    member <12 hex seq><uuid>, score runAt ms
-KEYS[3] stream    STREAM  due messages
+KEYS[1] messages  HASH    uuid -> record (format in _record.lua)
+KEYS[2] delayed   ZSET    member <6-byte seq><uuid>, score runAt ms
+KEYS[3] stream    STREAM  due messages: u uuid, m body, r runAt, a attempts
 KEYS[4] seq       STRING  acceptance counter (tie-breaker for equal runAt)
 ARGV[1] channel   string  wake channel; published to when a new message becomes the earliest
 ARGV[2+3i..4+3i]  per message:
-          uuid    string  canonical lower-case uuid
+          uuid    bytes   the uuid's 16 bytes
           body    string  the message
           runAt   integer epoch milliseconds
 
@@ -27,8 +20,7 @@ Returns a flat list, three entries per message, in argument order:
   state    "queued" (in the stream) or "scheduled" (in the sorted set), or the stored state
   runAt    integer ms (the stored one for a duplicate)
 ]]
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local now = now_ms()
 local out = {}
 local earliest = nil
 
@@ -36,25 +28,23 @@ for i = 2, #ARGV, 3 do
   local uuid, body, run_at_arg = ARGV[i], ARGV[i + 1], ARGV[i + 2]
   local packed = redis.call('HGET', KEYS[1], uuid)
   if packed then
-    local rec = cmsgpack.unpack(packed)
+    local rec = rec_decode(packed)
     out[#out + 1] = 0
-    out[#out + 1] = rec[1]
-    out[#out + 1] = rec[2]
+    out[#out + 1] = STATE_NAMES[rec.code]
+    out[#out + 1] = rec.run_at
   else
     local run_at = tonumber(run_at_arg)
     if run_at <= now then
       redis.call('XADD', KEYS[3], '*', 'u', uuid, 'm', body, 'r', run_at_arg, 'a', '0')
       -- The body lives in the stream entry now; the record keeps only what status needs.
-      redis.call('HSET', KEYS[1], uuid,
-        cmsgpack.pack({'queued', run_at, 0, now, now, '', {q = 0}}))
+      redis.call('HSET', KEYS[1], uuid, rec_encode(rec_new('q', run_at, now, '', '')))
       out[#out + 1] = 1
       out[#out + 1] = 'queued'
     else
-      local seq = redis.call('INCR', KEYS[4])
-      local member = string.format('%012x', seq) .. uuid
+      local seq = next_seq(KEYS[4])
+      local member = seq .. uuid
       redis.call('ZADD', KEYS[2], run_at, member)
-      redis.call('HSET', KEYS[1], uuid,
-        cmsgpack.pack({'scheduled', run_at, 0, now, now, body, {s = 0}, seq}))
+      redis.call('HSET', KEYS[1], uuid, rec_encode(rec_new('s', run_at, now, seq, body)))
       if earliest == nil or run_at < earliest[1] then
         earliest = {run_at, member, run_at_arg}
       end

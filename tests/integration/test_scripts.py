@@ -27,8 +27,9 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
+from app.codec import decode_record, member_uuid, uuid_key, uuid_text
 from app.keys import CONSUMER_GROUP, Keyspace
-from app.model import NewMessage, State, decode_record
+from app.model import NewMessage, State
 from app.settings import Settings
 from app.store import Delivery, Store, connect, encode_epoch
 
@@ -106,11 +107,19 @@ def new(message: str = "hello", run_at: int = 0, uuid: str | None = None) -> New
 
 
 def stream_uuids(r: redis.Redis, key: str) -> list[str]:
-    return [fields[b"u"].decode() for _id, fields in r.xrange(key)]
+    return [uuid_text(fields[b"u"]) for _id, fields in r.xrange(key)]
 
 
 def delayed_members(r: redis.Redis, ks: Keyspace) -> list[tuple[str, float]]:
-    return [(m.decode()[12:], s) for m, s in r.zrange(ks.delayed, 0, -1, withscores=True)]
+    return [(member_uuid(m), s) for m, s in r.zrange(ks.delayed, 0, -1, withscores=True)]
+
+
+def retained(r: redis.Redis, ks: Keyspace) -> dict[str, int]:
+    """uuid -> ms after which its record may be purged, from the retention list."""
+    return {
+        uuid_text(item[6:]): int.from_bytes(item[:6], "big")
+        for item in r.lrange(ks.retention, 0, -1)
+    }
 
 
 def pending(r: redis.Redis, ks: Keyspace) -> dict[str, dict[str, Any]]:
@@ -133,7 +142,7 @@ def snapshot(r: redis.Redis, ks: Keyspace) -> dict[str, object]:
         "stream": r.xrange(ks.stream),
         "dead": r.xrange(ks.dead),
         "messages": r.hgetall(ks.messages),
-        "retention": r.zrange(ks.retention, 0, -1, withscores=True),
+        "retention": r.lrange(ks.retention, 0, -1),
         "seq": r.get(ks.sequence),
         "epoch": r.get(ks.epoch),
     }
@@ -149,8 +158,8 @@ def locations(r: redis.Redis, ks: Keyspace) -> dict[str, list[str]]:
     for uuid in stream_uuids(r, ks.dead):
         found.setdefault(uuid, []).append("dead")
     for field, packed in r.hgetall(ks.messages).items():
-        if decode_record(field.decode(), packed).state is State.DELIVERED:
-            found.setdefault(field.decode(), []).append("delivered")
+        if decode_record(uuid_text(field), packed).state is State.DELIVERED:
+            found.setdefault(uuid_text(field), []).append("delivered")
     return found
 
 
@@ -187,7 +196,7 @@ def test_accept_of_a_due_message_appends_it_to_the_stream_as_queued(h, r, ks):
     entries = r.xrange(ks.stream)
     assert len(entries) == 1
     fields = entries[0][1]
-    assert fields[b"u"].decode() == msg.uuid
+    assert uuid_text(fields[b"u"]) == msg.uuid
     assert fields[b"m"] == b"due now"
     assert int(fields[b"r"]) == msg.run_at
     assert fields[b"a"] == b"0"
@@ -396,7 +405,7 @@ def test_ack_acknowledges_deletes_marks_delivered_and_keeps_the_record_for_reten
     assert record is not None
     assert (record.state, record.attempts) == (State.DELIVERED, 1)
     assert before <= record.updated_at <= after
-    keep_until = r.zscore(ks.retention, msg.uuid)
+    keep_until = retained(r, ks)[msg.uuid]
     assert before + 3_600_000 <= keep_until <= after + 3_600_000
 
 
@@ -408,13 +417,12 @@ def test_ack_purges_records_whose_retention_passed(h, r, ks):
     h.run(store.accept(young))
     d_old, d_young = h.run(store.read("w", 10, None))
     assert h.run(store.ack([d_old])) == 1
-    keep_until = r.zscore(ks.retention, old.uuid)
-    assert keep_until is not None
-    assert r.hexists(ks.messages, old.uuid)
+    keep_until = retained(r, ks)[old.uuid]
+    assert r.hexists(ks.messages, uuid_key(old.uuid))
     wait_for_redis_time(r, int(keep_until) + 1)
     assert h.run(store.ack([d_young])) == 1
-    assert not r.hexists(ks.messages, old.uuid)
-    assert r.zscore(ks.retention, old.uuid) is None
+    assert not r.hexists(ks.messages, uuid_key(old.uuid))
+    assert old.uuid not in retained(r, ks)
     record = h.run(store.record(young.uuid))
     assert record is not None and record.state is State.DELIVERED
 
@@ -496,7 +504,7 @@ def test_fail_after_max_deliveries_dead_letters_with_the_reason(h, r, ks):
     assert r.xlen(ks.stream) == 0
     assert r.zcard(ks.delayed) == 0
     [(_id, fields)] = r.xrange(ks.dead)
-    assert fields[b"u"].decode() == msg.uuid
+    assert uuid_text(fields[b"u"]) == msg.uuid
     assert fields[b"m"] == b"poison"
     assert fields[b"a"] == b"3"
     assert fields[b"reason"] == b"ValueError: try 2"
@@ -584,7 +592,7 @@ def test_reclaim_dead_letters_an_entry_delivered_more_than_max_deliveries(h, r, 
     assert r.xlen(ks.stream) == 0
     assert pending(r, ks) == {}
     [(_id, fields)] = r.xrange(ks.dead)
-    assert fields[b"u"].decode() == msg.uuid
+    assert uuid_text(fields[b"u"]) == msg.uuid
     assert fields[b"m"] == msg.message.encode()
     assert fields[b"a"] == b"2"
     assert b"deliveries exhausted" in fields[b"reason"]
@@ -644,7 +652,7 @@ def check_exactly_one_place(r: redis.Redis, ks: Keyspace, accepted: set[str]) ->
     assert set(found) == accepted, "a message appeared from nowhere or was lost"
     for uuid, places in found.items():
         assert len(places) == 1, f"{uuid} is in {places}"
-        packed = r.hget(ks.messages, uuid)
+        packed = r.hget(ks.messages, uuid_key(uuid))
         assert packed is not None, f"{uuid} has no record"
         state = decode_record(uuid, packed).state
         assert state in EXPECTED_STATE[places[0]], f"{uuid} in {places[0]} but {state}"
