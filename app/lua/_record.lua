@@ -38,6 +38,17 @@ local function call_spread(command, key, items)
   end
 end
 
+-- A stream entry id "<ms>-<seq>" as two numbers (exact: both stay below 2^53).
+local function id_parts(id)
+  local dash = string.find(id, '-', 1, true)
+  return tonumber(string.sub(id, 1, dash - 1)), tonumber(string.sub(id, dash + 1))
+end
+
+-- Whether id (ms_a, seq_a) comes before id (ms_b, seq_b).
+local function id_before(ms_a, seq_a, ms_b, seq_b)
+  return ms_a < ms_b or (ms_a == ms_b and seq_a < seq_b)
+end
+
 local function rec_decode(packed)
   local code, attempts, run_at, accepted_at, first, n, pos =
     struct.unpack('>c1I2I6I6c1B', packed)

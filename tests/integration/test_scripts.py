@@ -427,6 +427,27 @@ def test_ack_purges_records_whose_retention_passed(h, r, ks):
     assert record is not None and record.state is State.DELIVERED
 
 
+def test_ack_leaves_exactly_the_unacknowledged_entries_in_the_stream(h, r, ks):
+    """Entries behind a slower worker's pending one are deleted too, not only the older ones."""
+    store = h.store()
+    h.run(store.ensure_group())
+    h.run(store.accept_many([new(f"m{i}", run_at=1) for i in range(6)]))
+    [first] = h.run(store.read("slow", 1, None))
+    a, b, c, d, e = h.run(store.read("fast", 10, None))
+    unread = new("unread", run_at=1)
+    h.run(store.accept(unread))
+    assert h.run(store.ack([c, d])) == 2  # newer than the pending `first`
+    assert stream_uuids(r, ks.stream) == [x.uuid for x in (first, a, b, e, unread)]
+    assert h.run(store.ack([first, a, b])) == 3  # the oldest pending goes
+    assert stream_uuids(r, ks.stream) == [e.uuid, unread.uuid]
+    assert h.run(store.ack([e])) == 1  # nothing pending after
+    assert stream_uuids(r, ks.stream) == [unread.uuid]
+    [last] = h.run(store.read("fast", 10, None))
+    assert last.uuid == unread.uuid
+    assert h.run(store.ack([last])) == 1
+    assert r.xlen(ks.stream) == 0
+
+
 def test_ack_of_an_entry_already_acknowledged_returns_0_and_leaves_the_record(h, r, ks):
     store = h.store()
     h.run(store.ensure_group())
