@@ -13,7 +13,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.exceptions import ResponseError
 
-from app.codec import decode_record, uuid_key, uuid_text
+from app.codec import FORMAT, decode_record, uuid_key, uuid_text
 from app.keys import CONSUMER_GROUP
 from app.model import NewMessage, Record
 from app.scripts import Scripts
@@ -30,6 +30,10 @@ def encode_epoch(epoch: int) -> str:
     if not 0 <= epoch < 10**EPOCH_WIDTH:
         raise ValueError(f"epoch out of range: {epoch}")
     return f"{epoch:0{EPOCH_WIDTH}d}"
+
+
+class StorageFormatError(RuntimeError):
+    """Redis holds this prefix's data in a format this release does not read."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,6 +140,27 @@ class Store:
         # redis-py turns every entry of a read into a dict; parse_entry reads the raw field
         # list at half the cost per message. Only Store.read sends XREADGROUP on a client.
         client.set_response_callback("XREADGROUP", _raw_reply)
+
+    async def check_format(self) -> None:
+        """Record the storage format on an empty prefix; raise StorageFormatError on another.
+
+        Data written before the format was recorded is format 1 (text uuids,
+        msgpack records): read as format 2 its sorted-set members would name no
+        record, and the promote script would drop them.
+        """
+        k = self.keys
+        stored = await self.client.get(k.format)
+        if stored is None and not await self.client.exists(k.messages, k.delayed, k.stream, k.dead):
+            await self.client.set(k.format, FORMAT, nx=True)
+            stored = await self.client.get(k.format)
+        if stored is None or int(stored) != FORMAT:
+            found = 1 if stored is None else int(stored)
+            raise StorageFormatError(
+                f"Redis holds data of storage format {found} under the prefix "
+                f"{self.keys.prefix!r}; this release reads format {FORMAT}. Let the release "
+                "that wrote it drain the delayed set and the stream, then delete the prefix's "
+                "keys, or give this release another EAT_PREFIX."
+            )
 
     async def accept(self, msg: NewMessage) -> Accepted:
         return (await self.accept_many([msg]))[0]

@@ -75,6 +75,7 @@ class Worker:
         self._ack_wanted.set()
 
     async def run(self) -> None:
+        await self._retry(self.store.check_format)
         await self._retry(self.store.ensure_group)
         helpers = [
             asyncio.create_task(self._ack_loop(), name="ack"),

@@ -27,11 +27,11 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
-from app.codec import decode_record, member_uuid, uuid_key, uuid_text
+from app.codec import FORMAT, decode_record, member_uuid, uuid_key, uuid_text
 from app.keys import CONSUMER_GROUP, Keyspace
 from app.model import NewMessage, State
 from app.settings import Settings
-from app.store import Delivery, Store, connect, encode_epoch
+from app.store import Delivery, StorageFormatError, Store, connect, encode_epoch
 
 T = TypeVar("T")
 
@@ -790,3 +790,25 @@ def test_random_interleavings_never_lose_or_duplicate_a_message(redis_url: str, 
             phases=[Phase.explicit, Phase.reuse, Phase.generate],
         ),
     )
+
+
+# --- storage format --------------------------------------------------------------------------
+
+
+def test_check_format_records_the_format_on_an_empty_prefix_and_accepts_it_after(h, r, ks):
+    store = h.store()
+    h.run(store.check_format())
+    assert r.get(ks.format) == str(FORMAT).encode()
+    h.run(store.accept(new(run_at=253402300799999)))
+    h.run(store.check_format())  # its own data: fine
+
+
+@pytest.mark.parametrize("stored", [None, b"1", b"3"])
+def test_check_format_refuses_data_of_another_format(h, r, ks, stored):
+    # Data written before the format was recorded is format 1: text uuid, msgpack record.
+    r.hset(ks.messages, "11111111-1111-1111-1111-111111111111", b"\x96\xa9scheduled")
+    if stored is not None:
+        r.set(ks.format, stored)
+    with pytest.raises(StorageFormatError, match=f"storage format {int(stored or 1)}"):
+        h.run(h.store().check_format())
+    assert r.get(ks.format) == stored  # left as it was
