@@ -84,6 +84,11 @@ local function rec_new(code, run_at, now, ref, body)
     marks = {}, ref = ref, body = body}
 end
 
+-- rec_encode(rec_new(...)) without the table, for accept's per-message path.
+local function rec_fresh(code, run_at, now, ref, body)
+  return struct.pack('>c1I2I6I6c1BB', code, 0, run_at, now, code, 0, #ref) .. ref .. body
+end
+
 -- The record enters state `code` at `now`; its ref and body go unless the caller sets them.
 local function rec_enter(rec, code, now)
   rec.code = code
@@ -105,8 +110,7 @@ end
 
 -- The record entered state `code` at `now` with `extra` more attempts; ref and body dropped.
 local function rec_advance(packed, code, now, extra)
-  local attempts = struct.unpack('>I2', packed, 2)
-  local accepted_at = struct.unpack('>I6', packed, 10)
+  local attempts, _, accepted_at = struct.unpack('>I2I6I6', packed, 2)
   local n = string.byte(packed, HEAD_LEN)
   local code_byte = string.byte(code)
   local marks_end = HEAD_LEN + 7 * n
@@ -119,8 +123,8 @@ local function rec_advance(packed, code, now, extra)
       break
     end
   end
-  return code .. struct.pack('>I2', attempts + extra) .. string.sub(packed, 4, HEAD_LEN - 1)
-    .. string.char(n + 1) .. marks .. struct.pack('>c1I6', code, now - accepted_at) .. '\0'
+  return struct.pack('>c1I2', code, attempts + extra) .. string.sub(packed, 4, HEAD_LEN - 1)
+    .. string.char(n + 1) .. marks .. struct.pack('>c1I6B', code, now - accepted_at, 0)
 end
 
 -- Epoch ms of the record's latest transition.

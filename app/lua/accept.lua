@@ -37,14 +37,14 @@ for i = 2, #ARGV, 3 do
     if run_at <= now then
       redis.call('XADD', KEYS[3], '*', 'u', uuid, 'm', body, 'r', run_at_arg, 'a', '0')
       -- The body lives in the stream entry now; the record keeps only what status needs.
-      redis.call('HSET', KEYS[1], uuid, rec_encode(rec_new('q', run_at, now, '', '')))
+      redis.call('HSET', KEYS[1], uuid, rec_fresh('q', run_at, now, '', ''))
       out[#out + 1] = 1
       out[#out + 1] = 'queued'
     else
       local seq = next_seq(KEYS[4])
       local member = seq .. uuid
       redis.call('ZADD', KEYS[2], run_at, member)
-      redis.call('HSET', KEYS[1], uuid, rec_encode(rec_new('s', run_at, now, seq, body)))
+      redis.call('HSET', KEYS[1], uuid, rec_fresh('s', run_at, now, seq, body))
       if earliest == nil or run_at < earliest[1] then
         earliest = {run_at, member, run_at_arg}
       end
