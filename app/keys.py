@@ -104,15 +104,6 @@ class Keyspace:
         return f"{self.tag}:dead"
 
     @property
-    def format(self) -> str:
-        """STRING: the storage format of this prefix's data (``app.codec.FORMAT``).
-
-        Set by the first process that finds the prefix empty; a process that finds
-        another format refuses to start rather than misread the data.
-        """
-        return f"{self.tag}:format"
-
-    @property
     def epoch(self) -> str:
         """STRING: highest leader epoch that promoted (fencing against zombie leaders)."""
         return f"{self.tag}:epoch"

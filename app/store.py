@@ -13,7 +13,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.exceptions import ResponseError
 
-from app.codec import FORMAT, decode_record, uuid_key, uuid_text
+from app.codec import FORMAT, SEQ_BYTES, UUID_BYTES, decode_record, uuid_key, uuid_text
 from app.keys import CONSUMER_GROUP
 from app.model import NewMessage, Record
 from app.scripts import Scripts
@@ -142,23 +142,31 @@ class Store:
         client.set_response_callback("XREADGROUP", _raw_reply)
 
     async def check_format(self) -> None:
-        """Record the storage format on an empty prefix; raise StorageFormatError on another.
+        """Raise StorageFormatError when the prefix holds data of storage format 1.
 
-        Data written before the format was recorded is format 1 (text uuids,
-        msgpack records): read as format 2 its sorted-set members would name no
-        record, and the promote script would drop them.
+        Format 1 (text uuids, msgpack records, a retention sorted set) read as
+        format 2 would be misread: its sorted-set members name no record, and the
+        promote script would drop them. One sample of each key tells: a format-2
+        uuid is 16 bytes wherever it is stored.
         """
         k = self.keys
-        stored = await self.client.get(k.format)
-        if stored is None and not await self.client.exists(k.messages, k.delayed, k.stream, k.dead):
-            await self.client.set(k.format, FORMAT, nx=True)
-            stored = await self.client.get(k.format)
-        if stored is None or int(stored) != FORMAT:
-            found = 1 if stored is None else int(stored)
+        async with self.client.pipeline(transaction=False) as pipe:
+            pipe.zrange(k.delayed, 0, 0)
+            pipe.hrandfield(k.messages)
+            pipe.xrange(k.stream, count=1)
+            pipe.type(k.retention)
+            first, field, entry, retention = await pipe.execute()
+        old = (
+            (first and len(first[0]) != SEQ_BYTES + UUID_BYTES)
+            or (field is not None and len(field) != UUID_BYTES)
+            or (entry and len(entry[0][1].get(b"u", b"")) != UUID_BYTES)
+            or retention in (b"zset", "zset")
+        )
+        if old:
             raise StorageFormatError(
-                f"Redis holds data of storage format {found} under the prefix "
-                f"{self.keys.prefix!r}; this release reads format {FORMAT}. Let the release "
-                "that wrote it drain the delayed set and the stream, then delete the prefix's "
+                f"Redis holds data of storage format 1 (text uuids) under the prefix "
+                f"{k.prefix!r}; this release reads format {FORMAT}. Let the release that "
+                "wrote it drain the delayed set and the stream, then delete the prefix's "
                 "keys, or give this release another EAT_PREFIX."
             )
 

@@ -49,6 +49,18 @@ local function id_before(ms_a, seq_a, ms_b, seq_b)
   return ms_a < ms_b or (ms_a == ms_b and seq_a < seq_b)
 end
 
+-- HMGET of any number of fields, in slices like call_spread.
+local function hmget_all(key, fields)
+  local out = {}
+  for i = 1, #fields, 4000 do
+    local part = redis.call('HMGET', key, unpack(fields, i, math.min(i + 3999, #fields)))
+    for j = 1, #part do
+      out[i + j - 1] = part[j]
+    end
+  end
+  return out
+end
+
 local function rec_decode(packed)
   local code, attempts, run_at, accepted_at, first, n, pos =
     struct.unpack('>c1I2I6I6c1B', packed)

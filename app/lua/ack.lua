@@ -21,20 +21,28 @@ local now = now_ms()
 local keep = tonumber(ARGV[2])
 local keep_until = struct.pack('>I6', now + keep)
 local acked = 0
-local ids, kept = {}, {}
+local ids, done = {}, {}
 
+-- XACK one by one: its reply tells which entries were still ours to mark delivered.
 for i = 4, #ARGV, 2 do
-  local id, uuid = ARGV[i], ARGV[i + 1]
+  local id = ARGV[i]
   ids[#ids + 1] = id
   if redis.call('XACK', KEYS[1], ARGV[1], id) == 1 then
     acked = acked + 1
-    local packed = redis.call('HGET', KEYS[2], uuid)
-    if packed then
-      redis.call('HSET', KEYS[2], uuid, rec_advance(packed, 'd', now, 1))
-      kept[#kept + 1] = keep_until .. uuid
-    end
+    done[acked] = ARGV[i + 1]
   end
 end
+local stored = hmget_all(KEYS[2], done)
+local records, kept = {}, {}
+for i, uuid in ipairs(done) do
+  local packed = stored[i]
+  if packed then
+    records[#records + 1] = uuid
+    records[#records + 1] = rec_advance(packed, 'd', now, 1)
+    kept[#kept + 1] = keep_until .. uuid
+  end
+end
+call_spread('HSET', KEYS[2], records)
 -- Entries older than the oldest one still pending are all done (ids only grow, and a
 -- group delivers in id order): one XTRIM drops them at a fraction of XDEL's cost per
 -- entry. Only acknowledged entries newer than that (behind a slower worker's) need XDEL.

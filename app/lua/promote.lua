@@ -37,15 +37,23 @@ end
 redis.call('PEXPIRE', KEYS[5], ARGV[4])
 local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, tonumber(ARGV[2]))
 
-for _, member in ipairs(due) do
-  local uuid = string.sub(member, 7)
-  local packed = redis.call('HGET', KEYS[2], uuid)
+-- One HMGET and one HSET for the batch: per message, only its XADD.
+local uuids = {}
+for i, member in ipairs(due) do
+  uuids[i] = string.sub(member, 7)
+end
+local stored = hmget_all(KEYS[2], uuids)
+local records = {}
+for i, uuid in ipairs(uuids) do
+  local packed = stored[i]
   if packed then
     local run_at, attempts, body = rec_due_fields(packed)
     redis.call('XADD', KEYS[3], '*', 'u', uuid, 'm', body, 'r', int_text(run_at), 'a', attempts)
-    redis.call('HSET', KEYS[2], uuid, rec_advance(packed, 'q', now, 0))
+    records[#records + 1] = uuid
+    records[#records + 1] = rec_advance(packed, 'q', now, 0)
   end
 end
+call_spread('HSET', KEYS[2], records)
 call_spread('ZREM', KEYS[1], due)
 
 local first = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')

@@ -27,7 +27,7 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
-from app.codec import FORMAT, decode_record, member_uuid, uuid_key, uuid_text
+from app.codec import decode_record, member_uuid, uuid_key, uuid_text
 from app.keys import CONSUMER_GROUP, Keyspace
 from app.model import NewMessage, State
 from app.settings import Settings
@@ -249,6 +249,30 @@ def test_duplicate_uuid_changes_nothing_and_returns_the_stored_record(h, r, ks):
     )
     assert (again_due.created, again_due.state, again_due.run_at) == (False, "queued", 1)
     assert snapshot(r, ks) == before
+
+
+def test_a_uuid_twice_in_one_call_is_accepted_once_and_then_a_duplicate(h, r, ks):
+    store = h.store()
+    now = redis_now_ms(r)
+    a, b = new("a", run_at=now + 60_000), new("b", run_at=1)
+    later = new("later", run_at=now + 60_000)
+    got = h.run(
+        store.accept_many(
+            [a, b, new("a again", run_at=5, uuid=a.uuid), new("b again", uuid=b.uuid), later]
+        )
+    )
+    assert [(g.created, g.state, g.run_at) for g in got] == [
+        (True, "scheduled", a.run_at),
+        (True, "queued", 1),
+        (False, "scheduled", a.run_at),
+        (False, "queued", 1),
+        (True, "scheduled", later.run_at),
+    ]
+    # One record, one place each; equal runAt keep the call's order.
+    assert delayed_members(r, ks) == [(a.uuid, float(a.run_at)), (later.uuid, float(a.run_at))]
+    assert stream_uuids(r, ks.stream) == [b.uuid]
+    assert r.hlen(ks.messages) == 3
+    assert h.run(store.record(a.uuid)).state is State.SCHEDULED
 
 
 def test_duplicate_of_a_delivered_message_reports_delivered(h, r, ks):
@@ -795,20 +819,31 @@ def test_random_interleavings_never_lose_or_duplicate_a_message(redis_url: str, 
 # --- storage format --------------------------------------------------------------------------
 
 
-def test_check_format_records_the_format_on_an_empty_prefix_and_accepts_it_after(h, r, ks):
-    store = h.store()
+def test_check_format_passes_on_an_empty_prefix_and_on_its_own_data(h, r, ks):
+    store = h.store(max_deliveries=1)
     h.run(store.check_format())
-    assert r.get(ks.format) == str(FORMAT).encode()
-    h.run(store.accept(new(run_at=253402300799999)))
-    h.run(store.check_format())  # its own data: fine
+    h.run(store.ensure_group())
+    h.run(store.accept_many([new(run_at=253402300799999), new(run_at=1), new(run_at=1)]))
+    [delivery, dead] = h.run(store.read("w", 10, None))
+    h.run(store.ack([delivery]))
+    h.run(store.fail(dead, 0, "boom"))
+    assert r.type(ks.retention) == b"list"
+    h.run(store.check_format())
 
 
-@pytest.mark.parametrize("stored", [None, b"1", b"3"])
-def test_check_format_refuses_data_of_another_format(h, r, ks, stored):
-    # Data written before the format was recorded is format 1: text uuid, msgpack record.
-    r.hset(ks.messages, "11111111-1111-1111-1111-111111111111", b"\x96\xa9scheduled")
-    if stored is not None:
-        r.set(ks.format, stored)
-    with pytest.raises(StorageFormatError, match=f"storage format {int(stored or 1)}"):
+FORMAT_1_DATA = {
+    "delayed member": lambda r, ks: r.zadd(ks.delayed, {"000000000001" + str(uuidlib.uuid4()): 1}),
+    "record": lambda r, ks: r.hset(ks.messages, str(uuidlib.uuid4()), b"\x96\xa9scheduled"),
+    "stream entry": lambda r, ks: r.xadd(ks.stream, {"u": str(uuidlib.uuid4()), "m": "x"}),
+    "retention zset": lambda r, ks: r.zadd(ks.retention, {str(uuidlib.uuid4()): 1}),
+}
+
+
+@pytest.mark.parametrize("kind", FORMAT_1_DATA)
+def test_check_format_refuses_data_of_format_1(h, r, ks, kind):
+    FORMAT_1_DATA[kind](r, ks)
+    before = snapshot(r, ks) if kind != "retention zset" else None
+    with pytest.raises(StorageFormatError, match="storage format 1"):
         h.run(h.store().check_format())
-    assert r.get(ks.format) == stored  # left as it was
+    if before is not None:
+        assert snapshot(r, ks) == before  # read only
