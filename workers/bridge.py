@@ -52,7 +52,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import hashlib
 import json
 import uuid as uuidlib
@@ -297,7 +296,7 @@ class LegacyBridge:
                 continue
             if due_now and msg.run_at > now_ms:
                 # Queue means "run now"; now_ms is Redis' clock, read before the move.
-                msg = dataclasses.replace(msg, run_at=now_ms)
+                msg = msgspec.structs.replace(msg, run_at=now_ms)
             result = await self.store.accept(msg)
             if result.created:
                 self.stats.accepted += 1
