@@ -215,13 +215,13 @@ class Store:
         self, consumer: str, count: int, block_ms: int | None, own_pending: bool = False
     ) -> list[Delivery]:
         """New entries (``>``), or with ``own_pending`` the entries already delivered to us."""
-        reply = await self.client.xreadgroup(
-            CONSUMER_GROUP,
-            consumer,
-            {self.keys.stream: "0" if own_pending else ">"},
-            count=count,
-            block=None if own_pending else block_ms,
-        )
+        # execute_command, not xreadgroup(): redis-py 8 wraps that in a streaming-lag
+        # recorder that inspects every reply, even with observability off.
+        args: list[object] = ["GROUP", CONSUMER_GROUP, consumer, "COUNT", count]
+        if not own_pending and block_ms is not None:
+            args += ["BLOCK", block_ms]
+        args += ["STREAMS", self.keys.stream, "0" if own_pending else ">"]
+        reply = await self.client.execute_command("XREADGROUP", *args)
         # Raw (see __init__): a map of stream -> entries on RESP3, pairs on RESP2.
         streams = reply.values() if isinstance(reply, dict) else [e for _s, e in reply or []]
         out: list[Delivery] = []
