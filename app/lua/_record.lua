@@ -6,7 +6,8 @@ messages hash, keyed by the uuid) is, big-endian:
 
   c1 I2 I6 I6 c1   state code, attempts, runAt ms, acceptedAt ms, first state code
   B  n x (c1 I6)   later transitions: state code -> ms after acceptedAt it was last entered
-  B  ref           the member's sequence (scheduled, retrying) or dead entry id (dead)
+  B  ref           the member's sequence (scheduled, retrying), stream entry id (queued)
+                   or dead entry id (dead)
   rest             the body while scheduled or retrying, else empty
 
 State codes: s scheduled, q queued, d delivered, r retrying, x dead, c cancelled.
@@ -120,8 +121,9 @@ local function rec_due_fields(packed)
   return run_at, attempts, string.sub(packed, ref_at + 1 + string.byte(packed, ref_at))
 end
 
--- The record entered state `code` at `now` with `extra` more attempts; ref and body dropped.
-local function rec_advance(packed, code, now, extra)
+-- The record entered state `code` at `now` with `extra` more attempts and the new `ref`
+-- ('' for none); its body is dropped.
+local function rec_advance(packed, code, now, extra, ref)
   local attempts, _, accepted_at = struct.unpack('>I2I6I6', packed, 2)
   local n = string.byte(packed, HEAD_LEN)
   local code_byte = string.byte(code)
@@ -136,7 +138,13 @@ local function rec_advance(packed, code, now, extra)
     end
   end
   return struct.pack('>c1I2', code, attempts + extra) .. string.sub(packed, 4, HEAD_LEN - 1)
-    .. string.char(n + 1) .. marks .. struct.pack('>c1I6B', code, now - accepted_at, 0)
+    .. string.char(n + 1) .. marks .. struct.pack('>c1I6B', code, now - accepted_at, #ref) .. ref
+end
+
+-- The ref of a record (its stream entry id while queued).
+local function rec_ref(packed)
+  local ref_at = HEAD_LEN + 1 + 7 * string.byte(packed, HEAD_LEN)
+  return string.sub(packed, ref_at + 1, ref_at + string.byte(packed, ref_at))
 end
 
 -- Epoch ms of the record's latest transition.

@@ -48,10 +48,10 @@ for i = 1, count do
     seen[uuid] = #out + 1
     local run_at = tonumber(run_at_arg)
     if run_at <= now then
-      redis.call('XADD', KEYS[3], '*', 'u', uuid, 'm', body, 'r', run_at_arg, 'a', '0')
+      local id = redis.call('XADD', KEYS[3], '*', 'u', uuid, 'm', body, 'r', run_at_arg, 'a', '0')
       -- The body lives in the stream entry now; the record keeps only what status needs.
       records[#records + 1] = uuid
-      records[#records + 1] = rec_fresh('q', run_at, now, '', '')
+      records[#records + 1] = rec_fresh('q', run_at, now, id, '')
       out[#out + 1] = 1
       out[#out + 1] = 'queued'
     else

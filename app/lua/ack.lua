@@ -21,24 +21,27 @@ local now = now_ms()
 local keep = tonumber(ARGV[2])
 local keep_until = struct.pack('>I6', now + keep)
 local acked = 0
-local ids, done = {}, {}
-
--- XACK one by one: its reply tells which entries were still ours to mark delivered.
+local ids, uuids = {}, {}
 for i = 4, #ARGV, 2 do
-  local id = ARGV[i]
-  ids[#ids + 1] = id
-  if redis.call('XACK', KEYS[1], ARGV[1], id) == 1 then
-    acked = acked + 1
-    done[acked] = ARGV[i + 1]
-  end
+  ids[#ids + 1] = ARGV[i]
+  uuids[#uuids + 1] = ARGV[i + 1]
 end
-local stored = hmget_all(KEYS[2], done)
+-- One XACK for the batch. Which entries were still pending (ours to mark delivered) is
+-- read from the records: a queued record names its current entry, and an entry stops
+-- being pending only by a script that also moves its record on (ack, fail, reclaim).
+for i = 1, #ids, 4000 do
+  acked = acked + redis.call('XACK', KEYS[1], ARGV[1], unpack(ids, i, math.min(i + 3999, #ids)))
+end
+local stored = {}
+if acked > 0 then
+  stored = hmget_all(KEYS[2], uuids)
+end
 local records, kept = {}, {}
-for i, uuid in ipairs(done) do
+for i, uuid in ipairs(uuids) do
   local packed = stored[i]
-  if packed then
+  if packed and string.sub(packed, 1, 1) == 'q' and rec_ref(packed) == ids[i] then
     records[#records + 1] = uuid
-    records[#records + 1] = rec_advance(packed, 'd', now, 1)
+    records[#records + 1] = rec_advance(packed, 'd', now, 1, '')
     kept[#kept + 1] = keep_until .. uuid
   end
 end

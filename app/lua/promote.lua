@@ -48,9 +48,10 @@ for i, uuid in ipairs(uuids) do
   local packed = stored[i]
   if packed then
     local run_at, attempts, body = rec_due_fields(packed)
-    redis.call('XADD', KEYS[3], '*', 'u', uuid, 'm', body, 'r', int_text(run_at), 'a', attempts)
+    local id = redis.call('XADD', KEYS[3], '*', 'u', uuid, 'm', body, 'r', int_text(run_at),
+      'a', attempts)
     records[#records + 1] = uuid
-    records[#records + 1] = rec_advance(packed, 'q', now, 0)
+    records[#records + 1] = rec_advance(packed, 'q', now, 0, id)
   end
 end
 call_spread('HSET', KEYS[2], records)

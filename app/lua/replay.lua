@@ -42,12 +42,13 @@ for _, entry in ipairs(entries) do
     if rec and rec.code ~= 'x' then
       blocked = STATE_NAMES[rec.code]
     else
-      redis.call('XADD', KEYS[3], '*', 'u', f.u, 'm', f.m, 'r', f.r, 'a', '0')
+      local entry = redis.call('XADD', KEYS[3], '*', 'u', f.u, 'm', f.m, 'r', f.r, 'a', '0')
       if rec then
         rec.attempts = 0
         rec_enter(rec, 'q', now)
+        rec.ref = entry
       else
-        rec = rec_new('q', tonumber(f.r), now, '', '')
+        rec = rec_new('q', tonumber(f.r), now, entry, '')
       end
       redis.call('HSET', KEYS[1], f.u, rec_encode(rec))
       redis.call('XDEL', KEYS[2], id)

@@ -34,9 +34,10 @@ local run_at = tonumber(ARGV[2])
 rec.run_at = run_at
 
 if run_at <= now then
-  redis.call('XADD', KEYS[3], '*', 'u', ARGV[1], 'm', rec.body, 'r', ARGV[2],
+  local id = redis.call('XADD', KEYS[3], '*', 'u', ARGV[1], 'm', rec.body, 'r', ARGV[2],
     'a', rec.attempts)
   rec_enter(rec, 'q', now)
+  rec.ref = id
   redis.call('HSET', KEYS[1], ARGV[1], rec_encode(rec))
   return {'queued', run_at}
 end
