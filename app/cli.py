@@ -88,11 +88,16 @@ def main(argv: list[str] | None = None) -> int:
             return _fail("--port must be between 1 and 65535")
         return run_api(settings, args.host, args.port)
     if args.command == "scheduler":
+        from app.store import StorageFormatError
         from election.scheduler import run_scheduler
 
-        _run_async(run_scheduler(settings))
+        try:
+            _run_async(run_scheduler(settings))
+        except StorageFormatError as exc:
+            return _fail(str(exc))
         return 0
     if args.command == "worker":
+        from app.store import StorageFormatError
         from workers.handlers import HandlerSpecError
         from workers.process import run_worker
 
@@ -104,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
                     settings, args.consumer_name, args.concurrency, args.handler, args.list_name
                 )
             )
-        except HandlerSpecError as exc:
+        except (HandlerSpecError, StorageFormatError) as exc:
             return _fail(str(exc))
         return 0
     if args.command == "up":

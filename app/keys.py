@@ -63,7 +63,7 @@ class Keyspace:
 
     @property
     def delayed(self) -> str:
-        """ZSET: member ``<12 hex seq><uuid>`` scored by runAt ms; only future messages.
+        """ZSET: member ``<6-byte seq><16-byte uuid>`` scored by runAt ms; only future messages.
 
         The fixed-width acceptance sequence in front of the uuid makes members
         with equal runAt sort in acceptance order (ZSET ties sort by member).
@@ -72,7 +72,7 @@ class Keyspace:
 
     @property
     def messages(self) -> str:
-        """HASH: uuid -> msgpack record (state, runAt, attempts, times, body).
+        """HASH: uuid (16 bytes) -> record (state, runAt, attempts, times, body; ``app.codec``).
 
         One hash field per message costs far less than one key per message.
         """
@@ -80,10 +80,11 @@ class Keyspace:
 
     @property
     def retention(self) -> str:
-        """ZSET: uuid -> ms after which a finished record may be forgotten.
+        """LIST: ``<6-byte ms after which it may go><uuid>`` per record that reached a final
+        state, in expiry order (see ``app/lua/_record.lua``).
 
         Redis 7.0 cannot expire a single hash field, so finished records are
-        purged from ``messages`` by the scripts, a bounded number per call.
+        purged from ``messages`` by the ack script, a bounded number per call.
         """
         return f"{self.tag}:retention"
 

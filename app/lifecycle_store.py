@@ -15,6 +15,7 @@ from typing import Literal
 
 from redis.commands.core import AsyncScript
 
+from app.codec import uuid_key, uuid_text_or_none
 from app.keys import CONSUMER_GROUP
 from app.model import NewMessage, Record, State
 from app.scripts import source
@@ -60,7 +61,7 @@ def _int(value: bytes | None) -> int | None:
 def parse_dead(entry_id: bytes, fields: dict[bytes, bytes]) -> DeadItem:
     return DeadItem(
         id=entry_id.decode(),
-        uuid=_text(fields.get(b"u")),
+        uuid=uuid_text_or_none(fields.get(b"u")),
         message=_text(fields.get(b"m")),
         runAt=_int(fields.get(b"r")),
         attempts=_int(fields.get(b"a")),
@@ -101,7 +102,7 @@ class Lifecycle:
         k = self.keys
         reply = await self._cancel(
             keys=[k.messages, k.delayed, k.retention],
-            args=[uuid, int(self.settings.retention * 1000)],
+            args=[uuid_key(uuid), int(self.settings.retention * 1000)],
         )
         return _outcome(reply)
 
@@ -109,7 +110,7 @@ class Lifecycle:
         k = self.keys
         reply = await self._reschedule(
             keys=[k.messages, k.delayed, k.stream, k.sequence],
-            args=[uuid, run_at, k.wake_channel],
+            args=[uuid_key(uuid), run_at, k.wake_channel],
         )
         return _outcome(reply)
 
@@ -130,13 +131,14 @@ class Lifecycle:
     async def _replay_range(self, start: str, end: str, count: int, uuid: str) -> _Scan:
         k = self.keys
         replayed, examined, last, blocked = await self._replay(
-            keys=[k.messages, k.dead, k.stream, k.retention], args=[start, end, count, uuid]
+            keys=[k.messages, k.dead, k.stream],
+            args=[start, end, count, uuid_key(uuid) if uuid else ""],
         )
         return _Scan(int(replayed), int(examined), last.decode(), blocked.decode())
 
     async def _drop_range(self, start: str, end: str, count: int, uuid: str) -> _Scan:
         deleted, examined, last = await self._drop_dead(
-            keys=[self.keys.dead], args=[start, end, count, uuid]
+            keys=[self.keys.dead], args=[start, end, count, uuid_key(uuid)]
         )
         return _Scan(int(deleted), int(examined), last.decode(), "")
 

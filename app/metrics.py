@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import time
 from bisect import bisect_left
-from collections.abc import Iterator, Sequence
+from collections import Counter as Tally
+from collections.abc import Iterable, Iterator, Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
@@ -159,6 +160,30 @@ LATENESS = Histogram(
     buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
     registry=REGISTRY,
 )
+
+
+def observe_many(histogram: Histogram, values: Iterable[float]) -> None:
+    """``histogram.observe`` for each value, at one lock round per bucket, not per value.
+
+    A worker observes the lateness of up to a thousand messages per read; one
+    ``observe`` each cost more than the rest of their handling. This reaches into
+    prometheus_client's Histogram (``_upper_bounds``, ``_buckets``, ``_sum``,
+    stable since 0.4); should those go, it falls back to ``observe``.
+    """
+    values = list(values)
+    bounds = getattr(histogram, "_upper_bounds", None)
+    buckets = getattr(histogram, "_buckets", None)
+    total = getattr(histogram, "_sum", None)
+    if bounds is None or buckets is None or total is None:
+        for value in values:
+            histogram.observe(value)
+        return
+    # observe() counts a value in the first bucket whose upper bound is >= it.
+    for index, count in Tally(bisect_left(bounds, v) for v in values).items():
+        buckets[index].inc(count)
+    total.inc(sum(values))
+
+
 LEADER = Gauge("eat_leader", "1 while this scheduler leads and may promote.", registry=REGISTRY)
 EPOCH = Gauge(
     "eat_leader_epoch",

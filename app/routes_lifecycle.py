@@ -10,6 +10,7 @@ save-message, and sits behind the same optional bearer token.
 from __future__ import annotations
 
 import functools
+from collections import Counter
 from collections.abc import Awaitable, Callable
 
 import msgspec
@@ -213,13 +214,17 @@ def lifecycle_routes(settings: Settings) -> list[Route]:
                 state=got.state,  # type: ignore[arg-type]
             )
         done = [r for r in results if r is not None]
-        counts = {s: sum(1 for r in done if r.status == s) for s in ("accepted", "duplicate")}
+        tally = Counter((r.status, r.state) for r in done)
+        counts = {
+            s: sum(n for (status, _), n in tally.items() if status == s)
+            for s in ("accepted", "duplicate")
+        }
         invalid = len(done) - counts["accepted"] - counts["duplicate"]
+        # One increment per kind, not per message: each costs a lock round.
         accepted_invalid.inc(invalid)
         accepted_duplicate.inc(counts["duplicate"])
-        for r in done:
-            if r.status == "accepted":
-                (accepted_due if r.state == "queued" else accepted_delayed).inc()
+        accepted_due.inc(tally[("accepted", "queued")])
+        accepted_delayed.inc(tally[("accepted", "scheduled")])
         log.info(
             "bulk accepted",
             accepted=counts["accepted"],

@@ -1,7 +1,8 @@
 """Lua scripts, one file per state change in ``app/lua/``.
 
 Each is loaded once and called by SHA; redis-py's Script reloads it on a
-NOSCRIPT reply (after a Redis restart or SCRIPT FLUSH).
+NOSCRIPT reply (after a Redis restart or SCRIPT FLUSH). Each starts with
+``_record.lua``, the one Lua spelling of the storage format.
 """
 
 from __future__ import annotations
@@ -15,9 +16,17 @@ from redis.commands.core import AsyncScript
 NAMES = ("accept", "promote", "ack", "fail", "reclaim", "extend")
 
 
+def _read(name: str) -> str:
+    return resources.files("app").joinpath("lua", f"{name}.lua").read_text(encoding="utf-8")
+
+
 @cache
 def source(name: str) -> str:
-    return resources.files("app").joinpath("lua", f"{name}.lua").read_text(encoding="utf-8")
+    """The script ``name`` after the storage-format functions of ``_record.lua``.
+
+    Redis has no include: sharing the format's code means sending it with each script.
+    """
+    return _read("_record") + _read(name)
 
 
 @dataclass(frozen=True, slots=True)

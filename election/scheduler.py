@@ -8,6 +8,8 @@ import os
 import signal
 import socket
 
+from redis.exceptions import RedisError
+
 from app import metrics
 from app.health import maybe_start, redis_ready
 from app.logging import get_logger
@@ -25,6 +27,24 @@ def default_identifier() -> str:
     return f"{socket.gethostname()}-{os.getpid()}"
 
 
+async def _format_checked(store: Store, stop: asyncio.Event) -> bool:
+    """Wait for Redis to confirm its data is in this release's format (False: stopped first).
+
+    StorageFormatError goes up: the process must not run against data it would misread.
+    """
+    delay = 0.05
+    while not stop.is_set():
+        try:
+            await store.check_format()
+            return True
+        except (RedisError, OSError) as exc:
+            log.warning("redis unavailable, retrying", error=type(exc).__name__)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), delay)
+            delay = min(delay * 2, 2.0)
+    return False
+
+
 async def run_scheduler(settings: Settings, identifier: str | None = None) -> None:
     """Run until SIGTERM/SIGINT; a leader hands over by deleting its election node."""
     identifier = identifier or default_identifier()
@@ -35,6 +55,9 @@ async def run_scheduler(settings: Settings, identifier: str | None = None) -> No
 
     client = connect(settings)
     store = Store(client, settings, identifier=identifier)
+    if not await _format_checked(store, stop):
+        await client.aclose()
+        return
     gate = LeadershipGate()
     promoter = Promoter(store, gate)
     # The legacy list bridge works only while this process leads (the gate is open).

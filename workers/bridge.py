@@ -52,7 +52,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import hashlib
 import json
 import uuid as uuidlib
@@ -61,6 +60,7 @@ from dataclasses import dataclass
 import msgspec
 from redis.exceptions import RedisError
 
+from app.codec import uuid_key
 from app.keys import LegacyLists
 from app.logging import get_logger
 from app.model import RUN_AT_MAX, RUN_AT_MIN, InvalidInput, NewMessage, SaveMessage, validate
@@ -296,7 +296,7 @@ class LegacyBridge:
                 continue
             if due_now and msg.run_at > now_ms:
                 # Queue means "run now"; now_ms is Redis' clock, read before the move.
-                msg = dataclasses.replace(msg, run_at=now_ms)
+                msg = msgspec.structs.replace(msg, run_at=now_ms)
             result = await self.store.accept(msg)
             if result.created:
                 self.stats.accepted += 1
@@ -314,7 +314,7 @@ class LegacyBridge:
         ``m`` and ``r`` are left out when the item has no valid value for them, so a
         replay (which needs both) cannot send an unreadable item on as a message.
         """
-        fields: dict[str, str | bytes] = {"u": bad.uuid}
+        fields: dict[str, str | bytes] = {"u": uuid_key(bad.uuid)}
         if bad.message is not None:
             fields["m"] = bad.message.encode()
         if bad.run_at is not None:

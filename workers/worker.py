@@ -75,6 +75,7 @@ class Worker:
         self._ack_wanted.set()
 
     async def run(self) -> None:
+        await self._retry(self.store.check_format)
         await self._retry(self.store.ensure_group)
         helpers = [
             asyncio.create_task(self._ack_loop(), name="ack"),
@@ -212,8 +213,7 @@ class Worker:
                 else:
                     done.append(delivery)
         now = time.time()
-        for delivery in done:
-            metrics.LATENESS.observe(max(0.0, now - delivery.run_at / 1000))
+        metrics.observe_many(metrics.LATENESS, (max(0.0, now - d.run_at / 1000) for d in done))
         self.stats.handled += len(done)
         self._to_ack.extend(done)
         self._ack_wanted.set()

@@ -9,7 +9,7 @@ KEYS[1] dead   STREAM  dead-lettered entries: u, m, r, a, reason, at
 ARGV[1] start  string  XRANGE start: "-", an id, or "(" id (exclusive)
 ARGV[2] end    string  XRANGE end: "+" or an id
 ARGV[3] count  integer most entries to examine
-ARGV[4] uuid   string  the uuid whose entries go
+ARGV[4] uuid   bytes   the uuid whose entries go (16 bytes)
 
 Returns {deleted, examined, last}
   deleted   entries deleted

@@ -9,7 +9,7 @@ KEYS[2] messages   HASH
 KEYS[3] delayed    ZSET
 KEYS[4] dead       STREAM
 KEYS[5] seq        STRING
-KEYS[6] retention  ZSET     uuid -> ms after which its record may go
+KEYS[6] retention  LIST     see _record.lua
 ARGV[1] group      string   consumer group
 ARGV[2] id         string   stream entry id
 ARGV[3] delay      integer  ms from now until the retry
@@ -37,42 +37,37 @@ for i = 1, #raw, 2 do
   f[raw[i]] = raw[i + 1]
 end
 
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local now = now_ms()
 local attempts = tonumber(f.a) + 1
 local packed = redis.call('HGET', KEYS[2], f.u)
-local rec = {'queued', tonumber(f.r), 0, now, now, ''}
+local rec
 if packed then
-  rec = cmsgpack.unpack(packed)
+  rec = rec_decode(packed)
+else
+  rec = rec_new('q', tonumber(f.r), now, '', '')
 end
-rec[3] = attempts
-rec[5] = now
-rec[7] = rec[7] or {}  -- transitions (see accept.lua; absent in older records)
+rec.attempts = attempts
 
 if attempts >= tonumber(ARGV[4]) then
   local dead_id = redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[6], '*', 'u', f.u, 'm', f.m,
-    'r', f.r, 'a', string.format('%d', attempts), 'reason', ARGV[5],
-    'at', string.format('%.0f', now))
-  rec[1] = 'dead'
-  rec[6] = ''
-  rec[7].x = now - rec[4]
-  rec[8] = dead_id
-  redis.call('HSET', KEYS[2], f.u, cmsgpack.pack(rec))
+    'r', f.r, 'a', attempts, 'reason', ARGV[5], 'at', int_text(now))
+  rec_enter(rec, 'x', now)
+  rec.ref = dead_id
+  redis.call('HSET', KEYS[2], f.u, rec_encode(rec))
   -- The dead stream is capped, so the record must not outlive it forever either.
-  redis.call('ZADD', KEYS[6], now + tonumber(ARGV[8]), f.u)
+  retain(KEYS[6], f.u, now, tonumber(ARGV[8]))
   return {'dead', attempts}
 end
 
 local retry_at = now + tonumber(ARGV[3])
-local seq = redis.call('INCR', KEYS[5])
-local member = string.format('%012x', seq) .. f.u
+local seq = next_seq(KEYS[5])
+local member = seq .. f.u
 redis.call('ZADD', KEYS[3], retry_at, member)
-rec[1] = 'retrying'
-rec[6] = f.m
-rec[7].r = now - rec[4]
-rec[8] = seq
-redis.call('HSET', KEYS[2], f.u, cmsgpack.pack(rec))
+rec_enter(rec, 'r', now)
+rec.ref = seq
+rec.body = f.m
+redis.call('HSET', KEYS[2], f.u, rec_encode(rec))
 if redis.call('ZRANGE', KEYS[3], 0, 0)[1] == member then
-  redis.call('PUBLISH', ARGV[7], string.format('%.0f', retry_at))
+  redis.call('PUBLISH', ARGV[7], int_text(retry_at))
 end
 return {'retrying', attempts}

@@ -29,35 +29,33 @@ if stored ~= ARGV[1] then
   redis.call('SET', KEYS[4], ARGV[1])
 end
 
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local now = now_ms()
 local seen = redis.call('HMGET', KEYS[5], 'identifier', 'epoch')
 if seen[1] ~= ARGV[3] or seen[2] ~= ARGV[1] then
-  redis.call('HSET', KEYS[5], 'identifier', ARGV[3], 'epoch', ARGV[1],
-    'since', string.format('%.0f', now))
+  redis.call('HSET', KEYS[5], 'identifier', ARGV[3], 'epoch', ARGV[1], 'since', int_text(now))
 end
 redis.call('PEXPIRE', KEYS[5], ARGV[4])
 local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, tonumber(ARGV[2]))
 
-for _, member in ipairs(due) do
-  local uuid = string.sub(member, 13)
-  local packed = redis.call('HGET', KEYS[2], uuid)
+-- One HMGET and one HSET for the batch: per message, only its XADD.
+local uuids = {}
+for i, member in ipairs(due) do
+  uuids[i] = string.sub(member, 7)
+end
+local stored = hmget_all(KEYS[2], uuids)
+local records = {}
+for i, uuid in ipairs(uuids) do
+  local packed = stored[i]
   if packed then
-    local rec = cmsgpack.unpack(packed)
-    redis.call('XADD', KEYS[3], '*', 'u', uuid, 'm', rec[6], 'r', string.format('%.0f', rec[2]),
-      'a', string.format('%d', rec[3]))
-    rec[1] = 'queued'
-    rec[5] = now
-    rec[6] = ''
-    rec[7] = rec[7] or {}
-    rec[7].q = now - rec[4]
-    rec[8] = nil
-    redis.call('HSET', KEYS[2], uuid, cmsgpack.pack(rec))
+    local run_at, attempts, body = rec_due_fields(packed)
+    local id = redis.call('XADD', KEYS[3], '*', 'u', uuid, 'm', body, 'r', int_text(run_at),
+      'a', attempts)
+    records[#records + 1] = uuid
+    records[#records + 1] = rec_advance(packed, 'q', now, 0, id)
   end
 end
-if #due > 0 then
-  redis.call('ZREM', KEYS[1], unpack(due))
-end
+call_spread('HSET', KEYS[2], records)
+call_spread('ZREM', KEYS[1], due)
 
 local first = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
 local next_due = -1

@@ -8,7 +8,7 @@ being handed out again: a message that crashes every worker must not cycle.
 KEYS[1] stream     STREAM
 KEYS[2] messages   HASH
 KEYS[3] dead       STREAM
-KEYS[4] retention  ZSET     uuid -> ms after which its record may go
+KEYS[4] retention  LIST     see _record.lua
 ARGV[1] group      string   consumer group
 ARGV[2] consumer   string   the caller
 ARGV[3] idle       integer  visibility timeout, ms
@@ -25,8 +25,7 @@ Returns {cursor, claimed, dead}
 ]]
 local res = redis.call('XAUTOCLAIM', KEYS[1], ARGV[1], ARGV[2], ARGV[3], ARGV[4],
   'COUNT', ARGV[5])
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local now = now_ms()
 local max = tonumber(ARGV[6])
 local claimed = {}
 local dead = 0
@@ -43,19 +42,16 @@ for _, entry in ipairs(res[2]) do
     redis.call('XACK', KEYS[1], ARGV[1], id)
     redis.call('XDEL', KEYS[1], id)
     local dead_id = redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[7], '*', 'u', f.u, 'm', f.m,
-      'r', f.r, 'a', string.format('%d', deliveries - 1),
-      'reason', 'deliveries exhausted (worker lost)', 'at', string.format('%.0f', now))
+      'r', f.r, 'a', deliveries - 1,
+      'reason', 'deliveries exhausted (worker lost)', 'at', int_text(now))
     local packed = redis.call('HGET', KEYS[2], f.u)
     if packed then
-      local rec = cmsgpack.unpack(packed)
-      rec[1] = 'dead'
-      rec[3] = deliveries - 1
-      rec[5] = now
-      rec[7] = rec[7] or {}
-      rec[7].x = now - rec[4]
-      rec[8] = dead_id
-      redis.call('HSET', KEYS[2], f.u, cmsgpack.pack(rec))
-      redis.call('ZADD', KEYS[4], now + tonumber(ARGV[8]), f.u)
+      local rec = rec_decode(packed)
+      rec.attempts = deliveries - 1
+      rec_enter(rec, 'x', now)
+      rec.ref = dead_id
+      redis.call('HSET', KEYS[2], f.u, rec_encode(rec))
+      retain(KEYS[4], f.u, now, tonumber(ARGV[8]))
     end
     dead = dead + 1
   else

@@ -3,19 +3,18 @@
 Examines up to `count` entries of the dead stream between `start` and `end`
 (XRANGE bounds), optionally only those of one uuid. Each is added to the
 stream as a fresh delivery (attempts 0), its record marked queued (or made
-anew when it was already purged) and taken off the retention list, and the
+anew when it was already purged: no longer final, the retention purge passes it by), and the
 entry deleted from the dead stream. An entry stays where it is when its uuid
 has a record that is not dead (the message lives elsewhere: replaying it would
 run it twice), or when it lacks the fields of a delivery.
 
-KEYS[1] messages   HASH    uuid -> msgpack record (see accept.lua)
+KEYS[1] messages   HASH    uuid -> record (format in _record.lua)
 KEYS[2] dead       STREAM  dead-lettered entries: u, m, r, a, reason, at
 KEYS[3] stream     STREAM  due messages
-KEYS[4] retention  ZSET    uuid -> ms after which its record may go
 ARGV[1] start      string  XRANGE start: "-", an id, or "(" id (exclusive)
 ARGV[2] end        string  XRANGE end: "+" or an id
 ARGV[3] count      integer most entries to examine
-ARGV[4] uuid       string  only entries of this uuid; "" for every entry
+ARGV[4] uuid       bytes   only entries of this uuid (16 bytes); "" for every entry
 
 Returns {replayed, examined, last, blocked}
   replayed  entries sent back to the stream
@@ -24,8 +23,7 @@ Returns {replayed, examined, last, blocked}
   blocked   state of a live record that kept a matching entry in place, "" when none
 ]]
 local entries = redis.call('XRANGE', KEYS[2], ARGV[1], ARGV[2], 'COUNT', tonumber(ARGV[3]))
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local now = now_ms()
 local replayed, last, blocked = 0, '', ''
 
 for _, entry in ipairs(entries) do
@@ -39,25 +37,20 @@ for _, entry in ipairs(entries) do
     local packed = redis.call('HGET', KEYS[1], f.u)
     local rec = nil
     if packed then
-      rec = cmsgpack.unpack(packed)
+      rec = rec_decode(packed)
     end
-    if rec and rec[1] ~= 'dead' then
-      blocked = rec[1]
+    if rec and rec.code ~= 'x' then
+      blocked = STATE_NAMES[rec.code]
     else
-      redis.call('XADD', KEYS[3], '*', 'u', f.u, 'm', f.m, 'r', f.r, 'a', '0')
+      local entry = redis.call('XADD', KEYS[3], '*', 'u', f.u, 'm', f.m, 'r', f.r, 'a', '0')
       if rec then
-        rec[1] = 'queued'
-        rec[3] = 0
-        rec[5] = now
-        rec[6] = ''
-        rec[7] = rec[7] or {}
-        rec[7].q = now - rec[4]
-        rec[8] = nil
+        rec.attempts = 0
+        rec_enter(rec, 'q', now)
+        rec.ref = entry
       else
-        rec = {'queued', tonumber(f.r), 0, now, now, '', {q = 0}}
+        rec = rec_new('q', tonumber(f.r), now, entry, '')
       end
-      redis.call('HSET', KEYS[1], f.u, cmsgpack.pack(rec))
-      redis.call('ZREM', KEYS[4], f.u)
+      redis.call('HSET', KEYS[1], f.u, rec_encode(rec))
       redis.call('XDEL', KEYS[2], id)
       replayed = replayed + 1
     end

@@ -7,11 +7,11 @@ messages accepted before this call (FIFO by when it got its current time). A
 retrying message stays retrying (its attempts count on). When the message
 becomes the earliest, the leader is woken as on accept.
 
-KEYS[1] messages  HASH    uuid -> msgpack record (see accept.lua)
-KEYS[2] delayed   ZSET    member <12 hex seq><uuid>, score runAt ms
+KEYS[1] messages  HASH    uuid -> record (format in _record.lua)
+KEYS[2] delayed   ZSET    member <6-byte seq><uuid>, score runAt ms
 KEYS[3] stream    STREAM  due messages
 KEYS[4] seq       STRING  acceptance counter
-ARGV[1] uuid      string  canonical lower-case uuid
+ARGV[1] uuid      bytes   the uuid's 16 bytes
 ARGV[2] runAt     integer the new epoch milliseconds
 ARGV[3] channel   string  wake channel
 
@@ -19,66 +19,34 @@ Returns {state, runAt}        "queued", "scheduled" or "retrying"; the new runAt
      or {"missing"}           no record for the uuid
      or {"conflict", state}   not in the sorted set: queued, delivered, dead or cancelled
 ]]
-
--- As in cancel.lua: rec[8] holds the member's sequence; older records are found by score
--- (scheduled: score = runAt) or by a scan.
-local function member_of(rec, uuid)
-  if type(rec[8]) == 'number' then
-    return string.format('%012x', rec[8]) .. uuid
-  end
-  for _, m in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], rec[2], rec[2])) do
-    if string.sub(m, 13) == uuid then
-      return m
-    end
-  end
-  local cursor = '0'
-  repeat
-    local res = redis.call('ZSCAN', KEYS[2], cursor, 'MATCH', '????????????' .. uuid, 'COUNT', 1000)
-    cursor = res[1]
-    if res[2][1] then
-      return res[2][1]
-    end
-  until cursor == '0'
-  return nil
-end
-
 local packed = redis.call('HGET', KEYS[1], ARGV[1])
 if not packed then
   return {'missing'}
 end
-local rec = cmsgpack.unpack(packed)
-if rec[1] ~= 'scheduled' and rec[1] ~= 'retrying' then
-  return {'conflict', rec[1]}
+local rec = rec_decode(packed)
+if rec.code ~= 's' and rec.code ~= 'r' then
+  return {'conflict', STATE_NAMES[rec.code]}
 end
 
-local old = member_of(rec, ARGV[1])
-if old then
-  redis.call('ZREM', KEYS[2], old)
-end
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('ZREM', KEYS[2], rec_member(rec, ARGV[1]))
+local now = now_ms()
 local run_at = tonumber(ARGV[2])
-rec[2] = run_at
-rec[5] = now
-rec[7] = rec[7] or {}
+rec.run_at = run_at
 
 if run_at <= now then
-  redis.call('XADD', KEYS[3], '*', 'u', ARGV[1], 'm', rec[6], 'r', ARGV[2],
-    'a', string.format('%d', rec[3]))
-  rec[1] = 'queued'
-  rec[6] = ''
-  rec[7].q = now - rec[4]
-  rec[8] = nil
-  redis.call('HSET', KEYS[1], ARGV[1], cmsgpack.pack(rec))
+  local id = redis.call('XADD', KEYS[3], '*', 'u', ARGV[1], 'm', rec.body, 'r', ARGV[2],
+    'a', rec.attempts)
+  rec_enter(rec, 'q', now)
+  rec.ref = id
+  redis.call('HSET', KEYS[1], ARGV[1], rec_encode(rec))
   return {'queued', run_at}
 end
 
-local seq = redis.call('INCR', KEYS[4])
-local member = string.format('%012x', seq) .. ARGV[1]
+rec.ref = next_seq(KEYS[4])
+local member = rec_member(rec, ARGV[1])
 redis.call('ZADD', KEYS[2], run_at, member)
-rec[8] = seq
-redis.call('HSET', KEYS[1], ARGV[1], cmsgpack.pack(rec))
+redis.call('HSET', KEYS[1], ARGV[1], rec_encode(rec))
 if redis.call('ZRANGE', KEYS[2], 0, 0)[1] == member then
   redis.call('PUBLISH', ARGV[3], ARGV[2])
 end
-return {rec[1], run_at}
+return {STATE_NAMES[rec.code], run_at}

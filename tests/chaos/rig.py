@@ -28,6 +28,7 @@ import redis
 from kazoo.client import KazooClient
 
 from app.child_servers import RedisServer, ZooKeeperEnsemble, ZooKeeperServer
+from app.codec import uuid_text
 from app.keys import CONSUMER_GROUP, Keyspace
 from tests.chaos.checker import Report, Timeline, analyze
 from tests.chaos.load import LoadGenerator
@@ -261,7 +262,7 @@ class ChaosEnv:
         for row in rows:
             entry_id = row["message_id"]
             entries = self.redis.xrange(self.keys.stream, entry_id, entry_id)
-            uuid = entries[0][1][b"u"].decode() if entries else ""
+            uuid = uuid_text(entries[0][1][b"u"]) if entries else ""
             out.append((entry_id.decode() if isinstance(entry_id, bytes) else entry_id, uuid))
         return out
 

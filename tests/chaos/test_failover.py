@@ -23,6 +23,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from app.codec import uuid_text
 from tests.chaos.checker import Report, echoes_of
 from tests.chaos.load import LoadGenerator
 from tests.chaos.rig import SESSION_TIMEOUT, ChaosEnv, Faults, SchedulerSpec
@@ -586,7 +587,7 @@ def test_a_poison_message_is_retried_with_backoff_then_dead_lettered_visible_and
 
     # Dead-lettered: in the dead stream once, with the reason, the record says dead.
     dead = chaos.redis.xrange(chaos.keys.dead)
-    dead_uuids = [fields[b"u"].decode() for _id, fields in dead]
+    dead_uuids = [uuid_text(fields[b"u"]) for _id, fields in dead]
     assert sorted(dead_uuids) == sorted(poison)
     # Visible through the API: the dead-letter listing and each message's status.
     api = httpx.Client(base_url=cluster.apis[0].base_url + "/api/v1", timeout=10)

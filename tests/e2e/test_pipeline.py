@@ -21,8 +21,9 @@ from typing import Any
 import pytest
 import redis
 
+from app.codec import decode_record, member_uuid, uuid_key, uuid_text
 from app.keys import CONSUMER_GROUP, Keyspace
-from app.model import State, decode_record
+from app.model import State
 from tests.e2e.harness import (
     ApiClient,
     Cluster,
@@ -68,13 +69,13 @@ def settle(
 def delayed_members(client: redis.Redis, keys: Keyspace) -> dict[str, int]:
     """uuid -> score of the delayed set (members are ``<12 hex seq><uuid>``)."""
     return {
-        member[12:].decode(): int(score)
+        member_uuid(member): int(score)
         for member, score in client.zrange(keys.delayed, 0, -1, withscores=True)
     }
 
 
 def stream_uuids(client: redis.Redis, keys: Keyspace) -> set[str]:
-    return {fields[b"u"].decode() for _id, fields in client.xrange(keys.stream)}
+    return {uuid_text(fields[b"u"]) for _id, fields in client.xrange(keys.stream)}
 
 
 def post_original_three(api: ApiClient) -> tuple[Posted, Posted, Posted]:
@@ -118,7 +119,7 @@ def test_future_messages_wait_in_the_delayed_set_and_a_due_message_goes_straight
         assert delayed.get(post.uuid) == post.run_at, f"{post.message} not in {keys.delayed}"
         assert post.uuid not in streamed, f"{post.message} reached the stream early"
         assert post.uuid not in echoed, f"{post.message} was echoed early"
-        record = decode_record(post.uuid, redis_client.hget(keys.messages, post.uuid))
+        record = decode_record(post.uuid, redis_client.hget(keys.messages, uuid_key(post.uuid)))
         assert record.state is State.SCHEDULED
     assert due.status == 201, due.body
     assert due.body["state"] == "queued"

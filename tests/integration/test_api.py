@@ -13,6 +13,7 @@ import redis
 
 from app.api import BODY_OVERHEAD, create_app
 from app.child_servers import free_port
+from app.codec import uuid_key
 from app.keys import Keyspace
 from app.settings import Settings
 
@@ -79,7 +80,7 @@ def test_first_acceptance_is_201_with_uuid_run_at_and_state(client, redis_client
     assert response.status_code == 201
     assert response.json() == {"uuid": UUID, "runAt": FUTURE, "state": "scheduled"}
     ks = Keyspace(prefix)
-    assert redis_client.hexists(ks.messages, UUID)
+    assert redis_client.hexists(ks.messages, uuid_key(UUID))
     assert redis_client.zcard(ks.delayed) == 1
 
 

@@ -21,6 +21,7 @@ import redis
 
 from app import metrics
 from app.api import BODY_OVERHEAD, ApiApp, create_app
+from app.codec import uuid_key
 from app.keys import Keyspace
 from app.settings import Settings
 
@@ -147,7 +148,7 @@ def test_acceptance_and_duplicate_are_the_same_on_both_paths(client, redis_clien
             counts[3] + 1,
         )
         answers[way] = [comparable(r) for r in (first, again)]
-        assert redis_client.hexists(Keyspace(prefix).messages, uid)
+        assert redis_client.hexists(Keyspace(prefix).messages, uuid_key(uid))
     # The bodies differ only by the uuid, which has the same length.
     fast, slow = answers["fast"], answers["starlette"]
     assert [(s, h) for s, h, _ in fast] == [(s, h) for s, h, _ in slow]

@@ -7,14 +7,14 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-import msgspec
 import pytest
 import redis
 
 from app import lifecycle_store
+from app.codec import decode_record, encode_record, member, uuid_key, uuid_text
 from app.keys import Keyspace
 from app.lifecycle_store import Lifecycle, Outcome
-from app.model import State, decode_record
+from app.model import State
 from app.store import LEADER_TTL_MS, Store, encode_epoch
 from tests.integration.test_scripts import (
     Harness,
@@ -22,6 +22,7 @@ from tests.integration.test_scripts import (
     new,
     pending,
     redis_now_ms,
+    retained,
     stream_uuids,
     wait_for_redis_time,
     wait_until,
@@ -53,11 +54,6 @@ def r(redis_client: redis.Redis) -> redis.Redis:
 def named(h: Harness, identifier: str) -> Store:
     base = h.store()
     return Store(base.client, base.settings, identifier=identifier)
-
-
-def old_record(state: str, run_at: int, at: int, body: str = "") -> bytes:
-    """A record as written before transitions and ref existed: six elements."""
-    return msgspec.msgpack.encode([state, run_at, 0, at, at, body])
 
 
 def dead_letter(h: Harness, store: Store, message: str = "poison") -> str:
@@ -111,9 +107,9 @@ def test_a_scheduled_record_keeps_the_sequence_of_its_sorted_set_member(h, r, ks
     store = h.store()
     msg = new(run_at=FAR)
     h.run(store.accept(msg))
-    [member] = r.zrange(ks.delayed, 0, -1)
+    [stored] = r.zrange(ks.delayed, 0, -1)
     record = h.run(store.record(msg.uuid))
-    assert record.ref is not None and member.decode() == record.ref + msg.uuid
+    assert record.ref is not None and stored == bytes.fromhex(record.ref) + uuid_key(msg.uuid)
 
 
 def test_reclaim_dead_letter_keeps_the_dead_entry_id(h, r, ks):
@@ -130,14 +126,19 @@ def test_reclaim_dead_letter_keeps_the_dead_entry_id(h, r, ks):
     assert "dead" in record.transitions
 
 
-def test_a_record_written_before_transitions_reads_as_its_state_at_updated_at(h, r, ks):
+def test_python_and_lua_spell_the_same_record(h, r, ks):
+    """app/codec.py (tests, status reads) and _record.lua (every write) share one format."""
     store = h.store()
-    r.hset(ks.messages, "u-old", old_record("delivered", 5, 1234))
-    record = h.run(store.record("u-old"))
-    assert (record.state, record.transitions, record.ref) == (
-        State.DELIVERED,
-        {"delivered": 1234},
-        None,
+    msg = new("the body", run_at=FAR)
+    h.run(store.accept(msg))
+    written = r.hget(ks.messages, uuid_key(msg.uuid))
+    record = decode_record(msg.uuid, written)
+    assert written == encode_record(
+        State.SCHEDULED,
+        FAR,
+        record.accepted_at,
+        ref=bytes.fromhex(record.ref or ""),
+        body=b"the body",
     )
 
 
@@ -171,33 +172,40 @@ def test_a_refused_promote_does_not_claim_leadership(h, r, ks):
     assert r.hget(ks.leader, "identifier") == b"new"
 
 
-# --- cancel and reschedule of records written before ref -------------------------------------
+# --- cancel and reschedule of records the scripts did not write ----------------------------
 
 
-def test_cancel_finds_the_member_of_an_old_scheduled_record_by_score(h, r, ks):
+def test_cancel_removes_the_member_a_python_encoded_record_names(h, r, ks):
     lc = Lifecycle(h.store())
-    uuid = "11111111-1111-1111-1111-111111111111"
-    r.hset(ks.messages, uuid, old_record("scheduled", FAR, 1, "body"))
-    r.zadd(ks.delayed, {"000000000001" + "22222222-2222-2222-2222-222222222222": FAR})
-    r.zadd(ks.delayed, {"000000000002" + uuid: FAR})
+    uuid, other = "11111111-1111-1111-1111-111111111111", "22222222-2222-2222-2222-222222222222"
+    r.hset(ks.messages, uuid_key(uuid), encode_record(State.SCHEDULED, FAR, 1, ref=member(2, b"")))
+    r.zadd(ks.delayed, {member(1, uuid_key(other)): FAR, member(2, uuid_key(uuid)): FAR})
     assert h.run(lc.cancel(uuid)) == Outcome("done", state="cancelled", run_at=FAR)
-    assert [u for u, _ in delayed_members(r, ks)] == ["22222222-2222-2222-2222-222222222222"]
+    assert [u for u, _ in delayed_members(r, ks)] == [other]
+    record = decode_record(uuid, r.hget(ks.messages, uuid_key(uuid)))
+    assert (record.state, record.ref) == (State.CANCELLED, None)
 
 
-def test_reschedule_finds_the_member_of_an_old_retrying_record_by_scan(h, r, ks):
+def test_reschedule_of_a_retrying_record_keeps_it_retrying_under_a_new_sequence(h, r, ks):
     lc = Lifecycle(h.store())
     uuid = "33333333-3333-3333-3333-333333333333"
     # Retrying: the score is the retry time, not the record's runAt.
-    r.hset(ks.messages, uuid, old_record("retrying", 5, 1, "body"))
-    for i in range(300):  # big enough to be a skiplist, scanned in several ZSCAN steps
-        r.zadd(ks.delayed, {f"{i:012x}{i:08d}-0000-0000-0000-000000000000": FAR - 1})
-    r.zadd(ks.delayed, {"00000000ffff" + uuid: FAR - 1})
+    r.hset(
+        ks.messages,
+        uuid_key(uuid),
+        encode_record(State.RETRYING, 5, 1, attempts=2, ref=member(0xFFFF, b""), body=b"b"),
+    )
+    for i in range(300):  # big enough to be a skiplist
+        r.zadd(ks.delayed, {member(i, uuid_key(f"{i:08d}-0000-0000-0000-000000000000")): FAR - 1})
+    r.zadd(ks.delayed, {member(0xFFFF, uuid_key(uuid)): FAR - 1})
     assert h.run(lc.reschedule(uuid, FAR)) == Outcome("done", state="retrying", run_at=FAR)
     members = delayed_members(r, ks)
     assert len(members) == 301
     assert members[-1] == (uuid, float(FAR))
-    record = decode_record(uuid, r.hget(ks.messages, uuid))
-    assert (record.run_at, record.ref) == (FAR, r.zrange(ks.delayed, -1, -1)[0].decode()[:12])
+    record = decode_record(uuid, r.hget(ks.messages, uuid_key(uuid)))
+    assert (record.run_at, record.attempts) == (FAR, 2)
+    assert record.ref == r.zrange(ks.delayed, -1, -1)[0][:6].hex()
+    assert int(record.ref, 16) == int(r.get(ks.sequence))
 
 
 def test_reschedule_to_a_passed_time_puts_the_stored_body_in_the_stream(h, r, ks):
@@ -207,7 +215,7 @@ def test_reschedule_to_a_passed_time_puts_the_stored_body_in_the_stream(h, r, ks
     h.run(store.accept(msg))
     assert h.run(lc.reschedule(msg.uuid, 10)) == Outcome("done", state="queued", run_at=10)
     [(_id, fields)] = r.xrange(ks.stream)
-    assert (fields[b"u"].decode(), fields[b"m"], fields[b"r"], fields[b"a"]) == (
+    assert (uuid_text(fields[b"u"]), fields[b"m"], fields[b"r"], fields[b"a"]) == (
         msg.uuid,
         b"the body",
         b"10",
@@ -236,7 +244,23 @@ def test_replay_all_replays_every_entry_over_several_atomic_batches(h, r, ks, sm
     for uuid in uuids:
         record = h.run(store.record(uuid))
         assert (record.state, record.attempts) == (State.QUEUED, 0)
-        assert r.zscore(ks.retention, uuid) is None  # not purged while queued again
+
+
+def test_a_replayed_message_is_not_purged_while_queued_again(h, r, ks):
+    store = h.store(max_deliveries=1, retention=0.001)
+    h.run(store.ensure_group())
+    uuid = dead_letter(h, store)
+    wait_for_redis_time(r, retained(r, ks)[uuid] + 1)
+    assert h.run(Lifecycle(store).replay(uuid)) == Outcome("done", state="queued")
+    other = new(run_at=1)
+    h.run(store.accept(other))
+    deliveries = h.run(store.read("w", 10, None))
+    h.run(store.ack([d for d in deliveries if d.uuid == other.uuid]))  # the ack purges
+    assert uuid not in retained(r, ks)  # its entry was read and passed by
+    assert h.run(store.record(uuid)).state is State.QUEUED
+    [d] = [d for d in deliveries if d.uuid == uuid]
+    h.run(store.ack([d]))
+    assert uuid in retained(r, ks)  # kept again from its new final state
 
 
 def test_replay_of_an_empty_dead_stream_replays_nothing(h):
@@ -247,7 +271,7 @@ def test_replay_finds_an_entry_whose_record_was_purged_by_scanning(h, r, ks, sma
     store = h.store(max_deliveries=1)
     h.run(store.ensure_group())
     uuids = [dead_letter(h, store, f"m{i}") for i in range(5)]
-    r.hdel(ks.messages, uuids[3])  # its retention window passed; the entry stayed
+    r.hdel(ks.messages, uuid_key(uuids[3]))  # its retention window passed; the entry stayed
     lc = Lifecycle(store)
     assert h.run(lc.replay(uuids[3])) == Outcome("done", state="queued")
     assert stream_uuids(r, ks.stream) == [uuids[3]]
@@ -260,7 +284,9 @@ def test_replay_refuses_an_entry_whose_uuid_lives_elsewhere(h, r, ks):
     store = h.store()
     msg = new(run_at=FAR)
     h.run(store.accept(msg))
-    r.xadd(ks.dead, {"u": msg.uuid, "m": "x", "r": "1", "a": "3", "reason": "?", "at": "1"})
+    r.xadd(
+        ks.dead, {"u": uuid_key(msg.uuid), "m": "x", "r": "1", "a": "3", "reason": "?", "at": "1"}
+    )
     assert h.run(Lifecycle(store).replay(msg.uuid)) == Outcome("conflict", state="scheduled")
     assert r.xlen(ks.dead) == 1 and r.xlen(ks.stream) == 0
 

@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 
+from app.codec import uuid_text
 from app.keys import CONSUMER_GROUP
 from app.model import NewMessage, State
 from app.settings import Settings
@@ -74,7 +75,7 @@ async def read_one(store: Store, consumer: str = "probe", block_ms: int = 3000) 
 
 async def stream_uuids(store: Store) -> list[str]:
     entries = await store.client.xrange(store.keys.stream)
-    return [fields[b"u"].decode() for _id, fields in entries]
+    return [uuid_text(fields[b"u"]) for _id, fields in entries]
 
 
 @pytest.fixture

@@ -27,10 +27,11 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
+from app.codec import decode_record, member_uuid, uuid_key, uuid_text
 from app.keys import CONSUMER_GROUP, Keyspace
-from app.model import NewMessage, State, decode_record
+from app.model import NewMessage, State
 from app.settings import Settings
-from app.store import Delivery, Store, connect, encode_epoch
+from app.store import Delivery, StorageFormatError, Store, connect, encode_epoch
 
 T = TypeVar("T")
 
@@ -106,11 +107,19 @@ def new(message: str = "hello", run_at: int = 0, uuid: str | None = None) -> New
 
 
 def stream_uuids(r: redis.Redis, key: str) -> list[str]:
-    return [fields[b"u"].decode() for _id, fields in r.xrange(key)]
+    return [uuid_text(fields[b"u"]) for _id, fields in r.xrange(key)]
 
 
 def delayed_members(r: redis.Redis, ks: Keyspace) -> list[tuple[str, float]]:
-    return [(m.decode()[12:], s) for m, s in r.zrange(ks.delayed, 0, -1, withscores=True)]
+    return [(member_uuid(m), s) for m, s in r.zrange(ks.delayed, 0, -1, withscores=True)]
+
+
+def retained(r: redis.Redis, ks: Keyspace) -> dict[str, int]:
+    """uuid -> ms after which its record may be purged, from the retention list."""
+    return {
+        uuid_text(item[6:]): int.from_bytes(item[:6], "big")
+        for item in r.lrange(ks.retention, 0, -1)
+    }
 
 
 def pending(r: redis.Redis, ks: Keyspace) -> dict[str, dict[str, Any]]:
@@ -133,7 +142,7 @@ def snapshot(r: redis.Redis, ks: Keyspace) -> dict[str, object]:
         "stream": r.xrange(ks.stream),
         "dead": r.xrange(ks.dead),
         "messages": r.hgetall(ks.messages),
-        "retention": r.zrange(ks.retention, 0, -1, withscores=True),
+        "retention": r.lrange(ks.retention, 0, -1),
         "seq": r.get(ks.sequence),
         "epoch": r.get(ks.epoch),
     }
@@ -149,8 +158,8 @@ def locations(r: redis.Redis, ks: Keyspace) -> dict[str, list[str]]:
     for uuid in stream_uuids(r, ks.dead):
         found.setdefault(uuid, []).append("dead")
     for field, packed in r.hgetall(ks.messages).items():
-        if decode_record(field.decode(), packed).state is State.DELIVERED:
-            found.setdefault(field.decode(), []).append("delivered")
+        if decode_record(uuid_text(field), packed).state is State.DELIVERED:
+            found.setdefault(uuid_text(field), []).append("delivered")
     return found
 
 
@@ -187,7 +196,7 @@ def test_accept_of_a_due_message_appends_it_to_the_stream_as_queued(h, r, ks):
     entries = r.xrange(ks.stream)
     assert len(entries) == 1
     fields = entries[0][1]
-    assert fields[b"u"].decode() == msg.uuid
+    assert uuid_text(fields[b"u"]) == msg.uuid
     assert fields[b"m"] == b"due now"
     assert int(fields[b"r"]) == msg.run_at
     assert fields[b"a"] == b"0"
@@ -240,6 +249,30 @@ def test_duplicate_uuid_changes_nothing_and_returns_the_stored_record(h, r, ks):
     )
     assert (again_due.created, again_due.state, again_due.run_at) == (False, "queued", 1)
     assert snapshot(r, ks) == before
+
+
+def test_a_uuid_twice_in_one_call_is_accepted_once_and_then_a_duplicate(h, r, ks):
+    store = h.store()
+    now = redis_now_ms(r)
+    a, b = new("a", run_at=now + 60_000), new("b", run_at=1)
+    later = new("later", run_at=now + 60_000)
+    got = h.run(
+        store.accept_many(
+            [a, b, new("a again", run_at=5, uuid=a.uuid), new("b again", uuid=b.uuid), later]
+        )
+    )
+    assert [(g.created, g.state, g.run_at) for g in got] == [
+        (True, "scheduled", a.run_at),
+        (True, "queued", 1),
+        (False, "scheduled", a.run_at),
+        (False, "queued", 1),
+        (True, "scheduled", later.run_at),
+    ]
+    # One record, one place each; equal runAt keep the call's order.
+    assert delayed_members(r, ks) == [(a.uuid, float(a.run_at)), (later.uuid, float(a.run_at))]
+    assert stream_uuids(r, ks.stream) == [b.uuid]
+    assert r.hlen(ks.messages) == 3
+    assert h.run(store.record(a.uuid)).state is State.SCHEDULED
 
 
 def test_duplicate_of_a_delivered_message_reports_delivered(h, r, ks):
@@ -396,7 +429,7 @@ def test_ack_acknowledges_deletes_marks_delivered_and_keeps_the_record_for_reten
     assert record is not None
     assert (record.state, record.attempts) == (State.DELIVERED, 1)
     assert before <= record.updated_at <= after
-    keep_until = r.zscore(ks.retention, msg.uuid)
+    keep_until = retained(r, ks)[msg.uuid]
     assert before + 3_600_000 <= keep_until <= after + 3_600_000
 
 
@@ -408,15 +441,35 @@ def test_ack_purges_records_whose_retention_passed(h, r, ks):
     h.run(store.accept(young))
     d_old, d_young = h.run(store.read("w", 10, None))
     assert h.run(store.ack([d_old])) == 1
-    keep_until = r.zscore(ks.retention, old.uuid)
-    assert keep_until is not None
-    assert r.hexists(ks.messages, old.uuid)
+    keep_until = retained(r, ks)[old.uuid]
+    assert r.hexists(ks.messages, uuid_key(old.uuid))
     wait_for_redis_time(r, int(keep_until) + 1)
     assert h.run(store.ack([d_young])) == 1
-    assert not r.hexists(ks.messages, old.uuid)
-    assert r.zscore(ks.retention, old.uuid) is None
+    assert not r.hexists(ks.messages, uuid_key(old.uuid))
+    assert old.uuid not in retained(r, ks)
     record = h.run(store.record(young.uuid))
     assert record is not None and record.state is State.DELIVERED
+
+
+def test_ack_leaves_exactly_the_unacknowledged_entries_in_the_stream(h, r, ks):
+    """Entries behind a slower worker's pending one are deleted too, not only the older ones."""
+    store = h.store()
+    h.run(store.ensure_group())
+    h.run(store.accept_many([new(f"m{i}", run_at=1) for i in range(6)]))
+    [first] = h.run(store.read("slow", 1, None))
+    a, b, c, d, e = h.run(store.read("fast", 10, None))
+    unread = new("unread", run_at=1)
+    h.run(store.accept(unread))
+    assert h.run(store.ack([c, d])) == 2  # newer than the pending `first`
+    assert stream_uuids(r, ks.stream) == [x.uuid for x in (first, a, b, e, unread)]
+    assert h.run(store.ack([first, a, b])) == 3  # the oldest pending goes
+    assert stream_uuids(r, ks.stream) == [e.uuid, unread.uuid]
+    assert h.run(store.ack([e])) == 1  # nothing pending after
+    assert stream_uuids(r, ks.stream) == [unread.uuid]
+    [last] = h.run(store.read("fast", 10, None))
+    assert last.uuid == unread.uuid
+    assert h.run(store.ack([last])) == 1
+    assert r.xlen(ks.stream) == 0
 
 
 def test_ack_of_an_entry_already_acknowledged_returns_0_and_leaves_the_record(h, r, ks):
@@ -496,7 +549,7 @@ def test_fail_after_max_deliveries_dead_letters_with_the_reason(h, r, ks):
     assert r.xlen(ks.stream) == 0
     assert r.zcard(ks.delayed) == 0
     [(_id, fields)] = r.xrange(ks.dead)
-    assert fields[b"u"].decode() == msg.uuid
+    assert uuid_text(fields[b"u"]) == msg.uuid
     assert fields[b"m"] == b"poison"
     assert fields[b"a"] == b"3"
     assert fields[b"reason"] == b"ValueError: try 2"
@@ -584,7 +637,7 @@ def test_reclaim_dead_letters_an_entry_delivered_more_than_max_deliveries(h, r, 
     assert r.xlen(ks.stream) == 0
     assert pending(r, ks) == {}
     [(_id, fields)] = r.xrange(ks.dead)
-    assert fields[b"u"].decode() == msg.uuid
+    assert uuid_text(fields[b"u"]) == msg.uuid
     assert fields[b"m"] == msg.message.encode()
     assert fields[b"a"] == b"2"
     assert b"deliveries exhausted" in fields[b"reason"]
@@ -644,7 +697,7 @@ def check_exactly_one_place(r: redis.Redis, ks: Keyspace, accepted: set[str]) ->
     assert set(found) == accepted, "a message appeared from nowhere or was lost"
     for uuid, places in found.items():
         assert len(places) == 1, f"{uuid} is in {places}"
-        packed = r.hget(ks.messages, uuid)
+        packed = r.hget(ks.messages, uuid_key(uuid))
         assert packed is not None, f"{uuid} has no record"
         state = decode_record(uuid, packed).state
         assert state in EXPECTED_STATE[places[0]], f"{uuid} in {places[0]} but {state}"
@@ -761,3 +814,36 @@ def test_random_interleavings_never_lose_or_duplicate_a_message(redis_url: str, 
             phases=[Phase.explicit, Phase.reuse, Phase.generate],
         ),
     )
+
+
+# --- storage format --------------------------------------------------------------------------
+
+
+def test_check_format_passes_on_an_empty_prefix_and_on_its_own_data(h, r, ks):
+    store = h.store(max_deliveries=1)
+    h.run(store.check_format())
+    h.run(store.ensure_group())
+    h.run(store.accept_many([new(run_at=253402300799999), new(run_at=1), new(run_at=1)]))
+    [delivery, dead] = h.run(store.read("w", 10, None))
+    h.run(store.ack([delivery]))
+    h.run(store.fail(dead, 0, "boom"))
+    assert r.type(ks.retention) == b"list"
+    h.run(store.check_format())
+
+
+FORMAT_1_DATA = {
+    "delayed member": lambda r, ks: r.zadd(ks.delayed, {"000000000001" + str(uuidlib.uuid4()): 1}),
+    "record": lambda r, ks: r.hset(ks.messages, str(uuidlib.uuid4()), b"\x96\xa9scheduled"),
+    "stream entry": lambda r, ks: r.xadd(ks.stream, {"u": str(uuidlib.uuid4()), "m": "x"}),
+    "retention zset": lambda r, ks: r.zadd(ks.retention, {str(uuidlib.uuid4()): 1}),
+}
+
+
+@pytest.mark.parametrize("kind", FORMAT_1_DATA)
+def test_check_format_refuses_data_of_format_1(h, r, ks, kind):
+    FORMAT_1_DATA[kind](r, ks)
+    before = snapshot(r, ks) if kind != "retention zset" else None
+    with pytest.raises(StorageFormatError, match="storage format 1"):
+        h.run(h.store().check_format())
+    if before is not None:
+        assert snapshot(r, ks) == before  # read only

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 
+from app.codec import uuid_text
 from app.keys import CONSUMER_GROUP
 from app.model import NewMessage, State
 from app.settings import Settings
@@ -190,7 +191,7 @@ def test_failing_handler_is_retried_with_backoff_until_max_deliveries_then_dead_
             dead = await store.client.xrange(store.keys.dead)
             assert len(dead) == 1
             fields = dead[0][1]
-            assert fields[b"u"].decode() == uuid
+            assert uuid_text(fields[b"u"]) == uuid
             assert fields[b"m"] == b"m0"
             assert fields[b"a"] == b"3"
             assert fields[b"reason"] == b"RuntimeError: downstream is down"

@@ -1,0 +1,150 @@
+"""The storage format of a message in Redis, Python side (the Lua side is
+``app/lua/_record.lua``). Pure functions, no I/O.
+
+Format 2, chosen for memory and for cheap rewrites inside the scripts:
+
+- a uuid is stored as its 16 raw bytes (hash field, sorted-set member, stream
+  and dead entries' ``u``): 20 bytes less than its text per copy, and two copies
+  of it live per delayed message;
+- a sorted-set member is a 6-byte big-endian acceptance sequence followed by
+  the uuid: fixed width, so equal runAt sort in acceptance order;
+- a record is a fixed struct, not msgpack: the scripts rewrite it on every state
+  change, and Lua's ``struct`` does that several times faster than ``cmsgpack``
+  (about 1 µs against 4.7 µs, measured on Redis 7.0). Layout, big-endian::
+
+      c1 I2 I6 I6 c1   state code, attempts, runAt ms, acceptedAt ms, first state code
+      B  n x (c1 I6)   later transitions: state code -> ms after acceptedAt it was last entered
+      B  ref           the member's sequence (scheduled, retrying) or dead entry id (dead)
+      rest             the body while scheduled or retrying, else empty
+
+  A scheduled record with a 100-byte body is 124 bytes: Redis keeps it in a
+  128-byte allocation.
+"""
+
+from __future__ import annotations
+
+import struct
+
+from app.model import Record, State
+
+FORMAT = 2
+SEQ_BYTES = 6
+UUID_BYTES = 16
+
+CODES = {
+    "s": State.SCHEDULED,
+    "q": State.QUEUED,
+    "d": State.DELIVERED,
+    "r": State.RETRYING,
+    "x": State.DEAD,
+    "c": State.CANCELLED,
+}
+CODE_OF = {state: code for code, state in CODES.items()}
+
+_HEAD = struct.Struct(">cH6s6scB")
+_MARK = struct.Struct(">c6s")
+
+
+def _u48(raw: bytes) -> int:
+    return int.from_bytes(raw, "big")
+
+
+def _b48(value: int) -> bytes:
+    return value.to_bytes(6, "big")
+
+
+def uuid_key(text: str) -> bytes:
+    """The stored form of a canonical uuid (as validated by ``app.model.normalize_uuid``)."""
+    return bytes.fromhex(text.replace("-", ""))
+
+
+def uuid_text(key: bytes) -> str:
+    """The canonical text of a stored uuid."""
+    h = key.hex()
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+
+
+def uuid_text_or_none(key: bytes | None) -> str | None:
+    """For entries that may not hold a uuid's 16 bytes (a dead-lettered legacy item)."""
+    if key is None or len(key) != UUID_BYTES:
+        return None
+    return uuid_text(key)
+
+
+def member(seq: int, key: bytes) -> bytes:
+    """The sorted-set member of a message: its acceptance sequence, then its uuid."""
+    return _b48(seq) + key
+
+
+def member_uuid(value: bytes) -> str:
+    """The uuid text of a sorted-set member."""
+    return uuid_text(value[SEQ_BYTES:])
+
+
+def encode_record(
+    state: State,
+    run_at: int,
+    accepted_at: int,
+    *,
+    attempts: int = 0,
+    first: State | None = None,
+    marks: dict[State, int] | None = None,
+    ref: bytes = b"",
+    body: bytes = b"",
+) -> bytes:
+    """What the scripts write (used by tests to set up records; the scripts own the writes).
+
+    ``marks`` maps a state to the epoch ms it was last entered, beyond the first one.
+    """
+    first = first or state
+    marks = marks or {}
+    out = [
+        _HEAD.pack(
+            CODE_OF[state].encode(),
+            attempts,
+            _b48(run_at),
+            _b48(accepted_at),
+            CODE_OF[first].encode(),
+            len(marks),
+        )
+    ]
+    for code, st in CODES.items():
+        if st in marks:
+            out.append(_MARK.pack(code.encode(), _b48(marks[st] - accepted_at)))
+    out.append(bytes([len(ref)]) + ref + body)
+    return b"".join(out)
+
+
+def decode_record(uuid: str, packed: bytes) -> Record:
+    """Inverse of the scripts' ``rec_encode`` (``app/lua/_record.lua``)."""
+    code, attempts, run_at, accepted, first, n = _HEAD.unpack_from(packed)
+    accepted_at = _u48(accepted)
+    pos = _HEAD.size
+    transitions = {CODES[first.decode()].value: accepted_at}
+    for _ in range(n):
+        mark, offset = _MARK.unpack_from(packed, pos)
+        pos += _MARK.size
+        transitions[CODES[mark.decode()].value] = accepted_at + _u48(offset)
+    ref_len = packed[pos]
+    ref = packed[pos + 1 : pos + 1 + ref_len]
+    state = CODES[code.decode()]
+    if state in (State.SCHEDULED, State.RETRYING) and len(ref) == SEQ_BYTES:
+        ref_text: str | None = f"{_u48(ref):012x}"
+    else:
+        ref_text = ref.decode() if ref else None
+    return Record(
+        uuid=uuid,
+        state=state,
+        run_at=_u48(run_at),
+        attempts=attempts,
+        accepted_at=accepted_at,
+        updated_at=max(transitions.values()),
+        transitions=transitions,
+        ref=ref_text,
+    )
+
+
+def record_body(packed: bytes) -> bytes:
+    """The body a scheduled or retrying record holds (empty in other states)."""
+    pos = _HEAD.size + _MARK.size * packed[_HEAD.size - 1]
+    return packed[pos + 1 + packed[pos] :]
