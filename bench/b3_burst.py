@@ -13,7 +13,7 @@ import uuid as uuidlib
 from app.model import NewMessage
 from app.settings import Settings
 from app.store import Store, connect
-from bench.common import percentile, print_table, redis_benchmark, stack, write_result
+from bench.common import burst_figures, print_table, redis_benchmark, stack, write_result
 
 
 async def load(redis_url: str, prefix: str, count: int, run_at: int) -> None:
@@ -55,18 +55,9 @@ def burst(workers: int, count: int) -> dict:
                 break
             time.sleep(0.2)
         baseline = redis_benchmark_xadd(s.redis.port, 100_000)
-    late = [e["handledAt"] - e["runAt"] for e in lines]
-    last = max(e["handledAt"] for e in lines) if lines else float("nan")
-    seconds = (last - run_at) / 1000
     return {
         "workers": workers,
-        "echoed": len(lines),
-        "lost": count - len({e["uuid"] for e in lines}),
-        "seconds": seconds,
-        "rate": len(lines) / seconds if seconds > 0 else float("nan"),
-        "p50_ms": percentile(late, 50),
-        "p99_ms": percentile(late, 99),
-        "max_ms": max(late, default=float("nan")),
+        **burst_figures(lines, run_at, count),
         "baseline_xadd_per_s": baseline,
     }
 

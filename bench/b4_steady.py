@@ -14,7 +14,7 @@ import argparse
 import asyncio
 import time
 
-from bench.common import percentile, print_table, stack, write_result
+from bench.common import lateness_figures, print_table, stack, write_result
 from bench.poster import send_at_rate
 
 
@@ -76,9 +76,7 @@ def measure(rate: float, seconds: float, delay: float) -> dict:
         "posted": len(accepted),
         "lost": len(accepted - {e["uuid"] for e in lines}),
         "early": sum(1 for x in late if x < 0),
-        "p50_ms": percentile(late, 50),
-        "p99_ms": percentile(late, 99),
-        "max_ms": max(late, default=float("nan")),
+        **lateness_figures(late),
         "lateness_ms": late,
     }
 

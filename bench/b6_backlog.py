@@ -21,7 +21,7 @@ from app.settings import Settings
 from app.store import Store, connect
 from bench.b3_burst import load as load_burst
 from bench.b4_steady import post_at_rate
-from bench.common import percentile, print_table, stack, write_result
+from bench.common import burst_figures, lateness_figures, print_table, stack, write_result
 
 PREFIX = "bench"
 BODY = "x" * 100
@@ -101,18 +101,7 @@ def burst_once(s, r: redis.Redis, count: int) -> dict:
     lines = wait_echoes(s, lambda ls: sum(e["runAt"] == run_at for e in ls) >= count, 120)
     cpu = redis_cpu(r) - cpu0
     mine = [e for e in lines if e["runAt"] == run_at]
-    late = [e["handledAt"] - run_at for e in mine]
-    seconds = (max((e["handledAt"] for e in mine), default=float("nan")) - run_at) / 1000
-    return {
-        "echoed": len(mine),
-        "lost": count - len({e["uuid"] for e in mine}),
-        "seconds": seconds,
-        "rate": len(mine) / seconds if seconds > 0 else float("nan"),
-        "p50_ms": percentile(late, 50),
-        "p99_ms": percentile(late, 99),
-        "max_ms": max(late, default=float("nan")),
-        "redis_cpu_us_per_msg": cpu / count * 1e6,
-    }
+    return {**burst_figures(mine, run_at, count), "redis_cpu_us_per_msg": cpu / count * 1e6}
 
 
 def one_size(backlog: int, burst: int, repeats: int, rate: float, seconds: float) -> dict:
@@ -163,9 +152,7 @@ def one_size(backlog: int, burst: int, repeats: int, rate: float, seconds: float
             "posted": len(accepted),
             "lost": len(accepted - {e["uuid"] for e in lines}),
             "early": sum(1 for x in steady if x < 0),
-            "p50_ms": percentile(steady, 50),
-            "p99_ms": percentile(steady, 99),
-            "max_ms": max(steady, default=float("nan")),
+            **lateness_figures(steady),
         },
     }
 

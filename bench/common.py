@@ -39,6 +39,29 @@ def percentile(values: Sequence[float], q: float) -> float:
     return ordered[rank]
 
 
+def lateness_figures(late: Sequence[float]) -> dict[str, float]:
+    """p50, p99 and max of lateness values in ms, under the names every result uses."""
+    return {
+        "p50_ms": percentile(late, 50),
+        "p99_ms": percentile(late, 99),
+        "max_ms": max(late, default=float("nan")),
+    }
+
+
+def burst_figures(echoes: Sequence[dict], run_at: int, count: int) -> dict[str, float]:
+    """A burst of ``count`` messages all due at ``run_at``: how fast and how late it ran."""
+    late = [e["handledAt"] - run_at for e in echoes]
+    last = max((e["handledAt"] for e in echoes), default=float("nan"))
+    seconds = (last - run_at) / 1000
+    return {
+        "echoed": len(echoes),
+        "lost": count - len({e["uuid"] for e in echoes}),
+        "seconds": seconds,
+        "rate": len(echoes) / seconds if seconds > 0 else float("nan"),
+        **lateness_figures(late),
+    }
+
+
 @dataclass
 class Stack:
     """Servers and service processes of one benchmark run."""

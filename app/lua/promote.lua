@@ -55,7 +55,11 @@ for i, uuid in ipairs(uuids) do
   end
 end
 call_spread('HSET', KEYS[2], records)
-call_spread('ZREM', KEYS[1], due)
+-- They are the set's first #due members (lowest scores, ties by member): removing them by
+-- rank is one walk of the skiplist, where ZREM would search for each member anew.
+if #due > 0 then
+  redis.call('ZREMRANGEBYRANK', KEYS[1], 0, #due - 1)
+end
 
 local first = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
 local next_due = -1
