@@ -14,7 +14,8 @@ Format 2, chosen for memory and for cheap rewrites inside the scripts:
 
       c1 I2 I6 I6 c1   state code, attempts, runAt ms, acceptedAt ms, first state code
       B  n x (c1 I6)   later transitions: state code -> ms after acceptedAt it was last entered
-      B  ref           the member's sequence (scheduled, retrying) or dead entry id (dead)
+      B  ref           the member's sequence (scheduled, retrying), stream entry id
+                       (queued) or dead entry id (dead)
       rest             the body while scheduled or retrying, else empty
 
   A scheduled record with a 100-byte body is 124 bytes: Redis keeps it in a

@@ -133,8 +133,8 @@ class Record:
     updated_at: int
     # state -> epoch ms it last entered that state
     transitions: dict[str, int] = field(default_factory=dict)
-    # the sorted-set member's sequence (12 hex digits) while scheduled/retrying; the dead
-    # entry id while dead; None otherwise
+    # the sorted-set member's sequence (12 hex digits) while scheduled/retrying; the stream
+    # entry id while queued; the dead entry id while dead; None otherwise
     ref: str | None = None
 
     def public(self) -> dict[str, object]:

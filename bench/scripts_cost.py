@@ -4,9 +4,11 @@ Not a target of its own: the profile behind B2 and B3, whose throughput is
 bounded by what Redis spends per message. Drives the scripts through
 app.store.Store against its own Redis (AOF everysec, as in production) from
 this process, in batches of 1,000, and reads Redis' own CPU time
-(``INFO cpu``) and the scripts' time (``INFO commandstats``) around each phase.
+(``INFO cpu``) and each command's time (``INFO commandstats``, the commands the
+scripts call included) around each phase. ``--backlog N`` first loads N
+messages due in a month, as B6 does, to show what a large data set costs.
 
-``python -m bench.scripts_cost [--count N]``
+``python -m bench.scripts_cost [--count N] [--backlog N]``
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import redis
 from app.model import NewMessage
 from app.settings import Settings
 from app.store import Store, connect
+from bench.b6_backlog import PREFIX, load_backlog, settle_aof
 from bench.common import print_table, stack, write_result
 
 BATCH = 1000
@@ -31,22 +34,25 @@ def _cpu_s(r: redis.Redis) -> float:
     return info["used_cpu_user"] + info["used_cpu_sys"]
 
 
-def _script_s(r: redis.Redis) -> float:
-    stats = r.info("commandstats")
-    return stats.get("cmdstat_evalsha", {}).get("usec", 0) / 1e6
+def _command_s(r: redis.Redis) -> dict[str, float]:
+    """Seconds spent per command since the last CONFIG RESETSTAT."""
+    return {
+        name.removeprefix("cmdstat_"): stats["usec"] / 1e6
+        for name, stats in r.info("commandstats").items()
+    }
 
 
-async def _phases(url: str, r: redis.Redis, count: int) -> dict[str, tuple[float, float]]:
-    settings = Settings.from_env({}, redis_url=url, prefix="bench")
+async def _phases(url: str, r: redis.Redis, count: int) -> dict[str, tuple[float, dict]]:
+    settings = Settings.from_env({}, redis_url=url, prefix=PREFIX)
     client = connect(settings)
     store = Store(client, settings)
-    out: dict[str, tuple[float, float]] = {}
+    out: dict[str, tuple[float, dict]] = {}
 
     async def measure(name: str, phase) -> None:
         r.config_resetstat()
         cpu = _cpu_s(r)
         await phase()
-        out[name] = (_cpu_s(r) - cpu, _script_s(r))
+        out[name] = (_cpu_s(r) - cpu, _command_s(r))
 
     body = "x" * 100
     try:
@@ -77,22 +83,36 @@ async def _phases(url: str, r: redis.Redis, count: int) -> dict[str, tuple[float
     return out
 
 
-def run(count: int = 50_000) -> dict:
+# The commands the hot scripts spend their time in, shown per phase.
+SHOWN = ("evalsha", "hmget", "hset", "zadd", "xadd", "xack", "xtrim", "zremrangebyrank")
+
+
+def run(count: int = 50_000, backlog: int = 0) -> dict:
     count = max(BATCH, count - count % BATCH)
-    with stack(zookeeper=False) as s:
+    with stack(zookeeper=False, prefix=PREFIX) as s:
         r = redis.Redis.from_url(s.redis.url)
+        if backlog:
+            asyncio.run(load_backlog(s.redis.url, backlog))
+            settle_aof(r)
         phases = asyncio.run(_phases(s.redis.url, r, count))
         r.close()
-    rows = [
-        (name, cpu / count * 1e6, script / count * 1e6) for name, (cpu, script) in phases.items()
-    ]
+    per_phase = {
+        name: {
+            "cpu_us": cpu / count * 1e6,
+            **{f"{c}_us": commands.get(c, 0.0) / count * 1e6 for c in SHOWN},
+        }
+        for name, (cpu, commands) in phases.items()
+    }
     print_table(
-        f"Redis cost per message of the hot scripts, {count:,} messages, batches of {BATCH:,}",
-        ("phase", "Redis CPU us/msg", "EVALSHA us/msg"),
-        rows,
+        f"Redis cost per message of the hot scripts, {count:,} messages in batches of "
+        f"{BATCH:,}, {backlog:,} more waiting (us per message)",
+        ("phase", "Redis CPU", *SHOWN),
+        [
+            (name, figures["cpu_us"], *(figures[f"{c}_us"] for c in SHOWN))
+            for name, figures in per_phase.items()
+        ],
     )
-    per_phase = {name: {"cpu_us": cpu, "script_us": script} for name, cpu, script in rows}
-    payload = {"count": count, "phases": per_phase}
+    payload = {"count": count, "backlog": backlog, "phases": per_phase}
     write_result("scripts_cost", payload)
     return payload
 
@@ -100,4 +120,6 @@ def run(count: int = 50_000) -> dict:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--count", type=int, default=50_000)
-    run(parser.parse_args().count)
+    parser.add_argument("--backlog", type=int, default=0, help="messages waiting meanwhile")
+    args = parser.parse_args()
+    run(args.count, args.backlog)
