@@ -6,11 +6,13 @@ routing and middleware (see there why); every other route is plain Starlette.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator
 
 import msgspec
+from redis.exceptions import RedisError
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -28,6 +30,8 @@ from app.settings import Settings
 from app.store import Store, connect
 
 log = get_logger("api")
+
+FORMAT_CHECK_S = 2.0  # at start-up; Redis slower than this is treated as down
 
 _json = msgspec.json.Encoder()
 
@@ -143,6 +147,12 @@ def create_app(settings: Settings | None = None) -> ApiApp:
         app.state.batcher = ingest.batcher = AcceptBatcher(app.state.store)
         app.state.lifecycle = Lifecycle(app.state.store)
         try:
+            # Refuse to start on data of another storage format (StorageFormatError ends
+            # the start-up); an api must still start while Redis is down: that only warns.
+            try:
+                await asyncio.wait_for(app.state.store.check_format(), FORMAT_CHECK_S)
+            except (RedisError, OSError, TimeoutError) as exc:
+                log.warning("storage format not checked", error=type(exc).__name__)
             yield
         finally:
             await client.aclose()

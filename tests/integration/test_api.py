@@ -16,6 +16,7 @@ from app.child_servers import free_port
 from app.codec import uuid_key
 from app.keys import Keyspace
 from app.settings import Settings
+from app.store import StorageFormatError
 
 with warnings.catch_warnings():
     # Starlette's test client asks for httpx2 at import; the project's test extra has httpx.
@@ -261,3 +262,11 @@ def test_readyz_is_503_when_redis_is_unreachable(unreachable_client):
 def test_validation_still_answers_4xx_when_redis_is_unreachable(unreachable_client):
     assert_error(post_json(unreachable_client, {"message": "x"}), 422, "runAt")
     assert unreachable_client.get("/healthz").status_code == 200
+
+
+def test_the_api_refuses_to_start_on_data_of_storage_format_1(settings, redis_client):
+    # A format-1 sorted-set member: 12 hex digits of sequence, then the uuid's text.
+    redis_client.zadd(Keyspace(settings.prefix).delayed, {"000000000001" + UUID: 1})
+    app = create_app(settings)
+    with pytest.raises(StorageFormatError, match="storage format 1"), TestClient(app):
+        pass
