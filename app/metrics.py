@@ -8,10 +8,9 @@ from __future__ import annotations
 
 import time
 from bisect import bisect_left
-from collections import Counter as Tally
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
@@ -32,12 +31,21 @@ class _LoopFamily(Collector):
 
     typ = ""
 
-    def __init__(self, name: str, documentation: str, labelnames: Sequence[str]) -> None:
+    def __init__(
+        self,
+        name: str,
+        documentation: str,
+        labelnames: Sequence[str],
+        registry: CollectorRegistry | None = None,
+    ) -> None:
         self.name = name
         self.documentation = documentation
         self.labelnames = tuple(labelnames)
         self._children: dict[tuple[str, ...], object] = {}
-        REGISTRY.register(self)
+        if not self.labelnames:
+            # As prometheus_client does: a metric without labels shows zeros from the start.
+            self.labels()
+        (REGISTRY if registry is None else registry).register(self)
 
     def labels(self, *values: object):
         key = tuple(str(v) for v in values)
@@ -107,13 +115,18 @@ class LoopHistogram(_LoopFamily):
     typ = "histogram"
 
     def __init__(
-        self, name: str, documentation: str, labelnames: Sequence[str], buckets: Sequence[float]
+        self,
+        name: str,
+        documentation: str,
+        labelnames: Sequence[str],
+        buckets: Sequence[float],
+        registry: CollectorRegistry | None = None,
     ) -> None:
         bounds = sorted(float(b) for b in buckets)
         if bounds[-1] != float("inf"):
             bounds.append(float("inf"))
         self.bounds = tuple(bounds)
-        super().__init__(name, documentation, labelnames)
+        super().__init__(name, documentation, labelnames, registry)
 
     def _child(self) -> _HistogramChild:
         return _HistogramChild(self.bounds)
@@ -154,34 +167,13 @@ PROMOTE_REFUSED = Counter(
     "Promote calls refused because a newer leader epoch was stored (zombie leader).",
     registry=REGISTRY,
 )
-LATENESS = Histogram(
+# Observed once per handled message, on the worker's event loop: lock-free.
+LATENESS = LoopHistogram(
     "eat_delivery_lateness_seconds",
     "Handling time minus runAt.",
+    [],
     buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
-    registry=REGISTRY,
 )
-
-
-def observe_many(histogram: Histogram, values: Iterable[float]) -> None:
-    """``histogram.observe`` for each value, at one lock round per bucket, not per value.
-
-    A worker observes the lateness of up to a thousand messages per read; one
-    ``observe`` each cost more than the rest of their handling. This reaches into
-    prometheus_client's Histogram (``_upper_bounds``, ``_buckets``, ``_sum``,
-    stable since 0.4); should those go, it falls back to ``observe``.
-    """
-    values = list(values)
-    bounds = getattr(histogram, "_upper_bounds", None)
-    buckets = getattr(histogram, "_buckets", None)
-    total = getattr(histogram, "_sum", None)
-    if bounds is None or buckets is None or total is None:
-        for value in values:
-            histogram.observe(value)
-        return
-    # observe() counts a value in the first bucket whose upper bound is >= it.
-    for index, count in Tally(bisect_left(bounds, v) for v in values).items():
-        buckets[index].inc(count)
-    total.inc(sum(values))
 
 
 LEADER = Gauge("eat_leader", "1 while this scheduler leads and may promote.", registry=REGISTRY)

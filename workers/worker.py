@@ -213,7 +213,9 @@ class Worker:
                 else:
                     done.append(delivery)
         now = time.time()
-        metrics.observe_many(metrics.LATENESS, (max(0.0, now - d.run_at / 1000) for d in done))
+        lateness = metrics.LATENESS.labels()
+        for delivery in done:
+            lateness.observe(max(0.0, now - delivery.run_at / 1000))
         self.stats.handled += len(done)
         self._to_ack.extend(done)
         self._ack_wanted.set()
@@ -232,7 +234,7 @@ class Worker:
             await self._failed(delivery, exc)
         else:
             self.stats.handled += 1
-            metrics.LATENESS.observe(max(0.0, time.time() - delivery.run_at / 1000))
+            metrics.LATENESS.labels().observe(max(0.0, time.time() - delivery.run_at / 1000))
             self._to_ack.append(delivery)
             self._ack_wanted.set()
         finally:
