@@ -114,11 +114,16 @@ end
 -- times cheaper than rec_decode + rec_encode. Offsets follow the layout above.
 local HEAD_LEN = 17
 
+-- Position of the ref's length byte: after the header and the n transitions.
+local function ref_at(packed)
+  return HEAD_LEN + 1 + 7 * string.byte(packed, HEAD_LEN)
+end
+
 -- runAt, attempts and body of a scheduled or retrying record.
 local function rec_due_fields(packed)
   local attempts, run_at = struct.unpack('>I2I6', packed, 2)
-  local ref_at = HEAD_LEN + 1 + 7 * string.byte(packed, HEAD_LEN)
-  return run_at, attempts, string.sub(packed, ref_at + 1 + string.byte(packed, ref_at))
+  local at = ref_at(packed)
+  return run_at, attempts, string.sub(packed, at + 1 + string.byte(packed, at))
 end
 
 -- The record entered state `code` at `now` with `extra` more attempts and the new `ref`
@@ -143,8 +148,8 @@ end
 
 -- The ref of a record (its stream entry id while queued).
 local function rec_ref(packed)
-  local ref_at = HEAD_LEN + 1 + 7 * string.byte(packed, HEAD_LEN)
-  return string.sub(packed, ref_at + 1, ref_at + string.byte(packed, ref_at))
+  local at = ref_at(packed)
+  return string.sub(packed, at + 1, at + string.byte(packed, at))
 end
 
 -- Epoch ms of the record's latest transition.
@@ -192,5 +197,20 @@ end
 -- The sorted-set member of a scheduled or retrying record.
 local function rec_member(rec, uuid)
   return rec.ref .. uuid
+end
+
+-- The record of a message waiting in the sorted set (scheduled or retrying), its member
+-- removed from the set; or nil and the caller's reply: {'missing'} or {'conflict', state}.
+local function take_waiting(messages, delayed, uuid)
+  local packed = redis.call('HGET', messages, uuid)
+  if not packed then
+    return nil, {'missing'}
+  end
+  local rec = rec_decode(packed)
+  if rec.code ~= 's' and rec.code ~= 'r' then
+    return nil, {'conflict', STATE_NAMES[rec.code]}
+  end
+  redis.call('ZREM', delayed, rec_member(rec, uuid))
+  return rec
 end
 

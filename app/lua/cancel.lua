@@ -15,16 +15,10 @@ Returns {"cancelled", runAt}
      or {"missing"}           no record for the uuid
      or {"conflict", state}   not in the sorted set: queued, delivered, dead or cancelled
 ]]
-local packed = redis.call('HGET', KEYS[1], ARGV[1])
-if not packed then
-  return {'missing'}
+local rec, refused = take_waiting(KEYS[1], KEYS[2], ARGV[1])
+if not rec then
+  return refused
 end
-local rec = rec_decode(packed)
-if rec.code ~= 's' and rec.code ~= 'r' then
-  return {'conflict', STATE_NAMES[rec.code]}
-end
-
-redis.call('ZREM', KEYS[2], rec_member(rec, ARGV[1]))
 local now = now_ms()
 rec_enter(rec, 'c', now)
 redis.call('HSET', KEYS[1], ARGV[1], rec_encode(rec))

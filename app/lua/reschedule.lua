@@ -19,16 +19,10 @@ Returns {state, runAt}        "queued", "scheduled" or "retrying"; the new runAt
      or {"missing"}           no record for the uuid
      or {"conflict", state}   not in the sorted set: queued, delivered, dead or cancelled
 ]]
-local packed = redis.call('HGET', KEYS[1], ARGV[1])
-if not packed then
-  return {'missing'}
+local rec, refused = take_waiting(KEYS[1], KEYS[2], ARGV[1])
+if not rec then
+  return refused
 end
-local rec = rec_decode(packed)
-if rec.code ~= 's' and rec.code ~= 'r' then
-  return {'conflict', STATE_NAMES[rec.code]}
-end
-
-redis.call('ZREM', KEYS[2], rec_member(rec, ARGV[1]))
 local now = now_ms()
 local run_at = tonumber(ARGV[2])
 rec.run_at = run_at
