@@ -47,13 +47,7 @@ def burst(workers: int, count: int) -> dict:
         asyncio.run(load(s.redis.url, "bench", count, run_at))
         if time.time() * 1000 > run_at:
             raise SystemExit("loading took longer than the lead time; raise it")
-        deadline = time.monotonic() + 120
-        lines: list[dict] = []
-        while time.monotonic() < deadline:
-            lines = s.echo_lines()
-            if len(lines) >= count:
-                break
-            time.sleep(0.2)
+        lines = s.wait_for_echoes(lambda ls: len(ls) >= count, 120)
         baseline = redis_benchmark_xadd(s.redis.port, 100_000)
     return {
         "workers": workers,

@@ -28,15 +28,6 @@ async def post_at_rate(
     return stats.accepted
 
 
-def read_echoes(s) -> list[dict]:
-    for _ in range(20):
-        try:
-            return s.echo_lines()
-        except ValueError:  # a worker was mid-way through writing a line: read again
-            time.sleep(0.05)
-    return s.echo_lines()
-
-
 def echoed_count(s) -> int:
     """Lines the workers wrote so far: counted without parsing, so polling stays cheap
     while the last messages are still being delivered on the same cores."""
@@ -61,10 +52,10 @@ def measure(rate: float, seconds: float, delay: float) -> dict:
         accepted, run_ats = posted.accepted, posted.run_ats
         deadline = time.monotonic() + delay + 20
         while time.monotonic() < deadline:
-            if echoed_count(s) >= len(accepted) and accepted <= {e["uuid"] for e in read_echoes(s)}:
+            if echoed_count(s) >= len(accepted) and accepted <= {e["uuid"] for e in s.echo_lines()}:
                 break
             time.sleep(0.2)
-        lines = read_echoes(s)
+        lines = s.echo_lines()
     # The runAt this process sent, not the one echoed: a service that altered it would show.
     late = [e["handledAt"] - run_ats[e["uuid"]] for e in lines if e["uuid"] in accepted]
     return {

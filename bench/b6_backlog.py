@@ -21,7 +21,14 @@ from app.settings import Settings
 from app.store import Store, connect
 from bench.b3_burst import load as load_burst
 from bench.b4_steady import post_at_rate
-from bench.common import burst_figures, lateness_figures, print_table, stack, write_result
+from bench.common import (
+    burst_figures,
+    lateness_figures,
+    print_table,
+    redis_cpu,
+    stack,
+    write_result,
+)
 
 PREFIX = "bench"
 BODY = "x" * 100
@@ -72,22 +79,6 @@ def settle_aof(r: redis.Redis, timeout: float = 600.0) -> float:
     raise RuntimeError(f"AOF rewrite still running after {timeout} s")
 
 
-def wait_echoes(s, done, timeout: float) -> list[dict]:
-    deadline = time.monotonic() + timeout
-    lines: list[dict] = []
-    while time.monotonic() < deadline:
-        lines = s.echo_lines()
-        if done(lines):
-            break
-        time.sleep(0.2)
-    return lines
-
-
-def redis_cpu(r: redis.Redis) -> float:
-    info = r.info("cpu")
-    return info["used_cpu_user"] + info["used_cpu_sys"]
-
-
 def burst_once(s, r: redis.Redis, count: int) -> dict:
     """One B3 burst on a running stack: ``count`` messages due at one instant T."""
     lead_ms = 3000 + count // 5
@@ -98,7 +89,7 @@ def burst_once(s, r: redis.Redis, count: int) -> dict:
     # Redis' own CPU per message (promote, read, ack) is steadier than wall time on
     # shared cores, and tells a slower Redis from a busier machine.
     cpu0 = redis_cpu(r)
-    lines = wait_echoes(s, lambda ls: sum(e["runAt"] == run_at for e in ls) >= count, 120)
+    lines = s.wait_for_echoes(lambda ls: sum(e["runAt"] == run_at for e in ls) >= count, 120)
     cpu = redis_cpu(r) - cpu0
     mine = [e for e in lines if e["runAt"] == run_at]
     return {**burst_figures(mine, run_at, count), "redis_cpu_us_per_msg": cpu / count * 1e6}
@@ -130,7 +121,7 @@ def one_size(backlog: int, burst: int, repeats: int, rate: float, seconds: float
         s.spawn("worker1", ["worker", "--consumer-name", "w1"])
         s.wait_for_log("worker", "worker started", every=True)
         accepted = asyncio.run(post_at_rate(url, rate, seconds, int(DELAY_S * 1000)))
-        lines = wait_echoes(s, lambda ls: accepted <= {e["uuid"] for e in ls}, DELAY_S + 20)
+        lines = s.wait_for_echoes(lambda ls: accepted <= {e["uuid"] for e in ls}, DELAY_S + 20)
         steady = [e["handledAt"] - e["runAt"] for e in lines if e["uuid"] in accepted]
         backlog_left = r.zcard(delayed_key)
         r.close()

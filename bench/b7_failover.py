@@ -55,13 +55,7 @@ def run(rate: float = 100.0, seconds: float = 20.0) -> dict:
         killer.start()
         accepted = asyncio.run(post_at_rate(url, rate, seconds, 2000))
         killer.join()
-        deadline = time.monotonic() + 20
-        lines: list[dict] = []
-        while time.monotonic() < deadline:
-            lines = s.echo_lines()
-            if accepted <= {e["uuid"] for e in lines}:
-                break
-            time.sleep(0.2)
+        lines = s.wait_for_echoes(lambda ls: accepted <= {e["uuid"] for e in ls}, 20)
         acquired = []
         for name, _ in s.processes:
             if name.startswith("scheduler"):

@@ -16,7 +16,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,6 +37,12 @@ def percentile(values: Sequence[float], q: float) -> float:
         return float("nan")
     rank = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
     return ordered[rank]
+
+
+def redis_cpu(r) -> float:
+    """Seconds of CPU the Redis server has used (``INFO cpu``), steadier than wall time."""
+    info = r.info("cpu")
+    return info["used_cpu_user"] + info["used_cpu_sys"]
 
 
 def lateness_figures(late: Sequence[float]) -> dict[str, float]:
@@ -123,6 +129,15 @@ class Stack:
                 for raw in data[: data.rfind(b"\n") + 1].splitlines():
                     if raw.startswith(b"{"):
                         lines.append(json.loads(raw))
+        return lines
+
+    def wait_for_echoes(self, done: Callable[[list[dict]], bool], timeout: float) -> list[dict]:
+        """The workers' echo lines once ``done`` says they are complete, or at the timeout."""
+        deadline = time.monotonic() + timeout
+        lines = self.echo_lines()
+        while not done(lines) and time.monotonic() < deadline:
+            time.sleep(0.2)
+            lines = self.echo_lines()
         return lines
 
     def stop_processes(self, names: Sequence[str] | None = None) -> None:

@@ -24,14 +24,9 @@ from app.model import NewMessage
 from app.settings import Settings
 from app.store import Store, connect
 from bench.b6_backlog import PREFIX, load_backlog, settle_aof
-from bench.common import print_table, stack, write_result
+from bench.common import print_table, redis_cpu, stack, write_result
 
 BATCH = 1000
-
-
-def _cpu_s(r: redis.Redis) -> float:
-    info = r.info("cpu")
-    return info["used_cpu_user"] + info["used_cpu_sys"]
 
 
 def _command_s(r: redis.Redis) -> dict[str, float]:
@@ -50,9 +45,9 @@ async def _phases(url: str, r: redis.Redis, count: int) -> dict[str, tuple[float
 
     async def measure(name: str, phase) -> None:
         r.config_resetstat()
-        cpu = _cpu_s(r)
+        cpu = redis_cpu(r)
         await phase()
-        out[name] = (_cpu_s(r) - cpu, _command_s(r))
+        out[name] = (redis_cpu(r) - cpu, _command_s(r))
 
     body = "x" * 100
     try:
