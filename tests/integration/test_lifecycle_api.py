@@ -22,8 +22,8 @@ from app.keys import Keyspace
 from app.model import State
 from app.settings import Settings
 from app.store import Store
+from tests.aio import Harness
 from tests.integration.test_scripts import (
-    Harness,
     redis_now_ms,
     retained,
     stream_uuids,
@@ -45,16 +45,6 @@ TOKEN = "s3cret-token-0123456789"
 
 
 @pytest.fixture
-def ks(prefix: str) -> Keyspace:
-    return Keyspace(prefix)
-
-
-@pytest.fixture
-def r(redis_client: redis.Redis) -> redis.Redis:
-    return redis_client
-
-
-@pytest.fixture
 def settings(redis_url: str, prefix: str) -> Settings:
     return Settings.from_env(
         {},
@@ -71,15 +61,6 @@ def client(settings: Settings, redis_client: redis.Redis) -> Iterator[TestClient
     # redis_client: the test's keys are deleted afterwards.
     with TestClient(create_app(settings), raise_server_exceptions=True) as test_client:
         yield test_client
-
-
-@pytest.fixture
-def h(redis_url: str, prefix: str, redis_client: redis.Redis) -> Iterator[Harness]:
-    harness = Harness(redis_url, prefix)
-    try:
-        yield harness
-    finally:
-        harness.close()
 
 
 @pytest.fixture

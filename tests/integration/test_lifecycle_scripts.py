@@ -5,10 +5,7 @@ the real Redis. Same style as test_scripts.py: sync tests, a private event loop.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
-import redis
 
 from app import lifecycle_store
 from app.codec import decode_record, encode_record, member, uuid_key, uuid_text
@@ -16,8 +13,8 @@ from app.keys import Keyspace
 from app.lifecycle_store import Lifecycle, Outcome
 from app.model import State
 from app.store import LEADER_TTL_MS, Store, encode_epoch
+from tests.aio import Harness
 from tests.integration.test_scripts import (
-    Harness,
     delayed_members,
     new,
     pending,
@@ -29,26 +26,6 @@ from tests.integration.test_scripts import (
 )
 
 FAR = 253402300799999
-
-
-@pytest.fixture
-def h(redis_url: str, prefix: str, redis_client: redis.Redis) -> Iterator[Harness]:
-    # redis_client is requested so the test's keys are deleted afterwards.
-    harness = Harness(redis_url, prefix)
-    try:
-        yield harness
-    finally:
-        harness.close()
-
-
-@pytest.fixture
-def ks(prefix: str) -> Keyspace:
-    return Keyspace(prefix)
-
-
-@pytest.fixture
-def r(redis_client: redis.Redis) -> redis.Redis:
-    return redis_client
 
 
 def named(h: Harness, identifier: str) -> Store:

@@ -7,12 +7,11 @@ measured on Redis' clock where the scripts use Redis' clock.
 
 from __future__ import annotations
 
-import asyncio
 import time
 import uuid as uuidlib
 from collections import Counter
-from collections.abc import Callable, Coroutine, Iterator
-from typing import Any, TypeVar
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 import redis
@@ -30,57 +29,8 @@ from hypothesis.stateful import (
 from app.codec import decode_record, member_uuid, uuid_key, uuid_text
 from app.keys import CONSUMER_GROUP, Keyspace
 from app.model import NewMessage, State
-from app.settings import Settings
-from app.store import Delivery, StorageFormatError, Store, connect, encode_epoch
-
-T = TypeVar("T")
-
-
-class Harness:
-    """A private event loop and the Stores built on it, all closed at the end."""
-
-    def __init__(self, redis_url: str, prefix: str) -> None:
-        self.redis_url = redis_url
-        self.prefix = prefix
-        self.loop = asyncio.new_event_loop()
-        self.clients: list[Any] = []
-
-    def store(self, **overrides: Any) -> Store:
-        settings = Settings.from_env({}, redis_url=self.redis_url, prefix=self.prefix, **overrides)
-        client = connect(settings, socket_timeout=2.0)
-        self.clients.append(client)
-        return Store(client, settings)
-
-    def run(self, coro: Coroutine[Any, Any, T]) -> T:
-        return self.loop.run_until_complete(coro)
-
-    def close(self) -> None:
-        try:
-            for client in self.clients:
-                self.run(client.aclose())
-        finally:
-            self.loop.close()
-
-
-@pytest.fixture
-def h(redis_url: str, prefix: str, redis_client: redis.Redis) -> Iterator[Harness]:
-    # redis_client is requested so the test's keys are deleted afterwards.
-    harness = Harness(redis_url, prefix)
-    try:
-        yield harness
-    finally:
-        harness.close()
-
-
-@pytest.fixture
-def ks(prefix: str) -> Keyspace:
-    return Keyspace(prefix)
-
-
-@pytest.fixture
-def r(redis_client: redis.Redis) -> redis.Redis:
-    return redis_client
-
+from app.store import Delivery, StorageFormatError, Store, encode_epoch
+from tests.aio import Harness
 
 # --- helpers ---------------------------------------------------------------------------------
 
