@@ -38,11 +38,7 @@ def redis_benchmark_xadd(port: int, count: int) -> float:
 
 def burst(workers: int, count: int) -> dict:
     with stack() as s:
-        for i in range(2):
-            s.spawn(f"scheduler{i}", ["scheduler"])
-        for i in range(workers):
-            s.spawn(f"worker{i}", ["worker", "--consumer-name", f"w{i}"])
-        s.wait_until_serving()
+        s.serve(schedulers=2, workers=workers)
         run_at = int(time.time() * 1000) + 4000
         asyncio.run(load(s.redis.url, "bench", count, run_at))
         if time.time() * 1000 > run_at:

@@ -41,11 +41,7 @@ def echoed_count(s) -> int:
 def measure(rate: float, seconds: float, delay: float) -> dict:
     with stack() as s:
         url = s.api() + "/api/v1/save-message"
-        for i in range(2):
-            s.spawn(f"scheduler{i}", ["scheduler"])
-        for i in range(2):
-            s.spawn(f"worker{i}", ["worker", "--consumer-name", f"w{i}"])
-        s.wait_until_serving()
+        s.serve(schedulers=2, workers=2)
         started = time.monotonic()
         posted = asyncio.run(send_at_rate(url, rate, seconds, int(delay * 1000)))
         post_s = time.monotonic() - started

@@ -108,10 +108,7 @@ def one_size(backlog: int, burst: int, repeats: int, rate: float, seconds: float
             raise RuntimeError(f"backlog of {backlog:,} not all scheduled")
 
         url = s.api() + "/api/v1/save-message"
-        for i in range(2):
-            s.spawn(f"scheduler{i}", ["scheduler"])
-        s.spawn("worker0", ["worker", "--consumer-name", "w0"])
-        s.wait_until_serving()
+        s.serve(schedulers=2, workers=1)
 
         # (a) bursts as B3 with one worker; the median of several, since one burst
         # on two shared cores varies by tens of per cent from run to run.

@@ -37,11 +37,7 @@ def leader_name(s) -> str | None:
 def run(rate: float = 100.0, seconds: float = 20.0) -> dict:
     with stack(zk_session_timeout=str(SESSION)) as s:
         url = s.api() + "/api/v1/save-message"
-        for i in range(3):
-            s.spawn(f"scheduler{i}", ["scheduler"])
-        for i in range(2):
-            s.spawn(f"worker{i}", ["worker", "--consumer-name", f"w{i}"])
-        s.wait_until_serving()
+        s.serve(schedulers=3, workers=2)
         killed: dict[str, float] = {}
 
         def kill_leader_later() -> None:

@@ -115,6 +115,14 @@ class Stack:
                 raise RuntimeError(f"no {event!r} from {prefix}* within {timeout} s")
             time.sleep(0.05)
 
+    def serve(self, schedulers: int, workers: int) -> None:
+        """Start schedulers and workers (named scheduler<i>, worker<i>) and wait until serving."""
+        for i in range(schedulers):
+            self.spawn(f"scheduler{i}", ["scheduler"])
+        for i in range(workers):
+            self.spawn(f"worker{i}", ["worker", "--consumer-name", f"w{i}"])
+        self.wait_until_serving()
+
     def wait_until_serving(self) -> None:
         """A scheduler leads and every worker has started: nothing posted now waits on start-up."""
         self.wait_for_log("scheduler", "leadership acquired", every=False)
