@@ -15,6 +15,7 @@ chaos: bootstrap  ## only the chaos suite (tests/chaos): kills, pauses, partitio
 lint: bootstrap
 	$(VENV)/ruff check .
 	$(VENV)/ruff format --check .
+	$(VENV)/lint-imports
 
 bootstrap:
 	@scripts/bootstrap

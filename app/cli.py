@@ -7,8 +7,8 @@ import asyncio
 import signal
 import sys
 
-from app import cli_ops
-from app.logging import configure, get_logger
+from app.log import configure, get_logger
+from app.ops import commands
 from app.settings import Settings, SettingsError
 
 log = get_logger("cli")
@@ -63,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     up.add_argument("--schedulers", type=int, default=2, help="scheduler processes (2)")
     up.add_argument("--workers", type=int, default=2, help="worker processes (2)")
-    cli_ops.add_commands(sub)
+    commands.add_commands(sub)
     return parser
 
 
@@ -81,8 +81,8 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(f"invalid setting {exc}")
     configure(settings.log_format, settings.log_level, process=args.command)
 
-    if args.command in cli_ops.COMMANDS:
-        return cli_ops.run(args, settings)
+    if args.command in commands.COMMANDS:
+        return commands.run(args, settings)
     if args.command == "api":
         if not 0 < args.port < 65536:
             return _fail("--port must be between 1 and 65535")
@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
             return _fail(str(exc))
         return 0
     if args.command == "up":
-        from app.stack import run_stack
+        from app.ops.stack import run_stack
 
         return run_stack(args)
     parser.error(f"unknown command {args.command}")
@@ -132,7 +132,7 @@ def _run_async(coro) -> None:
 def run_api(settings: Settings, host: str, port: int) -> int:
     import uvicorn
 
-    from app.api import create_app
+    from app.http.app import create_app
 
     config = uvicorn.Config(
         create_app(settings),

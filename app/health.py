@@ -20,31 +20,14 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from app import metrics
-from app.store import Store
 
 ReadyCheck = Callable[[], Awaitable[dict[str, bool]]]
+# The queue's figures (``Store.queue_stats``), read when /metrics is scraped.
+QueueFigures = Callable[[], Awaitable[metrics.QueueFigures]]
 
 
-async def refresh_queue_gauges(store: Store) -> None:
-    stats = await store.queue_stats()
-    metrics.DELAYED.set(stats.delayed)
-    metrics.STREAM_LENGTH.set(stats.stream_length)
-    metrics.STREAM_LAG.set(stats.lag)
-    metrics.PENDING.set(stats.pending)
-    metrics.DEAD.set(stats.dead)
-    metrics.CONSUMERS.set(stats.consumers)
-
-
-async def redis_ready(store: Store) -> bool:
-    try:
-        await store.client.ping()
-    except (RedisError, OSError):
-        return False
-    return True
-
-
-def health_routes(store_of: Callable[[], Store], ready: ReadyCheck) -> list[Route]:
-    """``store_of`` is called per request: the API builds its store in the lifespan."""
+def health_routes(ready: ReadyCheck, figures: QueueFigures) -> list[Route]:
+    """``ready`` names each dependency and whether it answers; ``figures`` is asked per scrape."""
 
     async def healthz(request: Request) -> JSONResponse:
         return JSONResponse({"status": "ok"})
@@ -58,7 +41,7 @@ def health_routes(store_of: Callable[[], Store], ready: ReadyCheck) -> list[Rout
 
     async def metrics_endpoint(request: Request) -> Response:
         with contextlib.suppress(RedisError, OSError):
-            await refresh_queue_gauges(store_of())
+            metrics.set_queue_gauges(await figures())
         body, content_type = metrics.exposition()
         return Response(body, media_type=content_type)
 
@@ -79,8 +62,8 @@ class _Server(uvicorn.Server):
 class HealthServer:
     """Serves the health routes on ``host:port`` inside the running event loop."""
 
-    def __init__(self, host: str, port: int, store: Store, ready: ReadyCheck) -> None:
-        app = Starlette(routes=health_routes(lambda: store, ready))
+    def __init__(self, host: str, port: int, ready: ReadyCheck, figures: QueueFigures) -> None:
+        app = Starlette(routes=health_routes(ready, figures))
         config = uvicorn.Config(
             app, host=host, port=port, log_config=None, access_log=False, lifespan="off"
         )
@@ -102,9 +85,12 @@ class HealthServer:
         await self._task
 
 
-async def maybe_start(host: str, port: int, store: Store, ready: ReadyCheck) -> HealthServer | None:
+async def maybe_start(
+    host: str, port: int, ready: ReadyCheck, figures: QueueFigures
+) -> HealthServer | None:
+    """The health server of a scheduler or worker, started; None when ``port`` is 0 (off)."""
     if not port:
         return None
-    server = HealthServer(host, port, store, ready)
+    server = HealthServer(host, port, ready, figures)
     await server.start()
     return server

@@ -9,6 +9,7 @@ from __future__ import annotations
 import time
 from bisect import bisect_left
 from collections.abc import Iterator, Sequence
+from typing import Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
@@ -204,6 +205,26 @@ HTTP_DURATION = LoopHistogram(
     ["route"],
     buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
 )
+
+
+class QueueFigures(Protocol):
+    """What the queue gauges show (``app.store.QueueStats`` has these)."""
+
+    delayed: int
+    stream_length: int
+    lag: int
+    pending: int
+    dead: int
+    consumers: int
+
+
+def set_queue_gauges(figures: QueueFigures) -> None:
+    DELAYED.set(figures.delayed)
+    STREAM_LENGTH.set(figures.stream_length)
+    STREAM_LAG.set(figures.lag)
+    PENDING.set(figures.pending)
+    DEAD.set(figures.dead)
+    CONSUMERS.set(figures.consumers)
 
 
 def exposition() -> tuple[bytes, str]:

@@ -11,6 +11,7 @@ import enum
 import re
 import uuid as uuidlib
 from dataclasses import dataclass, field
+from typing import Any
 
 import msgspec
 
@@ -22,6 +23,8 @@ _CANONICAL_UUID = re.compile(
     r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}\Z"
 )
 _PATH_FIELD = re.compile(r"at `\$\.(\w+)")
+_MISSING = re.compile(r"missing required field `(\w+)`")
+_UNKNOWN = re.compile(r"unknown field `([^`]*)`")
 
 
 class State(enum.StrEnum):
@@ -73,24 +76,27 @@ class NewMessage(msgspec.Struct, frozen=True, gc=False):
 _decoder = msgspec.json.Decoder(SaveMessage)
 
 
-def parse_save_message(body: bytes, max_message_bytes: int) -> NewMessage:
-    """Decode and validate one body; raise InvalidInput naming the field."""
+def decode_json(body: bytes, decoder: msgspec.json.Decoder) -> Any:
+    """Decode a JSON body: InvalidInput 400 for malformed JSON, 422 naming the field for a
+    wrong type, a missing or an unknown field. Every JSON body of the API goes through here."""
     try:
-        req = _decoder.decode(body)
+        return decoder.decode(body)
     except msgspec.ValidationError as exc:
         text = str(exc)
-        match = _PATH_FIELD.search(text)
-        missing = re.search(r"missing required field `(\w+)`", text)
-        unknown = re.search(r"unknown field `([^`]*)`", text)
-        if missing:
+        if missing := _MISSING.search(text):
             raise InvalidInput(f"field is required: {missing.group(1)}", missing.group(1)) from None
-        if unknown:
+        if unknown := _UNKNOWN.search(text):
             raise InvalidInput(f"unknown field: {unknown.group(1)}", unknown.group(1)) from None
+        match = _PATH_FIELD.search(text)
         raise InvalidInput(text, match.group(1) if match else None) from None
     except (msgspec.DecodeError, UnicodeDecodeError) as exc:
         # msgspec raises UnicodeDecodeError for invalid UTF-8 inside a JSON string.
         raise InvalidInput(f"malformed JSON: {exc}", None, status=400) from None
-    return validate(req, max_message_bytes)
+
+
+def parse_save_message(body: bytes, max_message_bytes: int) -> NewMessage:
+    """Decode and validate one body; raise InvalidInput naming the field."""
+    return validate(decode_json(body, _decoder), max_message_bytes)
 
 
 def validate(req: SaveMessage, max_message_bytes: int) -> NewMessage:
@@ -123,7 +129,7 @@ def normalize_uuid(value: str | None) -> str:
 
 @dataclass(frozen=True, slots=True)
 class Record:
-    """What Redis holds about one message (``{prefix}:messages`` field; see ``app.codec``)."""
+    """What Redis holds about one message (``{prefix}:messages`` field; see ``app.store.codec``)."""
 
     uuid: str
     state: State

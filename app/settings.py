@@ -14,8 +14,6 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlparse
 
-from app.keys import LEGACY_DELAYED, LEGACY_IN_FLIGHT, LEGACY_QUEUE, Keyspace, LegacyLists, hash_tag
-
 
 class SettingsError(ValueError):
     """A setting is invalid; ``variable`` names the environment variable."""
@@ -31,6 +29,28 @@ _HOST_PORT_RE = re.compile(r"^[A-Za-z0-9_.\-\[\]:]+:\d{1,5}$")
 _LIST_NAME_RE = re.compile(r"^[!-~]{1,256}\Z")  # printable ASCII, no spaces
 _TRUE = ("true", "1", "yes", "on")
 _FALSE = ("false", "0", "no", "off")
+
+
+# The original service's list names. Old producers hard-code them, so they are not
+# prefixed; operators who renamed them set EAT_LEGACY_* (``app.store.keys.LegacyLists``).
+LEGACY_DELAYED = "QueueDelayed"
+LEGACY_QUEUE = "Queue"
+LEGACY_IN_FLIGHT = "QueueDead"
+
+
+def hash_tag(key: str) -> str | None:
+    """The part of ``key`` Redis Cluster hashes (``{...}``), or None when it has none.
+
+    Redis' rule: the first ``{``, then the first ``}`` after it, with at least
+    one character between them; otherwise the whole key is hashed.
+    """
+    start = key.find("{")
+    if start < 0:
+        return None
+    end = key.find("}", start + 1)
+    if end <= start + 1:
+        return None
+    return key[start + 1 : end]
 
 
 def _env(name: str) -> str:
@@ -180,14 +200,6 @@ class Settings:
             "names one hash tag."
         },
     )
-
-    @property
-    def keys(self) -> Keyspace:
-        return Keyspace(self.prefix)
-
-    @property
-    def legacy(self) -> LegacyLists:
-        return LegacyLists(self.legacy_delayed, self.legacy_queue, self.legacy_in_flight)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:

@@ -13,7 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from app.child_servers import free_port
+from app.ops.servers import free_port
 from bench.common import print_table, stack, write_result
 
 HERE = Path(__file__).resolve().parent

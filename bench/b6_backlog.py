@@ -19,6 +19,7 @@ import redis
 from app.model import NewMessage
 from app.settings import Settings
 from app.store import Store, connect
+from app.store.keys import Keyspace
 from bench.b3_burst import load as load_burst
 from bench.b4_steady import post_at_rate
 from bench.common import (
@@ -103,7 +104,7 @@ def one_size(backlog: int, burst: int, repeats: int, rate: float, seconds: float
         load_s = time.monotonic() - t0
         aof_s = settle_aof(r)
         used = r.info("memory")["used_memory"]
-        delayed_key = Settings.from_env({}, prefix=PREFIX).keys.delayed
+        delayed_key = Keyspace(PREFIX).delayed
         if r.zcard(delayed_key) != backlog:
             raise RuntimeError(f"backlog of {backlog:,} not all scheduled")
 

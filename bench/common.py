@@ -22,7 +22,7 @@ from pathlib import Path
 
 import httpx
 
-from app.child_servers import RedisServer, ZooKeeperServer, free_port
+from app.ops.servers import RedisServer, ZooKeeperServer, free_port
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

@@ -30,7 +30,7 @@ from kazoo.exceptions import KazooException
 from kazoo.handlers.threading import KazooTimeoutError
 from kazoo.security import make_digest_acl
 
-from app.logging import get_logger
+from app.log import get_logger
 from election.gate import Role
 
 log = get_logger("election")

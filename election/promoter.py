@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from redis.exceptions import RedisError
 
 from app import metrics
-from app.logging import get_logger
+from app.log import get_logger
 from app.store import Store
 from election.gate import LeadershipGate
 

@@ -11,14 +11,15 @@ import socket
 from redis.exceptions import RedisError
 
 from app import metrics
-from app.health import maybe_start, redis_ready
-from app.logging import get_logger
+from app.health import maybe_start
+from app.log import get_logger
 from app.settings import Settings
 from app.store import Store, connect
+from app.store.keys import LegacyLists
+from election.bridge import LegacyBridge
 from election.gate import LeadershipGate, Role
 from election.leadership import LeaderElection
 from election.promoter import Promoter, listen_for_wakeups
-from workers.bridge import LegacyBridge
 
 log = get_logger("scheduler")
 
@@ -61,7 +62,7 @@ async def run_scheduler(settings: Settings, identifier: str | None = None) -> No
     gate = LeadershipGate()
     promoter = Promoter(store, gate)
     # The legacy list bridge works only while this process leads (the gate is open).
-    bridge = LegacyBridge(store, gate, settings.legacy) if settings.legacy_bridge else None
+    bridge = LegacyBridge(store, gate, LegacyLists.of(settings)) if settings.legacy_bridge else None
 
     def export_role() -> None:
         metrics.LEADER.set(1 if gate.is_open else 0)
@@ -74,7 +75,7 @@ async def run_scheduler(settings: Settings, identifier: str | None = None) -> No
 
     election = LeaderElection(
         settings.zk_hosts,
-        settings.keys.zk_election,
+        store.keys.zk_election,
         identifier,
         settings.zk_session_timeout,
         report,
@@ -82,11 +83,11 @@ async def run_scheduler(settings: Settings, identifier: str | None = None) -> No
     )
 
     async def ready() -> dict[str, bool]:
-        return {"redis": await redis_ready(store), "zookeeper": election.client.connected}
+        return {"redis": await store.answers(), "zookeeper": election.client.connected}
 
-    log.info("scheduler starting", identifier=identifier, path=settings.keys.zk_election)
+    log.info("scheduler starting", identifier=identifier, path=store.keys.zk_election)
     election.start()
-    health = await maybe_start(settings.health_host, settings.health_port, store, ready)
+    health = await maybe_start(settings.health_host, settings.health_port, ready, store.queue_stats)
     tasks = [
         asyncio.create_task(promoter.run(), name="promoter"),
         asyncio.create_task(listen_for_wakeups(store, promoter), name="wakeups"),

@@ -17,7 +17,7 @@ from typing import Any
 
 import msgspec
 
-from app.keys import LEGACY_QUEUE
+from app.settings import LEGACY_QUEUE
 from app.store import Delivery
 
 Handler = Callable[[Delivery], "Awaitable[None] | None"]

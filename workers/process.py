@@ -7,9 +7,10 @@ import os
 import signal
 import socket
 
-from app.health import maybe_start, redis_ready
+from app.health import maybe_start
 from app.settings import Settings
 from app.store import Store, connect
+from app.store.keys import LegacyLists
 from workers.handlers import HandlerSpecError, load_handler
 from workers.worker import Worker
 
@@ -28,7 +29,7 @@ def check_list_name(settings: Settings, handler_spec: str, list_name: str | None
     if handler_spec != "list":
         return list_name
     name = list_name or settings.legacy_queue
-    lists = settings.legacy
+    lists = LegacyLists.of(settings)
     if settings.legacy_bridge and name in (lists.queue, lists.delayed, lists.in_flight):
         raise HandlerSpecError(
             f"--list-name {name!r} is a legacy list the bridge reads while EAT_LEGACY_BRIDGE "
@@ -59,9 +60,9 @@ async def run_worker(
     store = worker.store
 
     async def ready() -> dict[str, bool]:
-        return {"redis": await redis_ready(store)}
+        return {"redis": await store.answers()}
 
-    health = await maybe_start(settings.health_host, settings.health_port, store, ready)
+    health = await maybe_start(settings.health_host, settings.health_port, ready, store.queue_stats)
     try:
         await worker.run()
     finally:

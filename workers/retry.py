@@ -5,6 +5,8 @@ from __future__ import annotations
 import random
 from collections.abc import Callable
 
+from app.backoff import equal_jitter, exponential
+
 
 def backoff_seconds(
     attempt: int, base: float, cap: float, rand: Callable[[], float] = random.random
@@ -16,7 +18,4 @@ def backoff_seconds(
     whatever the handler calls) so they do not return as one burst; the fixed
     half keeps the delay from collapsing to zero.
     """
-    if attempt < 1:
-        raise ValueError("attempt counts from 1")
-    ceiling = min(cap, base * 2.0 ** min(attempt - 1, 62))
-    return ceiling / 2 + ceiling / 2 * rand()
+    return equal_jitter(exponential(attempt, base, cap), rand)

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from redis.exceptions import RedisError
 
 from app import metrics
-from app.logging import get_logger
+from app.log import get_logger
 from app.store import Delivery, Store
 from workers.handlers import Handler, is_async
 from workers.retry import backoff_seconds

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from app.child_servers import RedisServer, ZooKeeperEnsemble
+from app.ops.servers import RedisServer, ZooKeeperEnsemble
 from tests.chaos.checker import Report, Timeline, table_header, table_row, table_rule
 from tests.chaos.rig import ChaosEnv, Faults, chaos_env
 from tests.e2e.harness import ServiceProcess

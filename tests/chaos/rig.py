@@ -27,9 +27,9 @@ from typing import Any
 import redis
 from kazoo.client import KazooClient
 
-from app.child_servers import RedisServer, ZooKeeperEnsemble, ZooKeeperServer
-from app.codec import uuid_text
-from app.keys import CONSUMER_GROUP, Keyspace
+from app.ops.servers import RedisServer, ZooKeeperEnsemble, ZooKeeperServer
+from app.store.codec import uuid_text
+from app.store.keys import CONSUMER_GROUP, Keyspace
 from tests.chaos.checker import Report, Timeline, analyze
 from tests.chaos.load import LoadGenerator
 from tests.chaos.proxy import PausableProxy, ProxyGroup

@@ -23,7 +23,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from app.codec import uuid_text
+from app.store.codec import uuid_text
 from tests.chaos.checker import Report, echoes_of
 from tests.chaos.load import LoadGenerator
 from tests.chaos.rig import SESSION_TIMEOUT, ChaosEnv, Faults, SchedulerSpec

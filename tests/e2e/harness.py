@@ -37,7 +37,7 @@ from typing import Any, Self
 
 import httpx
 
-from app.child_servers import free_port
+from app.ops.servers import free_port
 
 LOCALHOST = "127.0.0.1"
 POLL_INTERVAL = 0.02  # seconds between two looks at a condition

@@ -19,10 +19,10 @@ from typing import Any
 import pytest
 import redis
 
-from app.keys import CONSUMER_GROUP, Keyspace
 from app.model import NewMessage
 from app.settings import Settings
 from app.store import Store, connect
+from app.store.keys import CONSUMER_GROUP, Keyspace
 from tests.e2e.harness import Cluster, assert_echoed_exactly_once, now_ms, within
 
 pytestmark = pytest.mark.e2e

@@ -19,7 +19,8 @@ from typing import Any
 import pytest
 import redis
 
-from app.keys import CONSUMER_GROUP, Keyspace, LegacyLists
+from app.store.keys import CONSUMER_GROUP, Keyspace, LegacyLists
+from election.bridge import legacy_uuid
 from tests.e2e.harness import (
     Cluster,
     ServiceProcess,
@@ -28,7 +29,6 @@ from tests.e2e.harness import (
     now_ms,
     within,
 )
-from workers.bridge import legacy_uuid
 
 pytestmark = pytest.mark.e2e
 

@@ -21,9 +21,9 @@ from typing import Any
 import pytest
 import redis
 
-from app.codec import decode_record, member_uuid, uuid_key, uuid_text
-from app.keys import CONSUMER_GROUP, Keyspace
 from app.model import State
+from app.store.codec import decode_record, member_uuid, uuid_key, uuid_text
+from app.store.keys import CONSUMER_GROUP, Keyspace
 from tests.e2e.harness import (
     ApiClient,
     Cluster,

@@ -11,7 +11,7 @@ import httpx
 import pytest
 from kazoo.client import KazooClient
 
-from app.child_servers import RedisServer, free_port
+from app.ops.servers import RedisServer, free_port
 from tests.e2e.harness import Cluster, ServiceProcess, now_ms, wait_until, within
 
 pytestmark = pytest.mark.e2e

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 import pytest
 import redis
 
-from app.keys import Keyspace
+from app.store.keys import Keyspace
 from tests.aio import Harness
 
 

@@ -11,12 +11,12 @@ from collections.abc import Iterator
 import pytest
 import redis
 
-from app.api import BODY_OVERHEAD, create_app
-from app.child_servers import free_port
-from app.codec import uuid_key
-from app.keys import Keyspace
+from app.http.app import BODY_OVERHEAD, create_app
+from app.ops.servers import free_port
 from app.settings import Settings
 from app.store import StorageFormatError
+from app.store.codec import uuid_key
+from app.store.keys import Keyspace
 
 with warnings.catch_warnings():
     # Starlette's test client asks for httpx2 at import; the project's test extra has httpx.

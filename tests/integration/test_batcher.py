@@ -9,11 +9,12 @@ import pytest
 import redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from app.batcher import AcceptBatcher
-from app.child_servers import free_port
+from app.http.batcher import AcceptBatcher
 from app.model import NewMessage
+from app.ops.servers import free_port
 from app.settings import Settings
 from app.store import Store, connect
+from app.store.keys import Keyspace
 
 FUTURE = 253402300799999
 
@@ -53,7 +54,7 @@ def test_concurrent_accepts_share_round_trips_and_each_gets_its_own_answer(
         assert result.created
         assert result.state == ("queued" if msg.run_at == 1 else "scheduled")
     assert not results[-1].created and results[-1].state == results[7].state
-    keys = settings.keys
+    keys = Keyspace(settings.prefix)
     assert redis_client.hlen(keys.messages) == len(msgs)
     assert redis_client.xlen(keys.stream) == 100
     assert redis_client.zcard(keys.delayed) == 200
@@ -105,7 +106,7 @@ def test_one_call_publishes_one_wake_up_when_it_brings_a_new_earliest(
 ) -> None:
     settings = Settings.from_env({}, redis_url=redis_url, prefix=prefix)
     pubsub = redis_client.pubsub(ignore_subscribe_messages=True)
-    pubsub.subscribe(settings.keys.wake_channel)
+    pubsub.subscribe(Keyspace(settings.prefix).wake_channel)
     try:
         pubsub.get_message(timeout=1.0)  # the subscribe confirmation
 

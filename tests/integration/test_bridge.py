@@ -20,14 +20,15 @@ from collections.abc import AsyncIterator
 import pytest
 import redis
 
-from app.codec import member_uuid, uuid_key, uuid_text
 from app.model import NewMessage, State
 from app.settings import Settings
 from app.store import Delivery, Store
+from app.store.codec import member_uuid, uuid_key, uuid_text
+from app.store.keys import Keyspace, LegacyLists
+from election.bridge import LegacyBridge, legacy_uuid
 from election.gate import LeadershipGate, Role
 from tests import aio
 from tests.aio import open_store
-from workers.bridge import LegacyBridge, legacy_uuid
 from workers.handlers import make_list_handler
 from workers.worker import Worker
 
@@ -71,7 +72,7 @@ def leading_gate(epoch: int = 1) -> LeadershipGate:
 async def bridging(
     store: Store, gate: LeadershipGate, **options: int
 ) -> AsyncIterator[LegacyBridge]:
-    bridge = LegacyBridge(store, gate, store.settings.legacy, **options)
+    bridge = LegacyBridge(store, gate, LegacyLists.of(store.settings), **options)
     task = asyncio.create_task(bridge.run(), name="bridge")
     try:
         yield bridge
@@ -88,20 +89,20 @@ def item(message: str, run_at: int, uuid: str | None) -> bytes:
 
 
 def stream_uuids(client: redis.Redis, settings: Settings) -> list[str]:
-    return [uuid_text(f[b"u"]) for _id, f in client.xrange(settings.keys.stream)]
+    return [uuid_text(f[b"u"]) for _id, f in client.xrange(Keyspace(settings.prefix).stream)]
 
 
 def delayed_uuids(client: redis.Redis, settings: Settings) -> dict[str, int]:
-    members = client.zrange(settings.keys.delayed, 0, -1, withscores=True)
+    members = client.zrange(Keyspace(settings.prefix).delayed, 0, -1, withscores=True)
     return {member_uuid(member): int(score) for member, score in members}
 
 
 def dead_entries(client: redis.Redis, settings: Settings) -> list[dict[bytes, bytes]]:
-    return [fields for _id, fields in client.xrange(settings.keys.dead)]
+    return [fields for _id, fields in client.xrange(Keyspace(settings.prefix).dead)]
 
 
 def list_lengths(client: redis.Redis, settings: Settings) -> tuple[int, int, int]:
-    lists = settings.legacy
+    lists = LegacyLists.of(settings)
     return (client.llen(lists.queue), client.llen(lists.delayed), client.llen(lists.in_flight))
 
 
@@ -117,7 +118,7 @@ def assert_each_accepted_once(
     )
     repeated = {u: n for u, n in counts.items() if n > 1}
     assert not repeated, f"accepted more than once: {repeated}"
-    assert client.hlen(settings.keys.messages) == len(expected)
+    assert client.hlen(Keyspace(settings.prefix).messages) == len(expected)
     return in_stream, delayed
 
 
@@ -125,7 +126,7 @@ def test_one_thousand_legacy_items_are_each_accepted_exactly_once_and_malformed_
     settings: Settings, redis_client: redis.Redis
 ) -> None:
     rng = random.Random(4)
-    lists = settings.legacy
+    lists = LegacyLists.of(settings)
     now = now_ms()
     later = now + 3_600_000
     queue_items: list[tuple[bytes, str]] = []  # (raw, uuid), in push order
@@ -206,7 +207,7 @@ def test_items_left_in_flight_by_a_crash_are_redriven_without_loss_or_duplicates
     settings: Settings, redis_client: redis.Redis
 ) -> None:
     """A bridge died after moving items into QueueDead: some it had accepted, some not."""
-    lists = settings.legacy
+    lists = LegacyLists.of(settings)
     now = now_ms()
     accepted_before = [item(f"accepted {i}", now + 3_600_000, new_uuid()) for i in range(50)]
     accepted_before += [item(f"accepted, no uuid {i}", now, None) for i in range(20)]
@@ -252,7 +253,7 @@ def test_items_left_in_flight_by_a_crash_are_redriven_without_loss_or_duplicates
 def test_the_bridge_does_nothing_while_the_gate_is_closed_and_redrives_first_when_it_opens(
     settings: Settings, redis_client: redis.Redis
 ) -> None:
-    lists = settings.legacy
+    lists = LegacyLists.of(settings)
     waiting = [item(f"w{i}", now_ms(), new_uuid()) for i in range(10)]
     stranded = item("left in flight", now_ms(), new_uuid())
 
@@ -265,7 +266,7 @@ def test_the_bridge_does_nothing_while_the_gate_is_closed_and_redrives_first_whe
             async with bridging(store, gate) as bridge:
                 await asyncio.sleep(0.5)
                 assert list_lengths(redis_client, settings) == (10, 0, 1)
-                assert redis_client.xlen(settings.keys.stream) == 0
+                assert redis_client.xlen(Keyspace(settings.prefix).stream) == 0
                 assert bridge.stats.moved == bridge.stats.redriven == 0
 
                 gate.set_role(Role.LEADER, 3)
@@ -299,9 +300,13 @@ def test_an_item_pushed_while_idle_is_accepted_within_the_legacy_latency(
         async with open_store(settings) as store, bridging(store, leading_gate()):
             await asyncio.sleep(1.0)  # idle long enough for the poll to back off fully
             pushed = time.monotonic()
-            await store.client.lpush(settings.legacy.queue, item("hi", now_ms(), new_uuid()))
+            await store.client.lpush(
+                LegacyLists.of(settings).queue, item("hi", now_ms(), new_uuid())
+            )
             await wait_until(
-                lambda: redis_client.xlen(settings.keys.stream) == 1, "accepted", within=5.0
+                lambda: redis_client.xlen(Keyspace(settings.prefix).stream) == 1,
+                "accepted",
+                within=5.0,
             )
             return time.monotonic() - pushed
 
@@ -313,7 +318,7 @@ def test_two_bridges_at_once_accept_each_item_exactly_once_without_a_lock(
     settings: Settings, redis_client: redis.Redis
 ) -> None:
     """A paused old leader waking up next to the new one: LMOVE and idempotency suffice."""
-    lists = settings.legacy
+    lists = LegacyLists.of(settings)
     raws = [item(f"m{i}", now_ms(), new_uuid() if i % 2 else None) for i in range(600)]
 
     async def scenario() -> tuple[LegacyBridge, LegacyBridge]:
@@ -365,7 +370,8 @@ def test_list_handler_pushes_each_due_message_where_an_old_consumer_finds_it(
                 await wait_until(lambda: redis_client.llen(target) == 3, "pushed onto the list")
                 await wait_until(
                     lambda: all(
-                        redis_client.hget(settings.keys.messages, uuid_key(u)) is not None
+                        redis_client.hget(Keyspace(settings.prefix).messages, uuid_key(u))
+                        is not None
                         for u in uuids
                     ),
                     "records",

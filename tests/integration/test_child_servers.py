@@ -1,4 +1,4 @@
-"""Real redis-server and ZooKeeper processes started by app/child_servers.py."""
+"""Real redis-server and ZooKeeper processes started by app/ops/servers.py."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 import redis
 from kazoo.client import KazooClient
 
-from app.child_servers import (
+from app.ops.servers import (
     MissingBinaryError,
     RedisServer,
     ServerStartError,

@@ -11,11 +11,12 @@ import httpx
 import pytest
 import redis
 
-from app.api import create_app
-from app.child_servers import free_port
-from app.health import HealthServer, redis_ready
+from app.health import HealthServer
+from app.http.app import create_app
+from app.ops.servers import free_port
 from app.settings import Settings
 from app.store import Store, connect
+from app.store.keys import Keyspace
 
 with warnings.catch_warnings():
     warnings.filterwarnings("ignore", "Using `httpx` with `starlette.testclient`", UserWarning)
@@ -115,9 +116,9 @@ def test_health_server_of_a_scheduler_or_worker_answers_and_reports_redis_readin
             store = Store(client, cfg)
 
             async def ready(store: Store = store) -> dict[str, bool]:
-                return {"redis": await redis_ready(store)}
+                return {"redis": await store.answers()}
 
-            server = HealthServer("127.0.0.1", port, store, ready)
+            server = HealthServer("127.0.0.1", port, ready, store.queue_stats)
             await server.start()
             try:
                 async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as http:
@@ -140,7 +141,7 @@ def test_metrics_report_pending_and_lag_of_the_workers_group(
 ) -> None:
     for _ in range(3):
         post(client, TOKEN, runAt=1)
-    stream = Settings.from_env({}, prefix=prefix).keys.stream
+    stream = Keyspace(prefix).stream
     redis_client.xgroup_create(stream, "workers", id="0")
     redis_client.xreadgroup("workers", "w1", {stream: ">"}, count=1)
     text = client.get("/metrics").text

@@ -1,4 +1,4 @@
-"""The save-message fast path (app/ingest.py) answers exactly like the Starlette route.
+"""The save-message fast path (app/http/ingest.py) answers exactly like the Starlette route.
 
 ApiApp serves ``POST /api/v1/save-message`` itself; under a ``root_path`` the same
 handler is reached through Starlette's routing and middleware instead. Each case is
@@ -20,10 +20,10 @@ import pytest
 import redis
 
 from app import metrics
-from app.api import BODY_OVERHEAD, ApiApp, create_app
-from app.codec import uuid_key
-from app.keys import Keyspace
+from app.http.app import BODY_OVERHEAD, ApiApp, create_app
 from app.settings import Settings
+from app.store.codec import uuid_key
+from app.store.keys import Keyspace
 
 with warnings.catch_warnings():
     warnings.filterwarnings("ignore", "Using `httpx` with `starlette.testclient`", UserWarning)

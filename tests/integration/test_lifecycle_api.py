@@ -16,12 +16,12 @@ from collections.abc import Iterator
 import pytest
 import redis
 
-from app.api import create_app
-from app.codec import encode_record, uuid_key
-from app.keys import Keyspace
+from app.http.app import create_app
 from app.model import State
 from app.settings import Settings
 from app.store import Store
+from app.store.codec import encode_record, uuid_key
+from app.store.keys import Keyspace
 from tests.aio import Harness
 from tests.integration.test_scripts import (
     redis_now_ms,
@@ -741,7 +741,7 @@ def test_every_lifecycle_route_needs_the_token_when_one_is_set(
 
 @pytest.fixture
 def unreachable_client(prefix: str) -> Iterator[TestClient]:
-    from app.child_servers import free_port
+    from app.ops.servers import free_port
 
     settings = Settings.from_env({}, redis_url=f"redis://127.0.0.1:{free_port()}/0", prefix=prefix)
     with TestClient(create_app(settings)) as test_client:

@@ -7,12 +7,11 @@ from __future__ import annotations
 
 import pytest
 
-from app import lifecycle_store
-from app.codec import decode_record, encode_record, member, uuid_key, uuid_text
-from app.keys import Keyspace
-from app.lifecycle_store import Lifecycle, Outcome
 from app.model import State
-from app.store import LEADER_TTL_MS, Store, encode_epoch
+from app.store import LEADER_TTL_MS, Store, encode_epoch, lifecycle
+from app.store.codec import decode_record, encode_record, member, uuid_key, uuid_text
+from app.store.keys import Keyspace
+from app.store.lifecycle import Lifecycle, Outcome
 from tests.aio import Harness
 from tests.integration.test_scripts import (
     delayed_members,
@@ -104,7 +103,7 @@ def test_reclaim_dead_letter_keeps_the_dead_entry_id(h, r, ks):
 
 
 def test_python_and_lua_spell_the_same_record(h, r, ks):
-    """app/codec.py (tests, status reads) and _record.lua (every write) share one format."""
+    """app/store/codec.py (tests, status reads) and _record.lua (every write) share one format."""
     store = h.store()
     msg = new("the body", run_at=FAR)
     h.run(store.accept(msg))
@@ -207,7 +206,7 @@ def test_reschedule_to_a_passed_time_puts_the_stored_body_in_the_stream(h, r, ks
 @pytest.fixture
 def small_batches(monkeypatch: pytest.MonkeyPatch) -> None:
     """Two entries per script call, so scans and replay-all take several calls."""
-    monkeypatch.setattr(lifecycle_store, "DEAD_BATCH", 2)
+    monkeypatch.setattr(lifecycle, "DEAD_BATCH", 2)
 
 
 def test_replay_all_replays_every_entry_over_several_atomic_batches(h, r, ks, small_batches):

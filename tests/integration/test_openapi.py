@@ -24,8 +24,8 @@ from schemathesis.checks import (
 from schemathesis.python import asgi as schemathesis_asgi
 from starlette.routing import Route
 
-from app import openapi
-from app.api import create_app
+from app.http import openapi
+from app.http.app import create_app
 from app.settings import Settings
 
 with warnings.catch_warnings():

@@ -15,11 +15,11 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 
-from app.codec import uuid_text
-from app.keys import CONSUMER_GROUP
 from app.model import NewMessage, State
 from app.settings import Settings
 from app.store import Store
+from app.store.codec import uuid_text
+from app.store.keys import CONSUMER_GROUP
 from election.gate import LeadershipGate, Role
 from election.promoter import Promoter, listen_for_wakeups
 from tests import aio

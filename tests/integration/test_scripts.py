@@ -26,10 +26,10 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
-from app.codec import decode_record, member_uuid, uuid_key, uuid_text
-from app.keys import CONSUMER_GROUP, Keyspace
 from app.model import NewMessage, State
 from app.store import Delivery, StorageFormatError, Store, encode_epoch
+from app.store.codec import decode_record, member_uuid, uuid_key, uuid_text
+from app.store.keys import CONSUMER_GROUP, Keyspace
 from tests.aio import Harness
 
 # --- helpers ---------------------------------------------------------------------------------

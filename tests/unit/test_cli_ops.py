@@ -17,8 +17,8 @@ from typing import Any
 import httpx
 import pytest
 
-from app import cli_ops
 from app.cli import build_parser
+from app.ops import commands
 from app.settings import Settings
 
 UUID = "123e4567-e89b-12d3-a456-426614174000"
@@ -45,11 +45,11 @@ def run(
 ) -> tuple[int, str, str]:
     out, err = io.StringIO(), io.StringIO()
     args = build_parser().parse_args(argv)
-    code = cli_ops.run(
+    code = commands.run(
         args,
         settings or Settings(),
         transport=httpx.MockTransport(api),
-        output=cli_ops.Output(out=out, err=err, tty=tty),
+        output=commands.Output(out=out, err=err, tty=tty),
     )
     return code, out.getvalue(), err.getvalue()
 

@@ -7,10 +7,10 @@ from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 
-from app import cli_ops
 from app.cli import build_parser
-from app.cli_ops import parse_at
 from app.model import RUN_AT_MAX
+from app.ops import commands
+from app.ops.commands import parse_at
 from app.settings import Settings
 from workers.handlers import HandlerSpecError, load_handler
 from workers.process import check_list_name
@@ -99,9 +99,9 @@ def test_at_refuses_a_relative_time_past_year_9999() -> None:
 
 
 def test_at_is_parsed_at_argument_time_relative_to_the_clock() -> None:
-    before = cli_ops.now_ms()
+    before = commands.now_ms()
     args = build_parser().parse_args(["send", "hi", "--at", "+10s"])
-    after = cli_ops.now_ms()
+    after = commands.now_ms()
     assert before + 10_000 <= args.at <= after + 10_000
 
 
@@ -110,7 +110,7 @@ def test_at_is_parsed_at_argument_time_relative_to_the_clock() -> None:
 
 def parse(argv: list[str]) -> argparse.Namespace:
     args = build_parser().parse_args(argv)
-    cli_ops.check_args(args)
+    commands.check_args(args)
     return args
 
 
@@ -176,11 +176,11 @@ def test_purge_of_everything_without_yes_off_a_terminal_exits_2_and_sends_nothin
         raise AssertionError(f"no request expected, got {request.method} {request.url}")
 
     err = io.StringIO()
-    code = cli_ops.run(
+    code = commands.run(
         parse(["dead", "purge"]),
         Settings(),
         transport=httpx.MockTransport(refuse),
-        output=cli_ops.Output(out=io.StringIO(), err=err, tty=False),
+        output=commands.Output(out=io.StringIO(), err=err, tty=False),
     )
     assert code == 2
     assert "argument --yes" in err.getvalue()

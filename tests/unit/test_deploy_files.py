@@ -31,8 +31,8 @@ import pytest
 import yaml
 
 from app.cli import build_parser
-from app.keys import CONSUMER_GROUP, Keyspace
 from app.settings import Settings, SettingsError
+from app.store.keys import CONSUMER_GROUP, Keyspace
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCKERFILE = ROOT / "Dockerfile"

@@ -6,8 +6,8 @@ import pytest
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
-from app.keys import CONSUMER_GROUP, Keyspace
 from app.settings import Settings
+from app.store.keys import CONSUMER_GROUP, Keyspace
 
 NON_KEYS = {"prefix", "tag", "zk_root", "zk_election"}
 
@@ -80,8 +80,8 @@ def test_keys_within_one_prefix_are_distinct():
 
 
 def test_default_settings_use_the_eat_hash_tag():
-    assert Settings().keys.stream == "{eat}:stream"
-    assert Settings().keys.delayed == "{eat}:delayed"
+    assert Keyspace(Settings().prefix).stream == "{eat}:stream"
+    assert Keyspace(Settings().prefix).delayed == "{eat}:delayed"
 
 
 prefixes = st.from_regex(r"[A-Za-z0-9_.-]{1,16}", fullmatch=True).filter(

@@ -7,9 +7,9 @@ import uuid as uuidlib
 
 import pytest
 
-from app.keys import LegacyLists, hash_tag
-from app.settings import Settings, SettingsError
-from workers.bridge import MalformedItem, legacy_uuid, parse_item
+from app.settings import Settings, SettingsError, hash_tag
+from app.store.keys import LegacyLists
+from election.bridge import MalformedItem, legacy_uuid, parse_item
 
 UUID = "123e4567-e89b-12d3-a456-426614174000"
 LIMIT = 65536
@@ -101,8 +101,8 @@ def test_a_malformed_item_keeps_what_can_be_read_of_it_for_the_dead_stream() -> 
 
 
 def test_default_legacy_names_are_the_original_services_unprefixed() -> None:
-    assert Settings().legacy == LegacyLists("QueueDelayed", "Queue", "QueueDead")
-    assert Settings(prefix="other").legacy == Settings().legacy
+    assert LegacyLists.of(Settings()) == LegacyLists("QueueDelayed", "Queue", "QueueDead")
+    assert LegacyLists.of(Settings(prefix="other")) == LegacyLists.of(Settings())
     assert Settings().legacy_bridge is True
 
 
@@ -157,7 +157,7 @@ def test_legacy_names_with_one_hash_tag_share_a_cluster_slot_and_are_accepted() 
             "EAT_LEGACY_IN_FLIGHT": "{legacy}QueueDead",
         }
     )
-    assert settings.legacy == LegacyLists(
+    assert LegacyLists.of(settings) == LegacyLists(
         "{legacy}QueueDelayed", "{legacy}Queue", "{legacy}QueueDead"
     )
 

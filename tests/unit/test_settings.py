@@ -25,7 +25,6 @@ def test_empty_environment_gives_the_documented_defaults():
         assert getattr(settings, name) == f.default
     assert settings.redis_url.startswith("redis://")
     assert settings.prefix == "eat"
-    assert settings.keys.prefix == "eat"
 
 
 def test_defaults_are_valid_and_consistent():

@@ -13,20 +13,27 @@ mounted as the route's ASGI endpoint.
 
 from __future__ import annotations
 
-import hmac
-from collections.abc import Awaitable, Callable, MutableMapping
 from time import perf_counter
-from typing import Any
 
-import msgspec
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 from starlette.requests import ClientDisconnect
 
 from app import metrics
-from app.batcher import AcceptBatcher
-from app.logging import get_logger
+from app.http.answers import (
+    Answer,
+    Receive,
+    RequestMetrics,
+    Scope,
+    Send,
+    bearer_matches,
+    error_answer,
+    failure_answer,
+    json_answer,
+    read_body,
+    require_json,
+    unauthorized_answer,
+)
+from app.http.batcher import AcceptBatcher
+from app.log import get_logger
 from app.model import InvalidInput, parse_save_message
 from app.settings import Settings
 
@@ -36,38 +43,6 @@ SAVE_PATH = "/api/v1/save-message"
 
 # JSON escapes can make a body up to 6x its decoded text (\uXXXX), plus the other fields.
 BODY_OVERHEAD = 4096
-
-Scope = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
-Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
-Headers = list[tuple[bytes, bytes]]
-
-_json = msgspec.json.Encoder()
-_CONTENT_TYPE_JSON = (b"content-type", b"application/json")
-
-
-def json_media_type(content_type: str) -> bool:
-    """``application/json`` or an ``application/*+json`` subtype, parameters ignored."""
-    media_type = content_type.split(";", 1)[0].strip().lower()
-    return media_type == "application/json" or (
-        media_type.startswith("application/") and media_type.endswith("+json")
-    )
-
-
-def bearer_matches(header: str, token: bytes) -> bool:
-    """Constant-time comparison of the bearer token (no early exit on the first wrong byte)."""
-    scheme, _, provided = header.partition(" ")
-    return hmac.compare_digest(provided.strip().encode(), token) and scheme.lower() == "bearer"
-
-
-def json_answer(payload: dict, status: int) -> tuple[int, Headers, bytes]:
-    body = _json.encode(payload)
-    return status, [(b"content-length", b"%d" % len(body)), _CONTENT_TYPE_JSON], body
-
-
-def error_answer(status: int, message: str, field: str | None = None) -> tuple[int, Headers, bytes]:
-    return json_answer({"error": message, "field": field}, status)
-
 
 # What Starlette's ServerErrorMiddleware sends for an unhandled exception.
 _INTERNAL_ERROR = b"Internal Server Error"
@@ -85,7 +60,7 @@ _BODY_500 = {"type": "http.response.body", "body": _INTERNAL_ERROR}
 class SaveMessageHandler:
     """Validate one message, accept it through the batcher, answer 201 (200 if a duplicate)."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, request_metrics: RequestMetrics) -> None:
         self.max_message_bytes = settings.max_message_bytes
         self.body_limit = settings.max_message_bytes * 6 + BODY_OVERHEAD
         self.token = settings.api_token.encode() if settings.api_token else None
@@ -98,11 +73,9 @@ class SaveMessageHandler:
         self._accepted_duplicate = metrics.ACCEPTED.labels("duplicate")
         self._accepted_invalid = metrics.ACCEPTED.labels("invalid")
         # The 401 never varies: build it once.
-        status, headers, body = error_answer(401, "missing or wrong bearer token", "Authorization")
-        self._unauthorized = (status, [*headers, (b"www-authenticate", b"Bearer")], body)
-        # (duration, requests) children per status: what the HttpMetrics middleware records
-        # for the requests it sees, which the direct dispatch bypasses.
-        self._http: dict[int, tuple[Any, Any]] = {}
+        self._unauthorized = unauthorized_answer()
+        # What the middleware records for the requests it sees, which dispatch bypasses.
+        self._metrics = request_metrics
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         """The Starlette route's endpoint: its middleware counts it and handles exceptions."""
@@ -125,16 +98,9 @@ class SaveMessageHandler:
             await send({"type": "http.response.start", "status": status, "headers": answer[1]})
             await send({"type": "http.response.body", "body": answer[2]})
         finally:
-            children = self._http.get(status)
-            if children is None:
-                children = self._http[status] = (
-                    metrics.HTTP_DURATION.labels(SAVE_PATH),
-                    metrics.HTTP_REQUESTS.labels(SAVE_PATH, "POST", str(status)),
-                )
-            children[0].observe(perf_counter() - started)
-            children[1].inc()
+            self._metrics.record(SAVE_PATH, "POST", status, started)
 
-    async def answer(self, scope: Scope, receive: Receive) -> tuple[int, Headers, bytes]:
+    async def answer(self, scope: Scope, receive: Receive) -> Answer:
         # Starlette's Headers.get returns the first occurrence of a name: so do these.
         authorization = content_type = content_length = None
         for name, value in scope["headers"]:
@@ -147,16 +113,11 @@ class SaveMessageHandler:
             elif name == b"authorization" and authorization is None:
                 authorization = value
         token = self.token
-        if token is not None and not bearer_matches(
-            authorization.decode("latin-1") if authorization is not None else "", token
-        ):
+        if token is not None and not bearer_matches(authorization, token):
             return self._unauthorized
         try:
-            if content_type != b"application/json" and not json_media_type(
-                content_type.decode("latin-1") if content_type is not None else ""
-            ):
-                raise InvalidInput("Content-Type must be application/json", None, 415)
-            body = await self._read_body(receive, content_length)
+            require_json(content_type)
+            body = await read_body(receive, content_length, self.body_limit)
             msg = parse_save_message(body, self.max_message_bytes)
         except InvalidInput as exc:
             self._accepted_invalid.inc()
@@ -165,13 +126,11 @@ class SaveMessageHandler:
             return error_answer(400, "client disconnected before the body was read")
         try:
             result = await self.batcher.accept(msg)  # type: ignore[union-attr]
-        except (RedisConnectionError, RedisTimeoutError, OSError):
-            log.warning("redis unavailable", uuid=msg.uuid)
-            return error_answer(503, "storage unavailable, retry with the same uuid")
-        except RedisError as exc:
-            # Redis answered with an error (e.g. OOM, LOADING, READONLY): nothing was written.
-            log.error("accept failed", uuid=msg.uuid, error=str(exc)[:200])
-            return error_answer(503, "storage refused the write, retry with the same uuid")
+        except Exception as exc:
+            answer = failure_answer(exc, "save-message", "retry with the same uuid")
+            if answer is None:
+                raise
+            return answer
         payload = {"uuid": msg.uuid, "runAt": result.run_at, "state": result.state}
         if result.created:
             (self._accepted_due if result.state == "queued" else self._accepted_delayed).inc()
@@ -181,34 +140,3 @@ class SaveMessageHandler:
         self._accepted_duplicate.inc()
         payload["duplicate"] = True
         return json_answer(payload, 200)
-
-    async def _read_body(self, receive: Receive, content_length: bytes | None) -> bytes:
-        """The body, refusing (413) a declared or streamed size over the limit before reading on."""
-        limit = self.body_limit
-        if content_length is not None:
-            declared = content_length.decode("latin-1")
-            if not declared.isdigit():
-                raise InvalidInput("invalid Content-Length", None, 400)
-            if int(declared) > limit:
-                raise InvalidInput(f"body larger than {limit} bytes", None, 413)
-        message = await receive()
-        # The usual case: the whole body in one message, nothing to join.
-        if message["type"] == "http.request" and not message.get("more_body", False):
-            body = message.get("body", b"")
-            if len(body) > limit:
-                raise InvalidInput(f"body larger than {limit} bytes", None, 413)
-            return body
-        chunks: list[bytes] = []
-        size = 0
-        while True:
-            if message["type"] == "http.request":
-                chunk = message.get("body", b"")
-                size += len(chunk)
-                if size > limit:
-                    raise InvalidInput(f"body larger than {limit} bytes", None, 413)
-                chunks.append(chunk)
-                if not message.get("more_body", False):
-                    return b"".join(chunks)
-            elif message["type"] == "http.disconnect":
-                raise ClientDisconnect()
-            message = await receive()

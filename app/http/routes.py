@@ -14,29 +14,32 @@ from collections import Counter
 from collections.abc import Awaitable, Callable
 
 import msgspec
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
-from redis.exceptions import TimeoutError as RedisTimeoutError
-from starlette.requests import ClientDisconnect, Request
+from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from app import metrics, openapi
-from app.api import authorized, error, is_json, read_body
-from app.lifecycle_store import Lifecycle, Outcome
-from app.logging import get_logger
-from app.model import InvalidInput, normalize_uuid, parse_save_message
-from app.settings import Settings
-from app.wire import (
+from app import metrics
+from app.http import openapi
+from app.http.answers import (
+    bearer_matches,
+    error,
+    failure_answer,
+    json_answer,
+    read_body,
+    require_json,
+    response,
+    unauthorized_answer,
+)
+from app.http.wire import (
     BULK_MAX_ITEMS,
     DEAD_PAGE_DEFAULT,
     DEAD_PAGE_MAX,
     RESCHEDULE_BODY_LIMIT,
-    STREAM_ID,
     BulkEnvelope,
     BulkItem,
     BulkResult,
     ConflictBody,
+    DeadItem,
     DeadPage,
     DeletedAll,
     DeletedOne,
@@ -45,9 +48,13 @@ from app.wire import (
     Replayed,
     ReplayedAll,
     Reschedule,
-    decode,
-    encode,
+    Stats,
 )
+from app.log import get_logger
+from app.model import InvalidInput, decode_json, normalize_uuid, parse_save_message
+from app.settings import Settings
+from app.store.codec import STREAM_ID
+from app.store.lifecycle import Lifecycle, Outcome
 
 log = get_logger("api")
 
@@ -58,7 +65,7 @@ _bulk_decoder = msgspec.json.Decoder(list[msgspec.Raw] | BulkEnvelope)
 
 
 def respond(value: msgspec.Struct, status: int = 200) -> Response:
-    return Response(encode(value), status_code=status, media_type="application/json")
+    return response(json_answer(value, status))
 
 
 def conflict(uuid: str, state: str, action: str) -> Response:
@@ -78,9 +85,10 @@ def path_uuid(request: Request) -> str:
     return normalize_uuid(request.path_params["uuid"])
 
 
-def require_json(request: Request) -> None:
-    if not is_json(request):
-        raise InvalidInput("Content-Type must be application/json", None, 415)
+async def json_body(request: Request, limit: int) -> bytes:
+    """The body of a JSON request: 415 for another Content-Type, 413 over ``limit``."""
+    require_json(request.headers.get("content-type"))
+    return await read_body(request.receive, request.headers.get("content-length"), limit)
 
 
 def query_limit(request: Request) -> int:
@@ -118,24 +126,16 @@ def lifecycle_routes(settings: Settings) -> list[Route]:
 
         @functools.wraps(handler)
         async def endpoint(request: Request) -> Response:
-            if token is not None and not authorized(request, token):
-                response = error(401, "missing or wrong bearer token", "Authorization")
-                response.headers["WWW-Authenticate"] = "Bearer"
-                return response
+            authorization = request.headers.get("authorization")
+            if token is not None and not bearer_matches(authorization, token):
+                return response(unauthorized_answer())
             try:
                 return await handler(request, request.app.state.lifecycle)
-            except InvalidInput as exc:
-                return error(exc.status, exc.error, exc.field)
-            except ClientDisconnect:
-                return error(400, "client disconnected before the body was read")
-            except (RedisConnectionError, RedisTimeoutError, OSError):
-                log.warning("redis unavailable", path=request.url.path)
-                return error(503, "storage unavailable, retry")
-            except RedisError as exc:
-                # Redis answered with an error (OOM, LOADING, READONLY...): scripts are atomic,
-                # so nothing was changed.
-                log.error("lifecycle call failed", path=request.url.path, error=str(exc)[:200])
-                return error(503, "storage refused the request, retry")
+            except Exception as exc:
+                answer = failure_answer(exc, request.url.path, "retry")
+                if answer is None:
+                    raise
+                return response(answer)
 
         return endpoint
 
@@ -173,19 +173,17 @@ def lifecycle_routes(settings: Settings) -> list[Route]:
 
     async def reschedule_message(request: Request, lc: Lifecycle) -> Response:
         uuid = path_uuid(request)
-        require_json(request)
-        body = await read_body(request, RESCHEDULE_BODY_LIMIT)
-        run_at = decode(body, _reschedule_decoder).runAt  # type: ignore[attr-defined]
+        body = await json_body(request, RESCHEDULE_BODY_LIMIT)
+        run_at = decode_json(body, _reschedule_decoder).runAt  # type: ignore[attr-defined]
         outcome = await lc.reschedule(uuid, run_at)
         if outcome.kind == "done":
             log.info("rescheduled", uuid=uuid, run_at=run_at, state=outcome.state)
         return changed(uuid, outcome, "rescheduled")
 
     async def save_messages(request: Request, lc: Lifecycle) -> Response:
-        require_json(request)
-        body = await read_body(request, bulk_limit)
+        body = await json_body(request, bulk_limit)
         try:
-            decoded = decode(body, _bulk_decoder)
+            decoded = decode_json(body, _bulk_decoder)
         except InvalidInput as exc:
             if exc.status != 422:
                 raise
@@ -242,7 +240,8 @@ def lifecycle_routes(settings: Settings) -> list[Route]:
 
     async def list_dead(request: Request, lc: Lifecycle) -> Response:
         limit, cursor = query_limit(request), query_cursor(request)
-        items, next_cursor = await lc.dead_page(limit, cursor)
+        entries, next_cursor = await lc.dead_page(limit, cursor)
+        items = [msgspec.convert(e, DeadItem, from_attributes=True) for e in entries]
         return respond(DeadPage(items=items, next=next_cursor))
 
     async def replay_dead(request: Request, lc: Lifecycle) -> Response:
@@ -279,7 +278,8 @@ def lifecycle_routes(settings: Settings) -> list[Route]:
         return respond(DeletedAll(deleted=deleted))
 
     async def stats(request: Request, lc: Lifecycle) -> Response:
-        return respond(await lc.stats())
+        report = await lc.stats()
+        return respond(msgspec.convert(report, Stats, from_attributes=True))
 
     document = openapi.encoded(settings)
 

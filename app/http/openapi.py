@@ -1,6 +1,6 @@
 """The OpenAPI 3.1 document of the whole HTTP API, built from the code.
 
-Request and response bodies are the msgspec structs of ``app.wire`` (the
+Request and response bodies are the msgspec structs of ``app.http.wire`` (the
 lifecycle routes encode their responses with them), turned into JSON Schema by
 ``msgspec.json.schema_components``; this module adds only what a struct cannot
 say: paths, parameters, status codes. A test checks that every route the app
@@ -17,8 +17,7 @@ from typing import Any
 
 import msgspec
 
-from app.settings import Settings
-from app.wire import (
+from app.http.wire import (
     BULK_MAX_ITEMS,
     DEAD_PAGE_DEFAULT,
     DEAD_PAGE_MAX,
@@ -41,6 +40,7 @@ from app.wire import (
     SaveMessageBody,
     Stats,
 )
+from app.settings import Settings
 
 JSON = "application/json"
 

@@ -21,13 +21,13 @@ from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from app.child_servers import (
+from app.log import get_logger
+from app.ops.servers import (
     MissingBinaryError,
     RedisServer,
     ServerStartError,
     ZooKeeperServer,
 )
-from app.logging import get_logger
 
 log = get_logger("stack")
 

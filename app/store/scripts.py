@@ -17,7 +17,7 @@ NAMES = ("accept", "promote", "ack", "fail", "reclaim", "extend")
 
 
 def _read(name: str) -> str:
-    return resources.files("app").joinpath("lua", f"{name}.lua").read_text(encoding="utf-8")
+    return resources.files("app.store").joinpath("lua", f"{name}.lua").read_text(encoding="utf-8")
 
 
 @cache

@@ -9,46 +9,31 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-# Legacy list names from the original service. Old producers hard-code them, so
-# they are not prefixed (configurable in settings for those that renamed them).
-# In Redis Cluster the three must share one slot: the bridge's RPOPLPUSH/LMOVE
-# spans two of them, so configure names with one hash tag, e.g. "{legacy}Queue",
-# "{legacy}QueueDelayed", "{legacy}QueueDead" (Settings.validate checks the tags agree).
-LEGACY_DELAYED = "QueueDelayed"
-LEGACY_QUEUE = "Queue"
-LEGACY_IN_FLIGHT = "QueueDead"
+from app.settings import Settings
 
 # The consumer group every worker joins on the stream.
 CONSUMER_GROUP = "workers"
 
 
-def hash_tag(key: str) -> str | None:
-    """The part of ``key`` Redis Cluster hashes (``{...}``), or None when it has none.
-
-    Redis' rule: the first ``{``, then the first ``}`` after it, with at least
-    one character between them; otherwise the whole key is hashed.
-    """
-    start = key.find("{")
-    if start < 0:
-        return None
-    end = key.find("}", start + 1)
-    if end <= start + 1:
-        return None
-    return key[start + 1 : end]
-
-
 @dataclass(frozen=True, slots=True)
 class LegacyLists:
-    """The original service's three lists (names from settings, unprefixed by default).
+    """The original service's three lists, named by settings (``EAT_LEGACY_*``).
 
-    Old producers LPUSH a JSON message onto ``queue`` (run now) or ``delayed``
-    (run at its runAt); the bridge moves each into ``in_flight`` while it accepts
-    it, and removes it from there afterwards.
+    Old producers hard-code the names, so they are not prefixed. They LPUSH a
+    JSON message onto ``queue`` (run now) or ``delayed`` (run at its runAt); the
+    bridge moves each into ``in_flight`` while it accepts it, and removes it from
+    there afterwards. In Redis Cluster the three must share one slot: the bridge's
+    LMOVE spans two of them, so the names carry one hash tag, e.g. "{legacy}Queue"
+    (``Settings.validate`` checks the tags agree).
     """
 
-    delayed: str = LEGACY_DELAYED  # LIST: legacy messages to run at their runAt
-    queue: str = LEGACY_QUEUE  # LIST: legacy messages to run now
-    in_flight: str = LEGACY_IN_FLIGHT  # LIST: taken by the bridge, not yet accepted
+    delayed: str  # LIST: legacy messages to run at their runAt
+    queue: str  # LIST: legacy messages to run now
+    in_flight: str  # LIST: taken by the bridge, not yet accepted
+
+    @classmethod
+    def of(cls, settings: Settings) -> LegacyLists:
+        return cls(settings.legacy_delayed, settings.legacy_queue, settings.legacy_in_flight)
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,7 +57,7 @@ class Keyspace:
 
     @property
     def messages(self) -> str:
-        """HASH: uuid (16 bytes) -> record (state, runAt, attempts, times, body; ``app.codec``).
+        """HASH: uuid (16 bytes) -> record (state, runAt, attempts, times, body; see ``codec``).
 
         One hash field per message costs far less than one key per message.
         """

@@ -45,7 +45,7 @@ Unknown fields in an item are ignored (old producers may add their own); a
 message is never logged, only its uuid.
 
 In Redis Cluster the three lists must share one slot (one hash tag in the
-configured names) because ``LMOVE`` spans two of them; see :mod:`app.keys`.
+configured names) because ``LMOVE`` spans two of them; see :mod:`app.store.keys`.
 """
 
 from __future__ import annotations
@@ -60,11 +60,11 @@ from dataclasses import dataclass
 import msgspec
 from redis.exceptions import RedisError
 
-from app.codec import uuid_key
-from app.keys import LegacyLists
-from app.logging import get_logger
+from app.log import get_logger
 from app.model import RUN_AT_MAX, RUN_AT_MIN, InvalidInput, NewMessage, SaveMessage, validate
 from app.store import Store
+from app.store.codec import uuid_key
+from app.store.keys import LegacyLists
 from election.gate import LeadershipGate
 
 log = get_logger("bridge")

@@ -1,6 +1,6 @@
 """The HTTP API (Starlette): validate, then one accept script call per message.
 
-``POST /api/v1/save-message`` is served by ``app.ingest`` ahead of Starlette's
+``POST /api/v1/save-message`` is served by ``app.http.ingest`` ahead of Starlette's
 routing and middleware (see there why); every other route is plain Starlette.
 """
 
@@ -11,75 +11,35 @@ import contextlib
 import time
 from collections.abc import AsyncIterator
 
-import msgspec
 from redis.exceptions import RedisError
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 from starlette.routing import Route
 
-from app import metrics
-from app.batcher import AcceptBatcher
-from app.health import health_routes, redis_ready
-from app.ingest import BODY_OVERHEAD as BODY_OVERHEAD  # re-exported: tests size bodies by it
-from app.ingest import SAVE_PATH, SaveMessageHandler, bearer_matches, json_media_type
-from app.lifecycle_store import Lifecycle
-from app.logging import get_logger
-from app.model import InvalidInput
+from app.health import health_routes
+from app.http.answers import RequestMetrics, error
+from app.http.batcher import AcceptBatcher
+from app.http.ingest import BODY_OVERHEAD as BODY_OVERHEAD  # re-exported: tests size bodies by it
+from app.http.ingest import SAVE_PATH, SaveMessageHandler
+from app.http.routes import lifecycle_routes
+from app.log import get_logger
 from app.settings import Settings
 from app.store import Store, connect
+from app.store.lifecycle import Lifecycle
 
 log = get_logger("api")
 
 FORMAT_CHECK_S = 2.0  # at start-up; Redis slower than this is treated as down
 
-_json = msgspec.json.Encoder()
-
-
-def json_response(payload: dict, status: int = 200) -> Response:
-    """Like Starlette's JSONResponse, with msgspec's encoder (the hot path's serialiser)."""
-    return Response(_json.encode(payload), status_code=status, media_type="application/json")
-
-
-def error(status: int, message: str, field: str | None = None) -> Response:
-    return json_response({"error": message, "field": field}, status)
-
-
-async def read_body(request: Request, limit: int) -> bytes:
-    """The request body, refusing (413) as soon as it exceeds ``limit`` bytes."""
-    declared = request.headers.get("content-length")
-    if declared is not None:
-        if not declared.isdigit():
-            raise InvalidInput("invalid Content-Length", None, 400)
-        if int(declared) > limit:
-            raise InvalidInput(f"body larger than {limit} bytes", None, 413)
-        # The server delivers no more than the declared length, so it cannot exceed the limit.
-        return await request.body()
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise InvalidInput(f"body larger than {limit} bytes", None, 413)
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
-def is_json(request: Request) -> bool:
-    return json_media_type(request.headers.get("content-type", ""))
-
-
-def authorized(request: Request, token: bytes) -> bool:
-    return bearer_matches(request.headers.get("authorization", ""), token)
-
 
 class HttpMetrics:
     """Counts and times every request by route template (bounded label values)."""
 
-    def __init__(self, app, routes: set[str]) -> None:
+    def __init__(self, app, routes: set[str], recorder: RequestMetrics) -> None:
         self.app = app
         self.routes = routes
-        self._children: dict[tuple[str, str, int], tuple] = {}
+        self.recorder = recorder
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
@@ -88,7 +48,7 @@ class HttpMetrics:
         path = scope["path"]
         route = path if path in self.routes else "other"
         status = 500
-        start = time.perf_counter()
+        started = time.perf_counter()
 
         async def send_wrapper(message) -> None:
             nonlocal status
@@ -103,16 +63,7 @@ class HttpMetrics:
             template = getattr(scope.get("route"), "path", None)
             if route == "other" and template in self.routes:
                 route = template
-            key = (route, scope["method"], status)
-            children = self._children.get(key)
-            if children is None:
-                # labels() builds and hashes a key each call: look each child up once.
-                children = self._children[key] = (
-                    metrics.HTTP_DURATION.labels(route),
-                    metrics.HTTP_REQUESTS.labels(route, scope["method"], str(status)),
-                )
-            children[0].observe(time.perf_counter() - start)
-            children[1].inc()
+            self.recorder.record(route, scope["method"], status, started)
 
 
 class ApiApp(Starlette):
@@ -138,7 +89,8 @@ class ApiApp(Starlette):
 def create_app(settings: Settings | None = None) -> ApiApp:
     """Build the API. ``settings`` defaults to the environment's (validated)."""
     settings = settings or Settings.from_env()
-    ingest = SaveMessageHandler(settings)
+    recorder = RequestMetrics()
+    ingest = SaveMessageHandler(settings, recorder)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -163,22 +115,19 @@ def create_app(settings: Settings | None = None) -> ApiApp:
         return app_ref[0].state.store
 
     async def ready() -> dict[str, bool]:
-        return {"redis": await redis_ready(store_of())}
+        return {"redis": await store_of().answers()}
 
-    async def not_found(request: Request, exc: Exception) -> JSONResponse:
+    async def not_found(request: Request, exc: Exception) -> Response:
         return error(404, "not found")
 
-    async def method_not_allowed(request: Request, exc: Exception) -> JSONResponse:
+    async def method_not_allowed(request: Request, exc: Exception) -> Response:
         return error(405, "method not allowed")
-
-    # Imported here: the lifecycle routes build on this module's helpers (error, read_body...).
-    from app.routes_lifecycle import lifecycle_routes
 
     routes = [
         # Reached through Starlette only for what ApiApp does not dispatch itself.
         Route(SAVE_PATH, ingest, methods=["POST"], name="save_message"),
         *lifecycle_routes(settings),
-        *health_routes(store_of, ready),
+        *health_routes(ready, lambda: store_of().queue_stats()),
     ]
     app = ApiApp(
         routes=routes,
@@ -187,5 +136,5 @@ def create_app(settings: Settings | None = None) -> ApiApp:
         ingest=ingest,
     )
     app_ref.append(app)
-    app.add_middleware(HttpMetrics, routes={r.path for r in routes})
+    app.add_middleware(HttpMetrics, routes={r.path for r in routes}, recorder=recorder)
     return app

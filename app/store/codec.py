@@ -24,11 +24,14 @@ Format 2, chosen for memory and for cheap rewrites inside the scripts:
 
 from __future__ import annotations
 
+import re
 import struct
 
 from app.model import Record, State
 
 FORMAT = 2
+# Stream entry ids: <ms>-<seq>, each a 64-bit unsigned integer.
+STREAM_ID = re.compile(r"^\d{1,20}-\d{1,20}\Z")
 SEQ_BYTES = 6
 UUID_BYTES = 16
 

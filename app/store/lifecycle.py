@@ -1,6 +1,6 @@
 """The Redis side of the lifecycle API: look up, cancel, reschedule, bulk accept,
-dead letters, stats. Thin like ``app.store``: one script call per state change,
-typed results, no HTTP.
+dead letters, stats. Thin like ``app.store.store``: one script call per state change,
+typed results (plain dataclasses: the HTTP layer turns them into its wire structs).
 
 Every change is atomic (one Lua script, or one MULTI for a purge). Lookups of a
 dead entry by uuid start from the id the record keeps (``ref``) and fall back
@@ -15,12 +15,11 @@ from typing import Literal
 
 from redis.commands.core import AsyncScript
 
-from app.codec import uuid_key, uuid_text_or_none
-from app.keys import CONSUMER_GROUP
 from app.model import NewMessage, Record, State
-from app.scripts import source
-from app.store import Accepted, Store
-from app.wire import STREAM_ID, ConsumerStats, DeadItem, LeaderInfo, Stats
+from app.store.codec import STREAM_ID, uuid_key, uuid_text_or_none
+from app.store.keys import CONSUMER_GROUP
+from app.store.scripts import source
+from app.store.store import Accepted, Store
 
 # Dead entries one replay/delete script call examines: bounds the time it blocks Redis.
 DEAD_BATCH = 200
@@ -37,6 +36,47 @@ class Outcome:
     kind: Literal["done", "missing", "conflict"]
     state: str | None = None
     run_at: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class DeadEntry:
+    """One dead-stream entry; what it lacks (a malformed legacy item) is None."""
+
+    id: str
+    uuid: str | None
+    message: str | None
+    run_at: int | None
+    attempts: int | None
+    reason: str | None
+    dead_at: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class ConsumerFigures:
+    name: str
+    pending: int
+    idle_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class LeaderRecord:
+    identifier: str
+    epoch: int
+    since: int  # epoch ms this leader first promoted under this epoch
+
+
+@dataclass(frozen=True, slots=True)
+class QueueReport:
+    """Every figure of ``/stats``, read in one round trip."""
+
+    delayed: int
+    stream_length: int
+    pending: int
+    lag: int
+    dead: int
+    consumers: list[ConsumerFigures]
+    leader: LeaderRecord | None
+    oldest_overdue_ms: int | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,15 +98,15 @@ def _int(value: bytes | None) -> int | None:
         return None
 
 
-def parse_dead(entry_id: bytes, fields: dict[bytes, bytes]) -> DeadItem:
-    return DeadItem(
+def parse_dead(entry_id: bytes, fields: dict[bytes, bytes]) -> DeadEntry:
+    return DeadEntry(
         id=entry_id.decode(),
         uuid=uuid_text_or_none(fields.get(b"u")),
         message=_text(fields.get(b"m")),
-        runAt=_int(fields.get(b"r")),
+        run_at=_int(fields.get(b"r")),
         attempts=_int(fields.get(b"a")),
         reason=_text(fields.get(b"reason")),
-        deadAt=_int(fields.get(b"at")),
+        dead_at=_int(fields.get(b"at")),
     )
 
 
@@ -120,7 +160,7 @@ class Lifecycle:
 
     # --- dead letters ------------------------------------------------------------------------
 
-    async def dead_page(self, limit: int, cursor: str | None) -> tuple[list[DeadItem], str | None]:
+    async def dead_page(self, limit: int, cursor: str | None) -> tuple[list[DeadEntry], str | None]:
         """Up to ``limit`` entries after ``cursor`` (an entry id), oldest first, and the
         cursor of the next page (None when this is the last)."""
         start = "-" if cursor is None else "(" + cursor
@@ -200,7 +240,7 @@ class Lifecycle:
 
     # --- stats -------------------------------------------------------------------------------
 
-    async def stats(self) -> Stats:
+    async def stats(self) -> QueueReport:
         """Every figure in one pipelined round trip (read-only, so not a transaction)."""
         k = self.keys
         async with self.client.pipeline(transaction=False) as pipe:
@@ -225,19 +265,19 @@ class Lifecycle:
             for c in consumers:
                 name = c.get("name", b"")
                 members.append(
-                    ConsumerStats(
+                    ConsumerFigures(
                         name=name.decode() if isinstance(name, bytes) else str(name),
                         pending=int(c.get("pending", 0)),
-                        idleMs=int(c.get("idle", 0)),
+                        idle_ms=int(c.get("idle", 0)),
                     )
                 )
         now_ms = now[0] * 1000 + now[1] // 1000
         overdue = None
         if first and first[0][1] <= now_ms:
             overdue = now_ms - int(first[0][1])
-        return Stats(
+        return QueueReport(
             delayed=int(delayed),
-            streamLength=int(length),
+            stream_length=int(length),
             pending=pending,
             # Acknowledged entries are deleted, so what is in the stream and not pending is
             # exactly what no worker has read yet.
@@ -245,15 +285,15 @@ class Lifecycle:
             dead=int(dead),
             consumers=members,
             leader=_leader(leader),
-            oldestOverdueMs=overdue,
+            oldest_overdue_ms=overdue,
         )
 
 
-def _leader(fields: dict[bytes, bytes] | Exception) -> LeaderInfo | None:
+def _leader(fields: dict[bytes, bytes] | Exception) -> LeaderRecord | None:
     if not isinstance(fields, dict) or not fields:
         return None
     try:
-        return LeaderInfo(
+        return LeaderRecord(
             identifier=fields[b"identifier"].decode("utf-8", "replace"),
             epoch=int(fields[b"epoch"]),
             since=int(fields[b"since"]),

@@ -1,20 +1,19 @@
 """Bodies of the HTTP API as msgspec structs: plain data, no I/O.
 
 The lifecycle routes decode requests and encode responses with these, and
-``app.openapi`` documents the API from the same structs (``msgspec.json.schema``),
+``app.http.openapi`` documents the API from the same structs (``msgspec.json.schema``),
 so the document cannot drift from what the code sends. Optional members use
 ``UNSET``: absent from the JSON rather than null.
 """
 
 from __future__ import annotations
 
-import re
 from typing import Annotated, Literal
 
 import msgspec
 from msgspec import UNSET, Meta, UnsetType
 
-from app.model import RUN_AT_MAX, RUN_AT_MIN, InvalidInput
+from app.model import RUN_AT_MAX, RUN_AT_MIN
 
 RunAt = Annotated[
     int,
@@ -32,12 +31,6 @@ BULK_MAX_ITEMS = 1000  # items in one POST /api/v1/save-messages
 DEAD_PAGE_DEFAULT = 100
 DEAD_PAGE_MAX = 1000
 RESCHEDULE_BODY_LIMIT = 1024  # bytes: {"runAt": <15 digits>} with room for whitespace
-# Stream entry ids: <ms>-<seq>, each a 64-bit unsigned integer.
-STREAM_ID = re.compile(r"^\d{1,20}-\d{1,20}\Z")
-
-_PATH_FIELD = re.compile(r"at `\$\.(\w+)")
-_MISSING = re.compile(r"missing required field `(\w+)`")
-_UNKNOWN = re.compile(r"unknown field `([^`]*)`")
 
 
 # --- errors ----------------------------------------------------------------------------------
@@ -141,16 +134,16 @@ class BulkResult(msgspec.Struct):
 # --- dead letters ----------------------------------------------------------------------------
 
 
-class DeadItem(msgspec.Struct):
+class DeadItem(msgspec.Struct, rename="camel"):
     """One dead-stream entry. A member the entry lacks is null."""
 
     id: Annotated[str, Meta(description="Dead-stream entry id; the paging cursor.")]
     uuid: str | None
     message: str | None
-    runAt: int | None
+    run_at: int | None
     attempts: int | None
     reason: str | None
-    deadAt: int | None
+    dead_at: int | None
 
 
 class DeadPage(msgspec.Struct):
@@ -188,21 +181,25 @@ class DeletedAll(msgspec.Struct):
 # --- stats -----------------------------------------------------------------------------------
 
 
-class ConsumerStats(msgspec.Struct):
+# Built from the store's figures (``app.store.lifecycle``) by attribute name; the wire
+# spells them in camelCase.
+
+
+class ConsumerStats(msgspec.Struct, rename="camel"):
     name: str
     pending: int
-    idleMs: int
+    idle_ms: int
 
 
-class LeaderInfo(msgspec.Struct):
+class LeaderInfo(msgspec.Struct, rename="camel"):
     identifier: str
     epoch: int
     since: Annotated[int, Meta(description="Epoch ms this leader first promoted with this epoch.")]
 
 
-class Stats(msgspec.Struct):
+class Stats(msgspec.Struct, rename="camel"):
     delayed: Annotated[int, Meta(description="Messages in the sorted set (scheduled, retrying).")]
-    streamLength: Annotated[int, Meta(description="Entries in the stream, not yet acknowledged.")]
+    stream_length: Annotated[int, Meta(description="Entries in the stream, not yet acknowledged.")]
     pending: Annotated[int, Meta(description="Entries delivered to a worker, not acknowledged.")]
     lag: Annotated[int, Meta(description="Entries no worker has read yet.")]
     dead: int
@@ -210,7 +207,7 @@ class Stats(msgspec.Struct):
     leader: Annotated[
         LeaderInfo | None, Meta(description="Null when no scheduler promoted in the last seconds.")
     ]
-    oldestOverdueMs: Annotated[
+    oldest_overdue_ms: Annotated[
         int | None,
         Meta(description="How long the earliest delayed message is past due; null if none."),
     ]
@@ -226,27 +223,3 @@ class Health(msgspec.Struct):
 class Ready(msgspec.Struct):
     status: Literal["ok", "unavailable"]
     redis: bool
-
-
-# --- decoding --------------------------------------------------------------------------------
-
-
-def decode(body: bytes, decoder: msgspec.json.Decoder) -> object:
-    """Decode a JSON body, raising InvalidInput as save-message does: 400 for malformed
-    JSON, 422 naming the field for a wrong type, a missing or an unknown field."""
-    try:
-        return decoder.decode(body)
-    except msgspec.ValidationError as exc:
-        text = str(exc)
-        if missing := _MISSING.search(text):
-            raise InvalidInput(f"field is required: {missing.group(1)}", missing.group(1)) from None
-        if unknown := _UNKNOWN.search(text):
-            raise InvalidInput(f"unknown field: {unknown.group(1)}", unknown.group(1)) from None
-        match = _PATH_FIELD.search(text)
-        raise InvalidInput(text, match.group(1) if match else None) from None
-    except (msgspec.DecodeError, UnicodeDecodeError) as exc:
-        raise InvalidInput(f"malformed JSON: {exc}", None, status=400) from None
-
-
-def encode(value: msgspec.Struct) -> bytes:
-    return msgspec.json.encode(value)

@@ -12,13 +12,13 @@ import msgspec
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
-from redis.exceptions import ResponseError
+from redis.exceptions import RedisError, ResponseError
 
-from app.codec import FORMAT, SEQ_BYTES, UUID_BYTES, decode_record, uuid_key, uuid_text
-from app.keys import CONSUMER_GROUP
 from app.model import NewMessage, Record
-from app.scripts import Scripts
 from app.settings import Settings
+from app.store.codec import FORMAT, SEQ_BYTES, UUID_BYTES, decode_record, uuid_key, uuid_text
+from app.store.keys import CONSUMER_GROUP, Keyspace
+from app.store.scripts import Scripts
 
 EPOCH_WIDTH = 20  # digits: a 64-bit ZooKeeper zxid fits, and padded strings compare like numbers
 PURGE_PER_ACK = 100
@@ -134,12 +134,20 @@ class Store:
         """``identifier`` names the scheduler in the leader record its promote calls write."""
         self.client = client
         self.settings = settings
-        self.keys = settings.keys
+        self.keys = Keyspace(settings.prefix)
         self.identifier = identifier
         self.scripts = Scripts.register(client)
         # redis-py turns every entry of a read into a dict; parse_entry reads the raw field
         # list at half the cost per message. Only Store.read sends XREADGROUP on a client.
         client.set_response_callback("XREADGROUP", _raw_reply)
+
+    async def answers(self) -> bool:
+        """Whether Redis answers a PING now: the readiness of every process."""
+        try:
+            await self.client.ping()
+        except (RedisError, OSError):
+            return False
+        return True
 
     async def check_format(self) -> None:
         """Raise StorageFormatError when the prefix holds data of storage format 1.

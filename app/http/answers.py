@@ -1,0 +1,167 @@
+"""One way to read a body and one way to answer, for every route.
+
+The ingest hot path (``app.http.ingest``) speaks raw ASGI and the lifecycle
+routes speak Starlette; both read bodies with :func:`read_body` and answer errors
+as :func:`error_answer` (``{"error", "field"}``), so a limit, a status or an
+error's shape cannot differ between them. An answer is ``(status, headers,
+body)``; :func:`response` turns it into a Starlette ``Response``.
+"""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import Awaitable, Callable, MutableMapping
+from time import perf_counter
+from typing import Any
+
+import msgspec
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+from starlette.requests import ClientDisconnect
+from starlette.responses import Response
+
+from app import metrics
+from app.log import get_logger
+from app.model import InvalidInput
+
+log = get_logger("api")
+
+Scope = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
+Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
+Headers = list[tuple[bytes, bytes]]
+Answer = tuple[int, Headers, bytes]
+
+_json = msgspec.json.Encoder()
+_CONTENT_TYPE_JSON = (b"content-type", b"application/json")
+
+
+def json_answer(payload: object, status: int = 200) -> Answer:
+    """``payload`` (a dict or a msgspec Struct) as a JSON answer."""
+    body = _json.encode(payload)
+    return status, [(b"content-length", b"%d" % len(body)), _CONTENT_TYPE_JSON], body
+
+
+def error_answer(status: int, message: str, field: str | None = None) -> Answer:
+    """Every error of the API: ``{"error": message, "field": field}``."""
+    return json_answer({"error": message, "field": field}, status)
+
+
+def unauthorized_answer() -> Answer:
+    status, headers, body = error_answer(401, "missing or wrong bearer token", "Authorization")
+    return status, [*headers, (b"www-authenticate", b"Bearer")], body
+
+
+def response(answer: Answer) -> Response:
+    """An answer as a Starlette response (the headers are already complete)."""
+    status, headers, body = answer
+    reply = Response(body, status_code=status)
+    reply.raw_headers = headers
+    return reply
+
+
+def error(status: int, message: str, field: str | None = None) -> Response:
+    return response(error_answer(status, message, field))
+
+
+def failure_answer(exc: BaseException, what: str, retry: str) -> Answer | None:
+    """The answer to an exception a route may meet, or None for one it must not swallow.
+
+    Bad input and a client gone are 4xx; Redis down or refusing is 503 (a script is
+    atomic, so nothing was written), with ``retry`` telling the client how to retry.
+    """
+    if isinstance(exc, InvalidInput):
+        return error_answer(exc.status, exc.error, exc.field)
+    if isinstance(exc, ClientDisconnect):
+        return error_answer(400, "client disconnected before the body was read")
+    if isinstance(exc, RedisConnectionError | RedisTimeoutError | OSError):
+        log.warning("redis unavailable", during=what)
+        return error_answer(503, f"storage unavailable, {retry}")
+    if isinstance(exc, RedisError):
+        # Redis answered with an error (OOM, LOADING, READONLY, ...): nothing was written.
+        log.error("redis refused", during=what, error=str(exc)[:200])
+        return error_answer(503, f"storage refused the request, {retry}")
+    return None
+
+
+def json_media_type(content_type: str) -> bool:
+    """``application/json`` or an ``application/*+json`` subtype, parameters ignored."""
+    media_type = content_type.split(";", 1)[0].strip().lower()
+    return media_type == "application/json" or (
+        media_type.startswith("application/") and media_type.endswith("+json")
+    )
+
+
+def require_json(content_type: bytes | str | None) -> None:
+    """Raise 415 unless the Content-Type is JSON."""
+    if content_type == b"application/json":
+        return
+    if isinstance(content_type, bytes):
+        content_type = content_type.decode("latin-1")
+    if not json_media_type(content_type or ""):
+        raise InvalidInput("Content-Type must be application/json", None, 415)
+
+
+def bearer_matches(header: bytes | str | None, token: bytes) -> bool:
+    """Constant-time comparison of the bearer token (no early exit on the first wrong byte)."""
+    if isinstance(header, bytes):
+        header = header.decode("latin-1")
+    scheme, _, provided = (header or "").partition(" ")
+    return hmac.compare_digest(provided.strip().encode(), token) and scheme.lower() == "bearer"
+
+
+async def read_body(receive: Receive, content_length: bytes | str | None, limit: int) -> bytes:
+    """The request body, refusing (413) a declared or streamed size over ``limit`` before
+    reading on; 400 for a Content-Length that is not a number."""
+    if content_length is not None:
+        declared = content_length
+        if isinstance(declared, bytes):
+            declared = declared.decode("latin-1")
+        if not declared.isdigit():
+            raise InvalidInput("invalid Content-Length", None, 400)
+        if int(declared) > limit:
+            raise InvalidInput(f"body larger than {limit} bytes", None, 413)
+    message = await receive()
+    # The usual case: the whole body in one message, nothing to join.
+    if message["type"] == "http.request" and not message.get("more_body", False):
+        body = message.get("body", b"")
+        if len(body) > limit:
+            raise InvalidInput(f"body larger than {limit} bytes", None, 413)
+        return body
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        if message["type"] == "http.request":
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                raise InvalidInput(f"body larger than {limit} bytes", None, 413)
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return b"".join(chunks)
+        elif message["type"] == "http.disconnect":
+            raise ClientDisconnect()
+        message = await receive()
+
+
+class RequestMetrics:
+    """Counts and times requests by route template, method and status (bounded labels).
+
+    Looks each (route, method, status) up once: ``labels()`` builds and hashes a key
+    per call. Shared by the middleware and the ingest path, which bypasses it.
+    """
+
+    def __init__(self) -> None:
+        self._children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
+
+    def record(self, route: str, method: str, status: int, started: float) -> None:
+        key = (route, method, status)
+        children = self._children.get(key)
+        if children is None:
+            children = self._children[key] = (
+                metrics.HTTP_DURATION.labels(route),
+                metrics.HTTP_REQUESTS.labels(route, method, str(status)),
+            )
+        children[0].observe(perf_counter() - started)
+        children[1].inc()

@@ -1,0 +1,31 @@
+"""The storage core: the keyspace, the record format, the Lua scripts and the thin
+Redis client that calls them. No HTTP, no CLI, no policy about when to call what.
+
+Callers import from here; the modules inside import each other directly.
+"""
+
+from app.store.store import (
+    LEADER_TTL_MS,
+    Accepted,
+    Delivery,
+    Promoted,
+    QueueStats,
+    StorageFormatError,
+    Store,
+    connect,
+    encode_epoch,
+    parse_entry,
+)
+
+__all__ = [
+    "LEADER_TTL_MS",
+    "Accepted",
+    "Delivery",
+    "Promoted",
+    "QueueStats",
+    "StorageFormatError",
+    "Store",
+    "connect",
+    "encode_epoch",
+    "parse_entry",
+]
