@@ -11,7 +11,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+from redis.exceptions import RedisError
+
+from app.log import get_logger
+
+log = get_logger("retry")
+
+T = TypeVar("T")
+
+# What a loop retries: Redis down, refusing, or a connection cut. Anything else is a bug
+# that must reach the supervisor, not be retried forever.
+RETRIED = (RedisError, OSError)
 
 
 def exponential(attempt: int, first: float, cap: float) -> float:
@@ -63,12 +76,39 @@ class Backoff:
     def reset(self) -> None:
         self.failures = 0
 
-    async def wait(self, stop: asyncio.Event | None = None) -> float:
+    async def wait(self, stop: asyncio.Event) -> float:
         """Sleep for :meth:`next`, or less if ``stop`` is set meanwhile; returns the delay."""
         delay = self.next()
-        if stop is None:
-            await asyncio.sleep(delay)
-        else:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), delay)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), delay)
         return delay
+
+
+def describe(exc: BaseException) -> str:
+    """An error for a log line: its type and message, bounded (never a message body: no
+    caller passes one into an exception)."""
+    text = str(exc)
+    return f"{type(exc).__name__}: {text[:300]}" if text else type(exc).__name__
+
+
+class Stopped(Exception):
+    """The stop event was set before the call succeeded."""
+
+
+async def until_done(
+    call: Callable[[], Awaitable[T]], stop: asyncio.Event, what: str, backoff: Backoff | None = None
+) -> T:
+    """``call()`` until it succeeds (its result), retrying Redis errors with a backoff.
+
+    Raises Stopped if ``stop`` is set first; other exceptions go up at once.
+    """
+    backoff = backoff or Backoff(0.05, 2.0)
+    while not stop.is_set():
+        try:
+            return await call()
+        except RETRIED as exc:
+            if stop.is_set():
+                break
+            log.warning("redis unavailable, retrying", during=what, error=describe(exc))
+            await backoff.wait(stop)
+    raise Stopped(what)

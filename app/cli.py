@@ -10,6 +10,7 @@ import sys
 from app.log import configure, get_logger
 from app.ops import commands
 from app.settings import Settings, SettingsError
+from app.supervise import TaskDied
 
 log = get_logger("cli")
 
@@ -19,6 +20,16 @@ def _settings_epilog() -> str:
     for variable, default, doc in Settings.documentation():
         lines.append(f"  {variable} (default {default})\n      {doc}")
     return "\n".join(lines)
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"invalid {text!r}: a number of seconds greater than 0")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,6 +58,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="'echo' (default), 'list' (LPUSH onto a legacy list) or 'package.module:callable'",
     )
     worker.add_argument(
+        "--handler-timeout",
+        type=_seconds,
+        default=None,
+        metavar="SECONDS",
+        help="longest a handler may run before the delivery fails (default: EAT_HANDLER_TIMEOUT)",
+    )
+    worker.add_argument(
         "--list-name",
         default=None,
         help="with --handler list: the list to push onto (default: EAT_LEGACY_QUEUE)",
@@ -72,6 +90,12 @@ def _fail(message: str) -> int:
     return 2
 
 
+def _died(exc: TaskDied) -> int:
+    """A loop of the process died (logged with its traceback): exit non-zero, to be restarted."""
+    print(f"echo-at-time: {exc}; exiting to be restarted", file=sys.stderr)
+    return 1
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -95,6 +119,8 @@ def main(argv: list[str] | None = None) -> int:
             _run_async(run_scheduler(settings))
         except StorageFormatError as exc:
             return _fail(str(exc))
+        except TaskDied as exc:
+            return _died(exc)
         return 0
     if args.command == "worker":
         from app.store import StorageFormatError
@@ -106,11 +132,18 @@ def main(argv: list[str] | None = None) -> int:
         try:
             _run_async(
                 run_worker(
-                    settings, args.consumer_name, args.concurrency, args.handler, args.list_name
+                    settings,
+                    args.consumer_name,
+                    args.concurrency,
+                    args.handler,
+                    args.list_name,
+                    handler_timeout=args.handler_timeout,
                 )
             )
         except (HandlerSpecError, StorageFormatError) as exc:
             return _fail(str(exc))
+        except TaskDied as exc:
+            return _died(exc)
         return 0
     if args.command == "up":
         from app.ops.stack import run_stack

@@ -103,6 +103,13 @@ class Settings:
             "reclaims it. A live worker extends its claim on long handlers."
         },
     )
+    handler_timeout: float = field(
+        default=300.0,
+        metadata={
+            "doc": "Seconds a handler may run (worker `--handler-timeout`); past it the "
+            "delivery fails with the reason `timeout`, is retried, then dead-lettered."
+        },
+    )
     max_deliveries: int = field(
         default=5,
         metadata={
@@ -239,6 +246,7 @@ class Settings:
         if not _PREFIX_RE.match(self.prefix) or self.prefix in (".", ".."):
             raise SettingsError(_env("prefix"), "1-64 characters of letters, digits, '_', '.', '-'")
         _positive(self, "zk_session_timeout", "visibility_timeout", "retry_base", "retry_max")
+        _positive(self, "handler_timeout")
         _positive(self, "max_deliveries", "max_message_bytes", "promote_batch", "read_count")
         _positive(self, "dead_maxlen", "retention", "max_batch_bytes")
         if self.promote_batch > 10000:

@@ -50,8 +50,6 @@ configured names) because ``LMOVE`` spans two of them; see :mod:`app.store.keys`
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import hashlib
 import json
 import uuid as uuidlib
@@ -60,12 +58,14 @@ from dataclasses import dataclass
 import msgspec
 from redis.exceptions import RedisError
 
+from app.backoff import Backoff, describe
 from app.log import get_logger
 from app.model import RUN_AT_MAX, RUN_AT_MIN, InvalidInput, NewMessage, SaveMessage, validate
 from app.store import Store
 from app.store.codec import uuid_key
 from app.store.keys import LegacyLists
 from election.gate import LeadershipGate
+from election.wakeable import WakeableLoop
 
 log = get_logger("bridge")
 
@@ -169,7 +169,7 @@ class BridgeStats:
     errors: int = 0  # Redis errors (each followed by a backoff and a re-drive)
 
 
-class LegacyBridge:
+class LegacyBridge(WakeableLoop):
     """
     :param store: the Redis client; its accept script takes every item.
     :param gate: open while this process leads; the bridge works only then.
@@ -186,36 +186,25 @@ class LegacyBridge:
     ) -> None:
         if batch < 1:
             raise ValueError("batch must be at least 1")
+        super().__init__()
         self.store = store
         self.client = store.client
         self.gate = gate
         self.lists = lists
         self.batch = batch
         self.stats = BridgeStats()
-        self._poke = asyncio.Event()
-        self._stopping = False
         gate.on_change(self.poke)
 
-    def poke(self) -> None:
-        """Look again now: a leadership change or a stop."""
-        self._poke.set()
-
-    def stop(self) -> None:
-        """Stop after the items already taken (they are accepted and removed first)."""
-        self._stopping = True
-        self._poke.set()
-
-    @property
-    def stopping(self) -> bool:
-        return self._stopping
-
     async def run(self) -> None:
-        retry_delay = 0.05
-        while not self._stopping:
-            self._poke.clear()
+        """Until stopped (after the items already taken: they are accepted and removed
+        first). Redis errors are retried with a backoff; any other exception ends the
+        task, and with it the process (it is supervised)."""
+        backoff = Backoff(0.05, 1.0)
+        while not self.stopping:
+            self.rearm()
             epoch = self.gate.epoch
             if epoch is None:
-                await self._pause(None)
+                await self.pause(None)
                 continue
             try:
                 redriven = await self.redrive()
@@ -223,31 +212,30 @@ class LegacyBridge:
                 await self._bridge(epoch)
             except (RedisError, OSError) as exc:
                 self.stats.errors += 1
-                log.warning("legacy bridge failed", error=type(exc).__name__, retry_in=retry_delay)
-                await self._pause(retry_delay)
-                retry_delay = min(retry_delay * 2, 1.0)
+                delay = backoff.next()
+                log.warning("legacy bridge failed", error=describe(exc), retry_in=delay)
+                await self.pause(delay)
                 continue
-            retry_delay = 0.05
+            backoff.reset()
 
     def _leading(self, epoch: int) -> bool:
-        return not self._stopping and self.gate.epoch == epoch
+        return not self.stopping and self.gate.epoch == epoch
 
     async def _bridge(self, epoch: int) -> None:
         """Rounds while leading under ``epoch``; poll with backoff when nothing waits."""
-        idle = POLL_MIN
+        idle = Backoff(POLL_MIN, POLL_MAX)
         while self._leading(epoch):
-            self._poke.clear()
+            self.rearm()
             if await self.round():
-                idle = POLL_MIN
+                idle.reset()
                 continue
-            await self._pause(idle)
-            idle = min(idle * 2, POLL_MAX)
+            await self.pause(idle.next())
 
     async def redrive(self) -> int:
         """Accept and remove everything in the in-flight list, oldest first; how many."""
         total = 0
         in_flight = self.lists.in_flight
-        while not self._stopping:
+        while not self.stopping:
             async with self.client.pipeline(transaction=False) as pipe:
                 pipe.lrange(in_flight, -self.batch, -1)
                 pipe.time()
@@ -328,10 +316,6 @@ class LegacyBridge:
         )
         self.stats.malformed += 1
         log.warning("legacy item dead-lettered", uuid=bad.uuid, reason=bad.reason[:200])
-
-    async def _pause(self, seconds: float | None) -> None:
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._poke.wait(), seconds)
 
 
 def _ms(redis_time: tuple[int, int]) -> int:

@@ -17,9 +17,11 @@ from dataclasses import dataclass
 from redis.exceptions import RedisError
 
 from app import metrics
+from app.backoff import Backoff, describe
 from app.log import get_logger
 from app.store import Store
 from election.gate import LeadershipGate
+from election.wakeable import WakeableLoop
 
 log = get_logger("promoter")
 
@@ -32,7 +34,7 @@ class PromoterStats:
     errors: int = 0
 
 
-class Promoter:
+class Promoter(WakeableLoop):
     """
     :param store: the Redis client whose ``promote`` moves due messages.
     :param gate: opens with an epoch while this process leads.
@@ -43,44 +45,32 @@ class Promoter:
     """
 
     def __init__(self, store: Store, gate: LeadershipGate, max_idle: float = 1.0) -> None:
+        super().__init__()
         self.store = store
         self.gate = gate
         self.max_idle = max_idle
         self.stats = PromoterStats()
-        self._poke = asyncio.Event()
-        self._stopping = False
         gate.on_change(self.poke)
 
-    def poke(self) -> None:
-        """Re-examine now: a wake-up, a leadership change or a stop."""
-        self._poke.set()
-
-    def stop(self) -> None:
-        self._stopping = True
-        self._poke.set()
-
-    @property
-    def stopping(self) -> bool:
-        return self._stopping
-
     async def run(self) -> None:
-        retry_delay = 0.05
-        while not self._stopping:
-            # Cleared before looking, so a wake-up that arrives after the look is not lost.
-            self._poke.clear()
+        """Until stopped. Redis errors are retried with a backoff; any other exception
+        ends the task, and with it the process (it is supervised)."""
+        backoff = Backoff(0.05, 1.0)
+        while not self.stopping:
+            self.rearm()
             if not self.gate.is_open:
-                await self._pause(None)
+                await self.pause(None)
                 continue
             epoch = self.gate.epoch
             try:
                 result = await self.store.promote(epoch)
             except (RedisError, OSError) as exc:
                 self.stats.errors += 1
-                log.warning("promote failed", error=type(exc).__name__, retry_in=retry_delay)
-                await self._pause(retry_delay)
-                retry_delay = min(retry_delay * 2, 1.0)
+                delay = backoff.next()
+                log.warning("promote failed", error=describe(exc), retry_in=delay)
+                await self.pause(delay)
                 continue
-            retry_delay = 0.05
+            backoff.reset()
             self.stats.calls += 1
             if result.refused_by is not None:
                 self.stats.refused += 1
@@ -103,13 +93,7 @@ class Promoter:
                 delay = self.max_idle
             else:
                 delay = min(max(result.next_due_ms - result.now_ms, 0) / 1000, self.max_idle)
-            await self._pause(delay)
-
-    async def _pause(self, seconds: float | None) -> None:
-        if seconds is not None and seconds <= 0:
-            return
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._poke.wait(), seconds)
+            await self.pause(delay)
 
 
 async def listen_for_wakeups(store: Store, promoter: Promoter) -> None:
@@ -119,19 +103,22 @@ async def listen_for_wakeups(store: Store, promoter: Promoter) -> None:
     not subscribed would otherwise be missed until ``max_idle``.
     """
     channel = store.keys.wake_channel
+    backoff = Backoff(0.05, 1.0)
     while not promoter.stopping:
         pubsub = store.client.pubsub(ignore_subscribe_messages=True)
         try:
             await pubsub.subscribe(channel)
             promoter.poke()
+            backoff.reset()
             while not promoter.stopping:
                 message = await pubsub.get_message(timeout=0.5)
                 if message is not None:
                     promoter.poke()
         except (RedisError, OSError) as exc:
-            log.warning("wake-up subscription lost, resubscribing", error=type(exc).__name__)
+            delay = backoff.next()
+            log.warning("wake-up subscription lost", error=describe(exc), retry_in=delay)
             promoter.poke()
-            await asyncio.sleep(0.2)
+            await asyncio.sleep(delay)
         finally:
             with contextlib.suppress(RedisError, OSError):
                 await pubsub.aclose()

@@ -1,21 +1,28 @@
-"""The scheduler process: join the election; while leading, promote."""
+"""The scheduler process: join the election; while leading, promote (and bridge the
+legacy lists).
+
+Its loops (promoter, wake-up listener, legacy bridge) run under one
+:class:`~app.supervise.Supervisor`: if one of them dies, the process leaves the
+election at once (deleting its node, so another scheduler leads without waiting
+for the session to expire) and :func:`run_scheduler` raises
+:class:`~app.supervise.TaskDied`, which ends the process non-zero.
+"""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import signal
 import socket
 
-from redis.exceptions import RedisError
-
 from app import metrics
+from app.backoff import Stopped, until_done
 from app.health import maybe_start
 from app.log import get_logger
 from app.settings import Settings
 from app.store import Store, connect
 from app.store.keys import LegacyLists
+from app.supervise import Supervisor
 from election.bridge import LegacyBridge
 from election.gate import LeadershipGate, Role
 from election.leadership import LeaderElection
@@ -23,31 +30,19 @@ from election.promoter import Promoter, listen_for_wakeups
 
 log = get_logger("scheduler")
 
+STOP_GRACE = 2.0  # seconds the loops get to end by themselves once told to stop
+
 
 def default_identifier() -> str:
     return f"{socket.gethostname()}-{os.getpid()}"
 
 
-async def _format_checked(store: Store, stop: asyncio.Event) -> bool:
-    """Wait for Redis to confirm its data is in this release's format (False: stopped first).
-
-    StorageFormatError goes up: the process must not run against data it would misread.
-    """
-    delay = 0.05
-    while not stop.is_set():
-        try:
-            await store.check_format()
-            return True
-        except (RedisError, OSError) as exc:
-            log.warning("redis unavailable, retrying", error=type(exc).__name__)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), delay)
-            delay = min(delay * 2, 2.0)
-    return False
-
-
 async def run_scheduler(settings: Settings, identifier: str | None = None) -> None:
-    """Run until SIGTERM/SIGINT; a leader hands over by deleting its election node."""
+    """Run until SIGTERM/SIGINT; a leader hands over by deleting its election node.
+
+    StorageFormatError (data this release would misread) and TaskDied (a loop
+    died) go up: the caller exits non-zero.
+    """
     identifier = identifier or default_identifier()
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -55,10 +50,21 @@ async def run_scheduler(settings: Settings, identifier: str | None = None) -> No
         loop.add_signal_handler(sig, stop.set)
 
     client = connect(settings)
-    store = Store(client, settings, identifier=identifier)
-    if not await _format_checked(store, stop):
+    try:
+        store = Store(client, settings, identifier=identifier)
+        try:
+            await until_done(store.check_format, stop, "storage format check")
+        except Stopped:
+            return
+        await _lead_while_elected(settings, store, identifier, stop)
+    finally:
         await client.aclose()
-        return
+
+
+async def _lead_while_elected(
+    settings: Settings, store: Store, identifier: str, stop: asyncio.Event
+) -> None:
+    loop = asyncio.get_running_loop()
     gate = LeadershipGate()
     promoter = Promoter(store, gate)
     # The legacy list bridge works only while this process leads (the gate is open).
@@ -86,38 +92,33 @@ async def run_scheduler(settings: Settings, identifier: str | None = None) -> No
         return {"redis": await store.answers(), "zookeeper": election.client.connected}
 
     log.info("scheduler starting", identifier=identifier, path=store.keys.zk_election)
+    supervisor = Supervisor("scheduler", stop)
     election.start()
-    health = await maybe_start(settings.health_host, settings.health_port, ready, store.queue_stats)
-    tasks = [
-        asyncio.create_task(promoter.run(), name="promoter"),
-        asyncio.create_task(listen_for_wakeups(store, promoter), name="wakeups"),
-    ]
-    if bridge is not None:
-        tasks.append(asyncio.create_task(bridge.run(), name="legacy-bridge"))
+    health = None
     try:
-        await stop.wait()
+        health = await maybe_start(
+            settings.health_host, settings.health_port, ready, store.queue_stats
+        )
+        supervisor.spawn(promoter.run(), "promoter")
+        supervisor.spawn(listen_for_wakeups(store, promoter), "wakeups")
+        if bridge is not None:
+            supervisor.spawn(bridge.run(), "legacy-bridge")
+        await supervisor.wait()
     finally:
         log.info("scheduler stopping", identifier=identifier)
         promoter.stop()
         if bridge is not None:
             bridge.stop()
         gate.set_role(Role.FOLLOWER)
+        # Leaving the election deletes this contender's node: if it led, another scheduler
+        # leads now rather than after the session timeout.
         await loop.run_in_executor(None, election.stop)
-        # Both loops end on their own once stopping; cancellation is the fallback, repeated
-        # because Python 3.11's wait_for (inside redis-py) can swallow a cancel.
-        _, pending = await asyncio.wait(tasks, timeout=2.0)
-        while pending:
-            for task in pending:
-                task.cancel()
-            _, pending = await asyncio.wait(pending, timeout=0.5)
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                task.result()
+        await supervisor.close(STOP_GRACE)
         if health is not None:
             await health.stop()
-        await client.aclose()
         log.info(
             "scheduler stopped",
             promoted=promoter.stats.moved,
             refused=promoter.stats.refused,
+            failed=supervisor.failed is not None,
         )

@@ -45,7 +45,10 @@ async def run_worker(
     concurrency: int,
     handler_spec: str,
     list_name: str | None = None,
+    *,
+    handler_timeout: float | None = None,
 ) -> None:
+    """Run one worker until SIGTERM/SIGINT; TaskDied goes up when one of its loops died."""
     consumer = consumer or default_consumer_name()
     list_name = check_list_name(settings, handler_spec, list_name)
     # The list handler shares the worker's client; it asks for it on first use.
@@ -53,7 +56,13 @@ async def run_worker(
         handler_spec, consumer, redis_factory=lambda: client, list_name=list_name
     )
     client = connect(settings)
-    worker = Worker(Store(client, settings), handler, consumer, concurrency)
+    worker = Worker(
+        Store(client, settings),
+        handler,
+        consumer,
+        concurrency,
+        handler_timeout=handler_timeout or settings.handler_timeout,
+    )
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, worker.stop)

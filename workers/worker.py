@@ -7,20 +7,35 @@ reclaims it and handles it again. That is the only source of duplicates.
 
 Order: entries are started in stream order. With ``concurrency=1`` (or an
 inline handler such as ``echo``) they are also finished in that order.
+
+Bounded handler time: an async handler still running after ``handler_timeout``
+is cancelled, a sync one (run in a thread of its own) is abandoned; either way
+the delivery counts as failed with the reason ``timeout`` (retried with backoff,
+then dead-lettered) and its slot and claim are released. Inline handlers (echo)
+never block, so they are not timed.
+
+Shape: the read, acknowledge, reclaim and extend loops run under a
+:class:`~app.supervise.Supervisor`; one that dies stops the worker (it reads no
+more, finishes and acknowledges what it holds) and ``run()`` raises
+:class:`~app.supervise.TaskDied`, so the process exits non-zero and is restarted.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import threading
 import time
 from dataclasses import dataclass
+from typing import Any
 
 from redis.exceptions import RedisError
 
 from app import metrics
+from app.backoff import Backoff, Stopped, describe, until_done
 from app.log import get_logger
 from app.store import Delivery, Store
+from app.supervise import Supervisor
 from workers.handlers import Handler, is_async
 from workers.retry import backoff_seconds
 
@@ -29,8 +44,24 @@ log = get_logger("worker")
 BLOCK_MS = 1000  # longest XREADGROUP wait; also bounds how long a stop waits for a read
 
 
+ACK_FLUSH_GRACE = 10.0  # seconds the ack loop gets, once stopping, to acknowledge what is handled
+DEFAULT_HANDLER_TIMEOUT = 300.0
+
+
 class _HandleOneByOne(Exception):
     """The handler has no batch form."""
+
+
+class HandlerTimeout(Exception):
+    """The handler ran past its time limit; the delivery failed."""
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__(f"handler still running after {seconds:g} s")
+        self.seconds = seconds
+
+    @property
+    def reason(self) -> str:
+        return f"timeout: {self}"
 
 
 @dataclass
@@ -48,16 +79,28 @@ class Worker:
     :param handler: called once per delivery; raising means failure.
     :param consumer: this worker's name in the consumer group (unique per process).
     :param concurrency: most handlers running at once in this process.
+    :param handler_timeout: seconds a (non-inline) handler may run before its delivery
+        counts as failed with the reason ``timeout``.
     """
 
-    def __init__(self, store: Store, handler: Handler, consumer: str, concurrency: int = 1) -> None:
+    def __init__(
+        self,
+        store: Store,
+        handler: Handler,
+        consumer: str,
+        concurrency: int = 1,
+        handler_timeout: float = DEFAULT_HANDLER_TIMEOUT,
+    ) -> None:
         if concurrency < 1:
             raise ValueError("concurrency must be at least 1")
+        if not handler_timeout > 0:
+            raise ValueError("handler_timeout must be greater than 0")
         self.store = store
         self.settings = store.settings
         self.handler = handler
         self.consumer = consumer
         self.concurrency = concurrency
+        self.handler_timeout = handler_timeout
         self.stats = WorkerStats()
         self._inline = bool(getattr(handler, "inline", False))
         self._async = is_async(handler)
@@ -68,6 +111,7 @@ class Worker:
         self._ack_wanted = asyncio.Event()
         self._stopping = asyncio.Event()
         self._draining = False  # set once no handler can add to the ack queue any more
+        self._supervisor = Supervisor("worker", self._stopping)
 
     def stop(self) -> None:
         """Stop taking new entries; what is in hand is finished and acknowledged."""
@@ -75,46 +119,61 @@ class Worker:
         self._ack_wanted.set()
 
     async def run(self) -> None:
-        await self._retry(self.store.check_format)
-        await self._retry(self.store.ensure_group)
-        helpers = [
-            asyncio.create_task(self._ack_loop(), name="ack"),
-            asyncio.create_task(self._reclaim_loop(), name="reclaim"),
-            asyncio.create_task(self._extend_loop(), name="extend"),
-        ]
+        """Until :meth:`stop`; raises TaskDied if one of its loops died (it stops first)."""
+        stop = self._stopping
+        try:
+            await until_done(self.store.check_format, stop, "storage format check")
+            await until_done(self.store.ensure_group, stop, "consumer group")
+        except Stopped:
+            return
+        supervisor = self._supervisor
+        supervisor.spawn(self._ack_loop(), "ack")
+        supervisor.spawn(self._extend_loop(), "extend")
+        # The two loops that hand out work: both end before the ack queue is drained.
+        feeders = {
+            supervisor.spawn(self._reclaim_loop(), "reclaim"),
+            supervisor.spawn(self._consume(), "read"),
+        }
         log.info("worker started", worker=self.consumer, concurrency=self.concurrency)
         try:
-            # Entries delivered to this name before a restart come first.
-            asked = time.monotonic()
-            own = await self._retry(
-                lambda: self.store.read(self.consumer, 10_000, None, own_pending=True)
-            )
-            await self._dispatch(await self._still_ours(own or [], asked))
-            await self._read_loop()
+            await supervisor.wait()
         finally:
+            # Read no more (a loop died, or stop() was called); finish what is in hand:
+            # what the feeders are dispatching now, then the handlers running.
+            self._stopping.set()
+            await asyncio.wait(feeders, timeout=BLOCK_MS / 1000 + self.settings.visibility_timeout)
             if self._tasks:
                 await asyncio.wait(self._tasks, timeout=self.settings.visibility_timeout)
             self._draining = True
             self._ack_wanted.set()
             # The ack loop flushes what is handled, then ends. If Redis stays down the
             # entries stay pending and another worker reclaims them (a counted duplicate).
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(helpers[0], timeout=10.0)
-            for task in helpers[1:]:
-                task.cancel()
-            for task in helpers[1:]:
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+            await supervisor.close(ACK_FLUSH_GRACE)
             log.info(
                 "worker stopped",
                 worker=self.consumer,
                 handled=self.stats.handled,
                 failed=self.stats.failed,
                 reclaimed=self.stats.reclaimed,
+                died=supervisor.failed is not None,
             )
 
+    async def _consume(self) -> None:
+        """Entries delivered to this name before a restart first, then new ones."""
+        asked = time.monotonic()
+        try:
+            own = await until_done(
+                lambda: self.store.read(self.consumer, 10_000, None, own_pending=True),
+                self._stopping,
+                "reading own pending entries",
+            )
+        except Stopped:
+            return
+        await self._dispatch(await self._still_ours(own, asked))
+        await self._read_loop()
+
     async def _read_loop(self) -> None:
-        delay = 0.05
+        backoff = Backoff(0.05, 2.0)
         while not self._stopping.is_set():
             free = await self._wait_for_capacity()
             if self._stopping.is_set():
@@ -125,11 +184,10 @@ class Worker:
                     self.consumer, min(free, self.settings.read_count), BLOCK_MS
                 )
             except (RedisError, OSError) as exc:
-                log.warning("read failed", worker=self.consumer, error=type(exc).__name__)
-                await self._sleep(delay)
-                delay = min(delay * 2, 2.0)
+                log.warning("read failed", worker=self.consumer, error=describe(exc))
+                await backoff.wait(self._stopping)
                 continue
-            delay = 0.05
+            backoff.reset()
             await self._dispatch(await self._still_ours(deliveries, asked))
 
     async def _still_ours(self, deliveries: list[Delivery], asked: float) -> list[Delivery]:
@@ -183,9 +241,11 @@ class Worker:
         for delivery in deliveries:
             await self._slots.acquire()
             self._in_flight[delivery.id] = time.monotonic()
-            task = asyncio.create_task(self._handle(delivery))
+            task = asyncio.create_task(self._handle(delivery), name=f"handle-{delivery.id}")
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
+            # An exception escaping _handle is a bug: it fails the worker, not just one message.
+            self._supervisor.watch(task)
 
     async def _handle_inline(self, deliveries: list[Delivery]) -> None:
         """Inline handlers never await: a whole read is handled here, in stream order.
@@ -225,10 +285,7 @@ class Worker:
 
     async def _handle(self, delivery: Delivery) -> None:
         try:
-            if self._async:
-                await self.handler(delivery)
-            else:
-                await asyncio.to_thread(self.handler, delivery)
+            await self._run_handler(delivery)
         except Exception as exc:
             self.stats.failed += 1
             await self._failed(delivery, exc)
@@ -241,10 +298,36 @@ class Worker:
             self._in_flight.pop(delivery.id, None)
             self._slots.release()
 
+    async def _run_handler(self, delivery: Delivery) -> None:
+        """Run the handler, at most ``handler_timeout`` seconds: HandlerTimeout after that.
+
+        The handler is not awaited past its time: an async one is cancelled (and left to
+        end as it will, should it ignore the cancel), a sync one keeps its thread, which
+        is a daemon so that it cannot hold the process open on exit.
+        """
+        loop = asyncio.get_running_loop()
+        if self._async:
+            running: asyncio.Future[Any] = asyncio.ensure_future(self.handler(delivery))
+        else:
+            running = loop.create_future()
+            threading.Thread(
+                target=_call_in_thread,
+                args=(self.handler, delivery, running, loop),
+                name=f"handler-{delivery.id}",
+                daemon=True,
+            ).start()
+        done, _ = await asyncio.wait({running}, timeout=self.handler_timeout)
+        if not done:
+            running.cancel()
+            running.add_done_callback(_abandoned(delivery))
+            raise HandlerTimeout(self.handler_timeout)
+        running.result()
+
     async def _failed(self, delivery: Delivery, exc: Exception) -> None:
         attempt = delivery.attempts + 1
         delay = backoff_seconds(attempt, self.settings.retry_base, self.settings.retry_max)
-        reason = f"{type(exc).__name__}: {exc}"
+        timed_out = isinstance(exc, HandlerTimeout)
+        reason = exc.reason if timed_out else f"{type(exc).__name__}: {exc}"
         try:
             outcome, attempts = await self.store.fail(delivery, int(delay * 1000), reason)
         except (RedisError, OSError) as err:
@@ -267,7 +350,7 @@ class Worker:
 
     async def _ack_loop(self) -> None:
         """Acknowledge in batches: every handled entry waiting goes in one script call."""
-        delay = 0.05
+        backoff = Backoff(0.05, 2.0)
         while True:
             await self._ack_wanted.wait()
             self._ack_wanted.clear()
@@ -277,13 +360,12 @@ class Worker:
                     acked = await self.store.ack(batch)
                     self.stats.acked += acked
                     metrics.DELIVERED.inc(acked)
-                    delay = 0.05
+                    backoff.reset()
                 except (RedisError, OSError) as exc:
-                    log.warning("ack failed, retrying", count=len(batch), error=type(exc).__name__)
+                    log.warning("ack failed, retrying", count=len(batch), error=describe(exc))
                     self._to_ack[:0] = batch
                     self._ack_wanted.set()
-                    await asyncio.sleep(delay)
-                    delay = min(delay * 2, 2.0)
+                    await asyncio.sleep(backoff.next())
                     continue
             if self._draining and not self._to_ack:
                 return
@@ -299,7 +381,7 @@ class Worker:
                     self.consumer, cursor, min(free, self.settings.read_count)
                 )
             except (RedisError, OSError) as exc:
-                log.warning("reclaim failed", error=type(exc).__name__)
+                log.warning("reclaim failed", error=describe(exc))
                 await self._sleep(interval)
                 continue
             self.stats.dead += dead
@@ -329,20 +411,50 @@ class Worker:
             try:
                 await self.store.extend(self.consumer, ids)
             except (RedisError, OSError) as exc:
-                log.warning("claim renewal failed", error=type(exc).__name__)
+                log.warning("claim renewal failed", error=describe(exc))
 
     async def _sleep(self, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._stopping.wait(), seconds)
 
-    async def _retry(self, call):
-        delay = 0.05
-        while True:
-            try:
-                return await call()
-            except (RedisError, OSError) as exc:
-                if self._stopping.is_set():
-                    return None
-                log.warning("redis unavailable, retrying", error=type(exc).__name__)
-                await self._sleep(delay)
-                delay = min(delay * 2, 2.0)
+
+def _call_in_thread(
+    handler: Handler,
+    delivery: Delivery,
+    outcome: asyncio.Future[Any],
+    loop: asyncio.AbstractEventLoop,
+) -> None:
+    """A sync handler's thread: run it, hand the outcome back to the event loop."""
+    try:
+        handler(delivery)
+    except BaseException as exc:  # every outcome goes back to the loop
+        settle = (_set_exception, exc)
+    else:
+        settle = (_set_result, None)
+    # The loop is closed when an abandoned handler outlives the worker: nobody waits then.
+    with contextlib.suppress(RuntimeError):
+        loop.call_soon_threadsafe(settle[0], outcome, settle[1])
+
+
+def _set_result(outcome: asyncio.Future[Any], value: Any) -> None:
+    if not outcome.done():
+        outcome.set_result(value)
+
+
+def _set_exception(outcome: asyncio.Future[Any], exc: BaseException) -> None:
+    if not outcome.done():
+        outcome.set_exception(exc)
+
+
+def _abandoned(delivery: Delivery):
+    """Log how a handler given up on for its timeout ended, if it ever does."""
+
+    def ended(outcome: asyncio.Future[Any]) -> None:
+        error = None if outcome.cancelled() else outcome.exception()
+        log.info(
+            "timed-out handler ended",
+            uuid=delivery.uuid,
+            error=type(error).__name__ if error is not None else None,
+        )
+
+    return ended

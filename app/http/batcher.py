@@ -7,6 +7,12 @@ whatever queued up during the previous one. The script treats each message as
 if it came alone, so batching changes no guarantee: a request is answered only
 after its message is stored, and a failed call fails only the requests in it
 (nothing of them was written: a script is atomic).
+
+No request is left waiting: whatever goes wrong in a round trip (Redis, or an
+error nobody expected, such as a reply the client cannot read) fails every
+request it carries, and every request still queued when the flush ends, with
+an error the routes answer as 503 "retry with the same uuid" (safe: accept is
+idempotent by uuid).
 """
 
 from __future__ import annotations
@@ -15,10 +21,18 @@ import asyncio
 
 from redis.exceptions import RedisError
 
+from app.log import get_logger
 from app.model import NewMessage
 from app.store import Accepted, Store
 
+log = get_logger("api")
+
 MAX_BATCH = 256  # bounds one script call's size, and so the Redis time it blocks others
+
+
+class AcceptFailed(RedisError):
+    """An accept round trip failed unexpectedly; whether it wrote is unknown, so the
+    client retries with the same uuid (a duplicate then answers 200)."""
 
 
 class AcceptBatcher:
@@ -44,6 +58,7 @@ class AcceptBatcher:
         return await future
 
     async def _flush(self) -> None:
+        futures: list[asyncio.Future[Accepted]] = []
         try:
             while self._msgs:
                 if len(self._msgs) <= self.max_batch:
@@ -54,13 +69,29 @@ class AcceptBatcher:
                     del self._msgs[: self.max_batch], self._futures[: self.max_batch]
                 try:
                     results = await self.store.accept_many(msgs)
+                    if len(results) != len(futures):
+                        raise AcceptFailed(f"{len(results)} results for {len(futures)} messages")
                 except (RedisError, OSError) as exc:
-                    for future in futures:
-                        if not future.done():
-                            future.set_exception(exc)
+                    _fail(futures, exc)
+                    continue
+                except Exception as exc:
+                    log.exception("accept failed unexpectedly", messages=len(msgs))
+                    _fail(futures, AcceptFailed(f"accept failed: {type(exc).__name__}"))
                     continue
                 for future, result in zip(futures, results, strict=True):
                     if not future.done():  # done: the client went away; its message is stored
                         future.set_result(result)
+                futures = []
         finally:
+            # Cancelled (shutdown) or a bug above: nobody may be left waiting.
+            stranded = AcceptFailed("accept interrupted")
+            _fail(futures, stranded)
+            _fail(self._futures, stranded)
+            self._msgs, self._futures = [], []
             self._flushing = False
+
+
+def _fail(futures: list[asyncio.Future[Accepted]], exc: BaseException) -> None:
+    for future in futures:
+        if not future.done():
+            future.set_exception(exc)

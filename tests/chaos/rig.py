@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -88,12 +89,15 @@ class ChaosEnv:
         env: Mapping[str, str] | None = None,
         worker_handler: str | None = None,
         worker_concurrency: int | None = None,
+        worker_command_prefix: Sequence[str] = (),
         redis_proxied: Sequence[str] = (),
         ordered_schedulers: bool = False,
         timeout: float = 60.0,
     ) -> Cluster:
         """Start the processes and wait until they are ready and one scheduler leads.
 
+        :param worker_command_prefix: goes before each worker's console script (e.g. the
+            in-process fault injector ``tests.chaos.inject``).
         :param redis_proxied: slots ("api-1", "worker-2"...) that reach Redis through a proxy.
         :param ordered_schedulers: start schedulers one after another, each joining the
             election before the next starts: scheduler-1 leads, scheduler-2 is next.
@@ -142,6 +146,7 @@ class ChaosEnv:
                 worker_concurrency,
                 handler=worker_handler,
                 env=extra(f"worker-{i + 1}", {"EAT_CHAOS_WORKER": f"worker-{i + 1}"}),
+                command_prefix=worker_command_prefix,
             )
             for i in range(workers)
         ]
@@ -271,6 +276,10 @@ class ChaosEnv:
         return None if value is None else int(value)
 
 
+# Put before a console script: runs it with the bugs of tests/chaos/inject.py armed by files.
+INJECT = (sys.executable, "-m", "tests.chaos.inject")
+
+
 class Faults:
     """Fault injectors; each records what it did in the timeline."""
 
@@ -307,6 +316,19 @@ class Faults:
         """SIGTERM and wait for a graceful exit; returns the exit code."""
         self.timeline.record("term", proc.name, proc)
         return proc.terminate()
+
+    def bug(self, bugs: Path, name: str, procs: Sequence[ServiceProcess]) -> ServiceProcess:
+        """Arm bug ``name`` of tests/chaos/inject.py (in ``bugs``, the processes'
+        EAT_CHAOS_BUGS) and wait for one of ``procs`` to hit it and exit; it is recorded
+        as a crash at the moment its exit was seen (after everything it wrote)."""
+        (bugs / name).touch()
+        crashed = self.cluster.wait_until(
+            lambda: next((p for p in procs if p.returncode is not None), None),
+            within(SESSION_TIMEOUT + 10),
+            f"a process to hit the {name} bug and exit",
+        )
+        self.timeline.record("kill", crashed.name, crashed, cause=f"{name} bug")
+        return crashed
 
     def restart(self, *procs: ServiceProcess) -> list[ServiceProcess]:
         fresh = self.cluster.restart(*procs)

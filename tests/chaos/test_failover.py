@@ -26,7 +26,7 @@ import pytest
 from app.store.codec import uuid_text
 from tests.chaos.checker import Report, echoes_of
 from tests.chaos.load import LoadGenerator
-from tests.chaos.rig import SESSION_TIMEOUT, ChaosEnv, Faults, SchedulerSpec
+from tests.chaos.rig import INJECT, SESSION_TIMEOUT, ChaosEnv, Faults, SchedulerSpec
 from tests.e2e.harness import within
 
 pytestmark = pytest.mark.chaos
@@ -644,3 +644,87 @@ def test_a_rolling_restart_of_every_process_with_sigterm_under_load_loses_and_du
     assert codes == dict.fromkeys(codes, 0), f"not a clean exit: {codes}"
     assert_core(report, load)
     assert report.inversions == 0, report.inversion_examples
+
+
+# -- 12 --------------------------------------------------------------------------------
+
+
+def died_lines(proc) -> list[dict]:
+    return [
+        line for line in proc.log_lines() if line.get("event") == "task died, stopping the process"
+    ]
+
+
+def test_a_scheduler_whose_promoter_dies_exits_non_zero_and_another_leads_at_once(
+    chaos: ChaosEnv, faults: Faults, record_scenario: Record, tmp_path: Path
+) -> None:
+    """An exception nobody expected inside the leader's promoter (a bug, not a Redis
+    error): the process logs it with its traceback, leaves the election (its node goes,
+    so the next contender leads without waiting for the session to expire), exits 1, and
+    is started again, as Kubernetes or `echo-at-time up` would. Twice, under load."""
+    bugs = tmp_path / "bugs"
+    bugs.mkdir()
+    cluster = chaos.start_cluster(
+        env={"EAT_CHAOS_BUGS": str(bugs)},
+        schedulers=[SchedulerSpec(command_prefix=INJECT) for _ in range(3)],
+    )
+    load = chaos.load(MESSAGES, DURATION).start()
+    start = time.time()
+    handovers: list[float] = []
+    for moment in (3.0, 7.5):
+        at(load, moment)
+        leader = cluster.leader()
+        assert leader is not None
+        old_epoch = cluster.leader_epoch(leader)
+        armed = time.time()
+        crashed = faults.bug(bugs, "promote", cluster.schedulers)
+        assert crashed is leader, f"{crashed.name} hit the promote bug, not the leader"
+        assert crashed.returncode == 1
+        new = cluster.wait_for_leader(within(SESSION_TIMEOUT + 5), newer_than=old_epoch)
+        handovers.append(new.at - armed)
+        (died,) = died_lines(crashed)
+        assert died["task"] == "promoter"
+        assert "InjectedBug" in died.get("exception", ""), "no traceback in the log"
+        faults.restart(crashed)
+    chaos.settle(load)
+    report = chaos.analyze(load, start)
+    record_scenario("12 promoter dies x2 (exit 1, restarted)", report)
+    print(f"handover after a promoter died: {[round(h, 2) for h in handovers]} s")
+
+    assert_core(report, load)
+    assert max(handovers) < SESSION_TIMEOUT, handovers
+    assert report.max_delayed_lateness <= FAILOVER_LATENESS_MS
+    assert report.inversions == 0, report.inversion_examples
+
+
+# -- 13 --------------------------------------------------------------------------------
+
+
+def test_a_worker_whose_ack_loop_dies_exits_non_zero_and_what_it_held_is_handled_again(
+    chaos: ChaosEnv, faults: Faults, record_scenario: Record, tmp_path: Path
+) -> None:
+    """A bug in a worker's acknowledge loop: the worker stops reading, exits 1 and is
+    started again; the entries it handled but could not acknowledge are handled again
+    (by its next run or, past the visibility timeout, another worker): duplicates only
+    of what it had echoed before it died. Twice, under load."""
+    bugs = tmp_path / "bugs"
+    bugs.mkdir()
+    cluster = chaos.start_cluster(
+        env={"EAT_CHAOS_BUGS": str(bugs), "EAT_VISIBILITY_TIMEOUT": f"{WORKER_VISIBILITY:g}"},
+        worker_command_prefix=INJECT,
+    )
+    load = chaos.load(MESSAGES, DURATION).start()
+    start = time.time()
+    for moment in (3.0, 7.5):
+        at(load, moment)
+        crashed = faults.bug(bugs, "ack", cluster.workers)
+        assert crashed.returncode == 1
+        (died,) = died_lines(crashed)
+        assert died["task"] == "ack"
+        assert "InjectedBug" in died.get("exception", ""), "no traceback in the log"
+        faults.restart(crashed)
+    chaos.settle(load)
+    report = chaos.analyze(load, start)
+    record_scenario("13 worker ack loop dies x2 (exit 1)", report)
+
+    assert_core(report, load, duplicates_allowed=True)

@@ -567,6 +567,7 @@ class Cluster:
         *,
         handler: str | None = None,
         env: Mapping[str, str] | None = None,
+        command_prefix: Sequence[str] = (),
     ) -> ServiceProcess:
         """A worker with a stable consumer name (``<prefix>-worker-N`` unless given):
         restarted, it takes back the entries delivered to its previous run."""
@@ -576,7 +577,7 @@ class Cluster:
             args += ["--concurrency", str(concurrency)]
         if handler is not None:
             args += ["--handler", handler]
-        proc = self._new("worker", slot, args, env=env)
+        proc = self._new("worker", slot, args, env=env, command_prefix=command_prefix)
         self.workers.append(proc)
         return proc
 

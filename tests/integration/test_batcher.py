@@ -4,17 +4,25 @@ from __future__ import annotations
 
 import asyncio
 import uuid as uuidlib
+import warnings
 
 import pytest
 import redis
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
 
-from app.http.batcher import AcceptBatcher
+from app.http.app import create_app
+from app.http.batcher import AcceptBatcher, AcceptFailed
 from app.model import NewMessage
 from app.ops.servers import free_port
 from app.settings import Settings
 from app.store import Store, connect
+from app.store.codec import uuid_key
 from app.store.keys import Keyspace
+
+with warnings.catch_warnings():
+    warnings.filterwarnings("ignore", "Using `httpx` with `starlette.testclient`", UserWarning)
+    from starlette.testclient import TestClient
 
 FUTURE = 253402300799999
 
@@ -125,3 +133,72 @@ def test_one_call_publishes_one_wake_up_when_it_brings_a_new_earliest(
         assert [int(m["data"]) for m in published] == [FUTURE - count + 1]
     finally:
         pubsub.close()
+
+
+class OddReplyStore(Store):
+    """Redis answers, but the first call's reply trips a bug (nothing Redis-shaped)."""
+
+    failures = 1
+
+    async def accept_many(self, msgs):
+        if self.failures:
+            self.failures -= 1
+            await asyncio.sleep(0.01)  # let more requests queue behind this call
+            raise KeyError("a reply nobody expected")
+        return await super().accept_many(msgs)
+
+
+def test_an_unexpected_error_fails_every_waiting_request_and_the_next_ones_are_served(
+    redis_url: str, prefix: str, redis_client: redis.Redis
+) -> None:
+    settings = Settings.from_env({}, redis_url=redis_url, prefix=prefix)
+
+    async def scenario():
+        client = connect(settings)
+        batcher = AcceptBatcher(OddReplyStore(client, settings), max_batch=4)
+        try:
+            first = await asyncio.wait_for(
+                asyncio.gather(
+                    *(batcher.accept(message()) for _ in range(10)), return_exceptions=True
+                ),
+                5.0,
+            )
+            after = await asyncio.wait_for(batcher.accept(message()), 5.0)
+        finally:
+            await client.aclose()
+        return first, after
+
+    first, after = asyncio.run(scenario())
+    failed = [r for r in first if isinstance(r, Exception)]
+    # The call that broke carried the first four; nobody waited forever; the rest went on.
+    assert len(failed) == 4
+    assert all(isinstance(r, AcceptFailed) and isinstance(r, RedisError) for r in failed)
+    assert all(not isinstance(r, Exception) and r.created for r in first[4:])
+    assert after.created
+
+
+def test_the_api_answers_503_json_when_the_batcher_fails_unexpectedly_then_serves_again(
+    redis_url: str, prefix: str, redis_client: redis.Redis
+) -> None:
+    settings = Settings.from_env({}, redis_url=redis_url, prefix=prefix)
+    app = create_app(settings)
+    body = {"message": "m", "runAt": FUTURE, "uuid": str(uuidlib.uuid4())}
+    with TestClient(app) as client:
+        store = app.state.store
+        real = store.accept_many
+        calls = []
+
+        async def broken_once(msgs):
+            calls.append(len(msgs))
+            if len(calls) == 1:
+                raise IndexError("odd reply")
+            return await real(msgs)
+
+        store.accept_many = broken_once
+        refused = client.post("/api/v1/save-message", json=body)
+        assert refused.status_code == 503
+        assert refused.json()["field"] is None
+        assert "retry with the same uuid" in refused.json()["error"]
+        retried = client.post("/api/v1/save-message", json=body)
+        assert retried.status_code == 201, retried.text
+    assert redis_client.hexists(Keyspace(prefix).messages, uuid_key(body["uuid"]))

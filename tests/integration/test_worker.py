@@ -28,6 +28,7 @@ from app.settings import Settings
 from app.store import Delivery, Store
 from app.store.codec import uuid_text
 from app.store.keys import CONSUMER_GROUP
+from app.supervise import TaskDied
 from election.gate import LeadershipGate, Role
 from election.promoter import Promoter, listen_for_wakeups
 from tests import aio
@@ -405,3 +406,155 @@ def test_async_and_sync_threaded_handlers_both_deliver(settings) -> None:
             assert await pending_count(store) == 0
 
     asyncio.run(scenario())
+
+
+# --- bounded handler time -------------------------------------------------------------------
+
+
+async def dead_reasons(store: Store) -> dict[str, str]:
+    return {
+        uuid_text(fields[b"u"]): fields[b"reason"].decode()
+        for _id, fields in await store.client.xrange(store.keys.dead)
+    }
+
+
+@pytest.mark.parametrize("kind", ["async", "sync", "async ignoring cancel"])
+def test_a_handler_past_its_timeout_is_retried_then_dead_lettered_as_timeout_without_holding_others(
+    settings, kind: str
+) -> None:
+    """One message hangs its handler forever; with concurrency 2 the others still run at once
+    (before the hung one's first timeout), and the hung one is failed on each timeout,
+    retried with backoff, and dead-lettered with the reason ``timeout``."""
+    timeout = 0.6
+    settings = dataclasses.replace(settings, retry_base=0.01, retry_max=0.05, max_deliveries=2)
+    handled: dict[str, float] = {}
+    hung_runs: list[float] = []
+    never = threading.Event()  # set at the end, so no thread outlives the test
+
+    def note(delivery: Delivery) -> bool:
+        if delivery.message == "hang":
+            hung_runs.append(time.monotonic())
+            return True
+        handled[delivery.uuid] = time.monotonic()
+        return False
+
+    async def async_handler(delivery: Delivery) -> None:
+        if note(delivery):
+            await asyncio.sleep(3600)
+
+    async def stubborn_handler(delivery: Delivery) -> None:
+        if note(delivery):
+            while not never.is_set():
+                try:
+                    await asyncio.sleep(0.05)
+                except asyncio.CancelledError:
+                    continue  # a handler that will not be cancelled
+
+    def sync_handler(delivery: Delivery) -> None:
+        if note(delivery):
+            never.wait(30)
+
+    handler = {
+        "async": async_handler,
+        "sync": sync_handler,
+        "async ignoring cancel": stubborn_handler,
+    }[kind]
+
+    async def scenario() -> None:
+        async with open_store(settings) as store, running_promoter(store):
+            accepted = await store.accept(NewMessage(str(uuidlib.uuid4()), "hang", now_ms()))
+            assert accepted.created
+            hung = (await store.client.xrange(store.keys.stream))[0]
+            hung_uuid = uuid_text(hung[1][b"u"])
+            others = await accept_due(store, 10, "ok")
+            worker = Worker(store, handler, "w1", concurrency=2, handler_timeout=timeout)
+            started = time.monotonic()
+            async with running_worker(worker):
+                await wait_until(lambda: set(handled) == set(others), "the others handled")
+                # All ten ran in the one free slot while the first run of "hang" was held.
+                assert max(handled.values()) - started < timeout
+                assert worker.stats.failed == 0
+                await wait_until(lambda: worker.stats.dead == 1, "hung message dead-lettered")
+            never.set()
+
+            assert len(hung_runs) == 2  # max_deliveries
+            assert hung_runs[1] - hung_runs[0] >= timeout
+            reason = (await dead_reasons(store))[hung_uuid]
+            assert reason.startswith("timeout"), reason
+            record = await store.record(hung_uuid)
+            assert record.state is State.DEAD and record.attempts == 2
+            assert await states(store, others) == [State.DELIVERED] * 10
+            # Nothing is left claimed: the timed-out deliveries were failed, not extended.
+            assert await pending_count(store) == 0
+            assert worker.stats.failed == 2
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        never.set()
+
+
+def test_handler_timeout_must_be_positive(settings) -> None:
+    async def handler(delivery: Delivery) -> None:
+        return None
+
+    async def scenario() -> None:
+        async with open_store(settings) as store:
+            with pytest.raises(ValueError, match="handler_timeout"):
+                Worker(store, handler, "w1", handler_timeout=0)
+
+    asyncio.run(scenario())
+
+
+# --- supervised loops -----------------------------------------------------------------------
+
+
+class AckBug(Exception):
+    """Stands for a bug in the acknowledge path (e.g. an odd reply it cannot read)."""
+
+
+def test_a_worker_whose_loop_dies_stops_reading_raises_and_another_worker_takes_its_entries(
+    settings, echo_out
+) -> None:
+    settings = dataclasses.replace(settings, visibility_timeout=0.5)
+    path, fd = echo_out
+
+    async def scenario() -> None:
+        async with open_store(settings) as store:
+            uuids = await accept_due(store, 5)
+            broken = Worker(store, make_echo("broken", fd), "broken")
+
+            async def ack_with_a_bug(deliveries):
+                raise AckBug("cannot read the reply")
+
+            broken.store = _StoreWith(store, ack=ack_with_a_bug)
+            run = asyncio.create_task(broken.run())
+            done, _ = await asyncio.wait({run}, timeout=DEADLINE)
+            if not done:
+                await reap(run)
+            assert done, "the worker kept running with a dead ack loop"
+            with pytest.raises(TaskDied) as died:
+                run.result()
+            assert died.value.name == "ack" and isinstance(died.value.error, AckBug)
+            # It handled them but could not acknowledge: they are still pending, its own.
+            assert await pending_count(store) == 5
+
+            live = Worker(store, make_echo("live", fd), "live")
+            async with running_worker(live):
+                await wait_until(lambda: live.stats.acked == 5, "reclaimed and acked")
+            assert await states(store, uuids) == [State.DELIVERED] * 5
+            echoed = [line["uuid"] for line in read_lines(path)]
+            assert sorted(set(echoed)) == sorted(uuids)
+
+    asyncio.run(scenario())
+
+
+class _StoreWith:
+    """A Store with some methods replaced: the fault goes in the worker, not in Redis."""
+
+    def __init__(self, store: Store, **replaced) -> None:
+        self._store = store
+        self._replaced = replaced
+
+    def __getattr__(self, name: str):
+        return self._replaced.get(name) or getattr(self._store, name)

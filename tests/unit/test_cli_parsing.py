@@ -210,3 +210,18 @@ def test_list_handler_on_a_list_the_bridge_reads_is_refused_while_the_bridge_run
 def test_unknown_handler_names_the_choices() -> None:
     with pytest.raises(HandlerSpecError, match="'echo', 'list' or 'module:callable'"):
         load_handler("nonsense", "w")
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "inf", "nan", "soon"])
+def test_a_handler_timeout_that_is_not_a_positive_number_of_seconds_exits_2_naming_the_flag(
+    value: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exited:
+        build_parser().parse_args(["worker", "--handler-timeout", value])
+    assert exited.value.code == 2
+    assert "argument --handler-timeout" in capsys.readouterr().err
+
+
+def test_a_handler_timeout_flag_parses_to_seconds() -> None:
+    assert build_parser().parse_args(["worker", "--handler-timeout", "2.5"]).handler_timeout == 2.5
+    assert build_parser().parse_args(["worker"]).handler_timeout is None

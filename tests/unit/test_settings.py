@@ -46,6 +46,7 @@ GOOD_VALUES = {
     "EAT_PREFIX": ("  my-app.v2_x  ", "my-app.v2_x"),
     "EAT_ZK_SESSION_TIMEOUT": ("4.5", 4.5),
     "EAT_VISIBILITY_TIMEOUT": ("12", 12.0),
+    "EAT_HANDLER_TIMEOUT": ("0.5", 0.5),
     "EAT_MAX_DELIVERIES": ("7", 7),
     "EAT_MAX_MESSAGE_BYTES": ("1024", 1024),
     "EAT_MAX_BATCH_BYTES": ("1048576", 1048576),
