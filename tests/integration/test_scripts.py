@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 import redis
+import redis.asyncio as aioredis
 from hypothesis import Phase
 from hypothesis import settings as hsettings
 from hypothesis import strategies as st
@@ -27,7 +28,8 @@ from hypothesis.stateful import (
 )
 
 from app.model import NewMessage, State
-from app.store import Delivery, StorageFormatError, Store, encode_epoch
+from app.settings import Settings
+from app.store import Delivery, StorageFormatError, Store, StoreRedis, encode_epoch
 from app.store.codec import decode_record, member_uuid, uuid_key, uuid_text
 from app.store.keys import CONSUMER_GROUP, Keyspace
 from tests.aio import Harness
@@ -840,3 +842,33 @@ def test_check_format_refuses_data_of_format_1(h, r, ks, kind):
         h.run(h.store().check_format())
     if before is not None:
         assert snapshot(r, ks) == before  # read only
+
+
+# --- the client ------------------------------------------------------------------------------
+
+
+def test_connect_gives_a_client_whose_xreadgroup_replies_are_the_raw_field_lists(h, r, ks):
+    store = h.store()
+    assert isinstance(store.client, StoreRedis)
+    h.run(store.ensure_group())
+    h.run(store.accept(new("raw", run_at=1)))
+    reply = h.run(
+        store.client.execute_command(
+            "XREADGROUP", "GROUP", CONSUMER_GROUP, "w", "COUNT", 1, "STREAMS", ks.stream, ">"
+        )
+    )
+    # A map of stream -> entries on RESP3, [stream, entries] pairs on RESP2.
+    [(stream, [[_id, fields]])] = list(reply.items() if isinstance(reply, dict) else reply)
+    assert stream == ks.stream.encode()
+    assert fields[::2] == [b"u", b"m", b"r", b"a"]  # not redis-py's dict
+    assert fields[3] == b"raw"
+
+
+def test_a_store_leaves_the_callbacks_of_the_client_it_is_given_alone(h):
+    plain = aioredis.Redis.from_url(h.redis_url)
+    try:
+        callbacks = dict(plain.response_callbacks)
+        Store(plain, Settings.from_env({}, redis_url=h.redis_url, prefix=h.prefix))
+        assert dict(plain.response_callbacks) == callbacks
+    finally:
+        h.run(plain.aclose())
