@@ -7,12 +7,15 @@ starts half-configured.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlparse
+
+import msgspec
 
 
 class SettingsError(ValueError):
@@ -27,8 +30,13 @@ class SettingsError(ValueError):
 _PREFIX_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}\Z")
 _HOST_PORT_RE = re.compile(r"^[A-Za-z0-9_.\-\[\]:]+:\d{1,5}$")
 _LIST_NAME_RE = re.compile(r"^[!-~]{1,256}\Z")  # printable ASCII, no spaces
-_TRUE = ("true", "1", "yes", "on")
-_FALSE = ("false", "0", "no", "off")
+# msgspec reads "true", "false", "1" and "0" (any case) as booleans; these were always
+# accepted too.
+_BOOL_WORDS = {"yes": "true", "on": "true", "no": "false", "off": "false"}
+# A count is written in digits: msgspec would also read "1e3" or "1.0" as an integer.
+_INTEGER_RE = re.compile(r"-?[0-9]+\Z")
+_EXPECTED = {"int": "an integer", "float": "a number of seconds", "bool": "true or false"}
+_ERROR_FIELD_RE = re.compile(r"at `\$\.(\w+)`")
 
 
 # The original service's list names. Old producers hard-code them, so they are not
@@ -210,16 +218,33 @@ class Settings:
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
-        """Read every ``EAT_*`` variable; ``overrides`` (CLI flags) win over the environment."""
+        """Read every ``EAT_*`` variable; ``overrides`` (CLI flags) win over the environment.
+
+        An unset or empty variable means the default. msgspec converts the text to each
+        field's type; an error names the variable and the value it was given.
+        """
         environ = os.environ if environ is None else environ
+        # "int", "float", "bool" or "str": annotations are text under `from __future__`.
+        kinds = {f.name: f.type for f in dataclasses.fields(cls)}
+        unknown = sorted(overrides.keys() - kinds.keys())
+        if unknown:
+            raise TypeError(f"unknown settings: {', '.join(unknown)}")
+        given: dict[str, Any] = {}  # each setting's flag or text, as an error quotes it
         values: dict[str, Any] = {}
-        for f in dataclasses.fields(cls):
-            raw = environ.get(_env(f.name))
-            if raw is None or raw == "":
-                continue
-            values[f.name] = _PARSERS[f.type](_env(f.name), raw)
-        values.update({k: v for k, v in overrides.items() if v is not None})
-        settings = cls(**values)
+        for name, kind in kinds.items():
+            if overrides.get(name) is not None:
+                given[name] = values[name] = overrides[name]
+            elif raw := environ.get(_env(name)):
+                given[name], values[name] = raw, _text_value(name, kind, raw)
+        try:
+            settings = msgspec.convert(values, cls, strict=False)
+        except msgspec.ValidationError as exc:
+            found = _ERROR_FIELD_RE.search(str(exc))
+            if found is None:
+                raise
+            name = found.group(1)
+            expected = _EXPECTED.get(kinds[name], kinds[name])
+            raise SettingsError(_env(name), f"expected {expected}, got {given[name]!r}") from None
         settings.validate()
         return settings
 
@@ -245,6 +270,10 @@ class Settings:
         # "." and ".." would make the ZooKeeper path relative, which ZooKeeper refuses.
         if not _PREFIX_RE.match(self.prefix) or self.prefix in (".", ".."):
             raise SettingsError(_env("prefix"), "1-64 characters of letters, digits, '_', '.', '-'")
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise SettingsError(_env(f.name), "must be a finite number")
         _positive(self, "zk_session_timeout", "visibility_timeout", "retry_base", "retry_max")
         _positive(self, "handler_timeout")
         _positive(self, "max_deliveries", "max_message_bytes", "promote_batch", "read_count")
@@ -303,40 +332,11 @@ def _positive(settings: Settings, *names: str) -> None:
             raise SettingsError(_env(name), "must be greater than 0")
 
 
-def _parse_int(variable: str, raw: str) -> int:
-    try:
-        return int(raw)
-    except ValueError:
-        raise SettingsError(variable, f"expected an integer, got {raw!r}") from None
-
-
-def _parse_float(variable: str, raw: str) -> float:
-    try:
-        value = float(raw)
-    except ValueError:
-        raise SettingsError(variable, f"expected a number of seconds, got {raw!r}") from None
-    if value != value or value in (float("inf"), float("-inf")):
-        raise SettingsError(variable, "must be a finite number")
-    return value
-
-
-def _parse_str(variable: str, raw: str) -> str:
-    return raw.strip()
-
-
-def _parse_bool(variable: str, raw: str) -> bool:
-    value = raw.strip().lower()
-    if value in _TRUE:
-        return True
-    if value in _FALSE:
-        return False
-    raise SettingsError(variable, f"expected true or false, got {raw!r}")
-
-
-# Field annotations are strings under `from __future__ import annotations`.
-_PARSERS: dict[Any, Callable[[str, str], Any]] = {
-    "int": _parse_int,
-    "float": _parse_float,
-    "str": _parse_str,
-    "bool": _parse_bool,
-}
+def _text_value(name: str, kind: str, raw: str) -> str:
+    """An environment variable's text as msgspec should convert it to ``kind``."""
+    text = raw.strip()
+    if kind == "bool":
+        return _BOOL_WORDS.get(text.lower(), text)
+    if kind == "int" and not _INTEGER_RE.match(text):
+        raise SettingsError(_env(name), f"expected {_EXPECTED[kind]}, got {raw!r}")
+    return text

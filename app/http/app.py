@@ -15,14 +15,16 @@ from redis.exceptions import RedisError
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import Route
 
 from app.health import health_routes
+from app.http import openapi
 from app.http.answers import RequestMetrics, error
 from app.http.batcher import AcceptBatcher
 from app.http.ingest import BODY_OVERHEAD as BODY_OVERHEAD  # re-exported: tests size bodies by it
 from app.http.ingest import SAVE_PATH, SaveMessageHandler
+from app.http.openapi import INVALID, MALFORMED, NOT_JSON, UNAUTHORIZED, Doc, Operation, Reply
 from app.http.routes import lifecycle_routes
+from app.http.wire import Health, Ready, Saved, SaveMessageBody
 from app.log import get_logger
 from app.settings import Settings
 from app.store import Store, connect
@@ -31,6 +33,29 @@ from app.store.lifecycle import Lifecycle
 log = get_logger("api")
 
 FORMAT_CHECK_S = 2.0  # at start-up; Redis slower than this is treated as down
+
+# The shared health routes (app.health knows no HTTP layer), documented where they are
+# mounted. Open: no bearer token, like the probes and scrapers that call them.
+HEALTH_DOCS = {
+    "/healthz": Doc(
+        "Liveness: answers while the process lives",
+        {200: Reply("Alive.", Health)},
+        tag="operations",
+        secured=False,
+    ),
+    "/readyz": Doc(
+        "Readiness: 200 only while Redis answers",
+        {200: Reply("Ready.", Ready), 503: Reply("Redis does not answer.", Ready)},
+        tag="operations",
+        secured=False,
+    ),
+    "/metrics": Doc(
+        "Prometheus metrics",
+        {200: Reply("Prometheus text exposition.", None, "text/plain")},
+        tag="operations",
+        secured=False,
+    ),
+}
 
 
 class HttpMetrics:
@@ -125,9 +150,31 @@ def create_app(settings: Settings | None = None) -> ApiApp:
 
     routes = [
         # Reached through Starlette only for what ApiApp does not dispatch itself.
-        Route(SAVE_PATH, ingest, methods=["POST"], name="save_message"),
+        Operation(
+            "POST",
+            SAVE_PATH,
+            ingest,
+            Doc(
+                "Accept one message",
+                {
+                    201: Reply("Accepted: `queued` (due now) or `scheduled`.", Saved),
+                    200: Reply("The uuid was accepted before; nothing changed.", Saved),
+                    400: MALFORMED,
+                    401: UNAUTHORIZED,
+                    413: Reply(
+                        "Body too large, or `message` over "
+                        f"{settings.max_message_bytes} UTF-8 bytes."
+                    ),
+                    415: NOT_JSON,
+                    422: INVALID,
+                    503: Reply("Nothing was written: retry with the same uuid."),
+                },
+                request=SaveMessageBody,
+            ),
+            name="save_message",
+        ),
         *lifecycle_routes(settings),
-        *health_routes(ready, lambda: store_of().queue_stats()),
+        *openapi.documented(health_routes(ready, lambda: store_of().queue_stats()), HEALTH_DOCS),
     ]
     app = ApiApp(
         routes=routes,
@@ -135,6 +182,8 @@ def create_app(settings: Settings | None = None) -> ApiApp:
         lifespan=lifespan,
         ingest=ingest,
     )
+    # Refuses an undocumented route, so the API cannot start with one.
+    app.state.openapi = openapi.encoded(app.routes)
     app_ref.append(app)
     app.add_middleware(HttpMetrics, routes={r.path for r in routes}, recorder=recorder)
     return app

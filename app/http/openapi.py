@@ -1,46 +1,33 @@
-"""The OpenAPI 3.1 document of the whole HTTP API, built from the code.
+"""The OpenAPI 3.1 document of the whole HTTP API, built from the app's routes.
 
-Request and response bodies are the msgspec structs of ``app.http.wire`` (the
-lifecycle routes encode their responses with them), turned into JSON Schema by
-``msgspec.json.schema_components``; this module adds only what a struct cannot
-say: paths, parameters, status codes. A test checks that every route the app
-serves is documented here and nothing else, and schemathesis checks the
-running app against the document.
+Every route the API serves is an ``Operation``: a Starlette route with one method
+and its ``Doc`` (summary, status codes, request struct, query parameters), written
+where the route is declared. ``build`` walks the app's routes and refuses one
+without documentation, so a route cannot be served undocumented and a documented
+operation cannot be missing from the routes. Request and response bodies are the
+msgspec structs of ``app.http.wire`` (the routes encode their responses with
+them), turned into JSON Schema by ``msgspec.json.schema_components``.
+schemathesis checks the running app against the document.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cache
 from importlib import metadata
 from typing import Any
 
 import msgspec
+from starlette.routing import BaseRoute, Route
 
 from app.http.wire import (
     BULK_MAX_ITEMS,
-    DEAD_PAGE_DEFAULT,
-    DEAD_PAGE_MAX,
-    RESCHEDULE_BODY_LIMIT,
     UUID_PATTERN,
-    BulkResult,
     ConflictBody,
-    DeadPage,
-    DeletedAll,
-    DeletedOne,
     ErrorBody,
-    Health,
-    MessageRef,
-    MessageStatus,
-    Ready,
-    Replayed,
-    ReplayedAll,
-    Reschedule,
-    Saved,
     SaveMessageBody,
-    Stats,
 )
-from app.settings import Settings
 
 JSON = "application/json"
 
@@ -53,9 +40,9 @@ class Reply:
 
 
 @dataclass(frozen=True)
-class Operation:
-    method: str
-    path: str
+class Doc:
+    """What the OpenAPI document says about one operation, beyond its method and path."""
+
     summary: str
     responses: dict[int, Reply]
     tag: str = "messages"
@@ -64,21 +51,44 @@ class Operation:
     secured: bool = True  # behind the optional bearer token (every /api/* path)
     description: str = ""
 
-    @property
-    def path_params(self) -> list[dict[str, Any]]:
-        if "{uuid}" not in self.path:
-            return []
-        return [
-            {
-                "name": "uuid",
-                "in": "path",
-                "required": True,
-                "description": "Canonical UUID of the message (any case).",
-                "schema": {"type": "string", "pattern": UUID_PATTERN},
-            }
-        ]
+
+class Operation(Route):
+    """A route with one method and its documentation."""
+
+    def __init__(
+        self,
+        method: str,
+        path: str,
+        endpoint: Callable[..., Any],
+        doc: Doc,
+        *,
+        name: str | None = None,
+    ) -> None:
+        super().__init__(path, endpoint, methods=[method], name=name)
+        self.method = method.lower()
+        self.doc = doc
 
 
+def documented(routes: Sequence[BaseRoute], docs: Mapping[str, Doc]) -> list[Operation]:
+    """Routes declared where no documentation can be (the health routes of the shared
+    layer), each as an Operation with the doc of its path. A route without a doc, or a
+    doc without a route, is an error."""
+    operations = []
+    for route in routes:
+        methods = (route.methods or set()) - {"HEAD"} if isinstance(route, Route) else set()
+        if len(methods) != 1 or route.path not in docs:
+            raise ValueError(f"no documentation for one method of the route {route!r}")
+        (method,) = methods
+        operations.append(
+            Operation(method, route.path, route.endpoint, docs[route.path], name=route.name)
+        )
+    missing = docs.keys() - {op.path for op in operations}
+    if missing:
+        raise ValueError(f"documented paths that are not routes: {sorted(missing)}")
+    return operations
+
+
+# Answers several routes give.
 UNAUTHORIZED = Reply("Missing or wrong bearer token (only when EAT_API_TOKEN is set).")
 UNAVAILABLE = Reply("Redis unreachable or refusing: nothing changed, retry.")
 BAD_UUID = Reply("The path's uuid is not a canonical UUID (`field`: uuid).")
@@ -90,231 +100,16 @@ MALFORMED = Reply("Malformed JSON.")
 NOT_JSON = Reply("Content-Type is not application/json.")
 INVALID = Reply("Wrong type, missing or unknown field, value out of range; `field` names it.")
 
-
-def _operations(settings: Settings) -> list[Operation]:
-    v1 = "/api/v1"
-    return [
-        Operation(
-            "post",
-            f"{v1}/save-message",
-            "Accept one message",
-            {
-                201: Reply("Accepted: `queued` (due now) or `scheduled`.", Saved),
-                200: Reply("The uuid was accepted before; nothing changed.", Saved),
-                400: MALFORMED,
-                401: UNAUTHORIZED,
-                413: Reply(
-                    f"Body too large, or `message` over {settings.max_message_bytes} UTF-8 bytes."
-                ),
-                415: NOT_JSON,
-                422: INVALID,
-                503: Reply("Nothing was written: retry with the same uuid."),
-            },
-            request=SaveMessageBody,
-        ),
-        Operation(
-            "post",
-            f"{v1}/save-messages",
-            f"Accept up to {BULK_MAX_ITEMS} messages in one request",
-            {
-                200: Reply(
-                    "One result per item, by index. Valid items are accepted even when others "
-                    "are invalid; all valid items are stored in one atomic script call.",
-                    BulkResult,
-                ),
-                400: MALFORMED,
-                401: UNAUTHORIZED,
-                413: Reply(
-                    f"More than {BULK_MAX_ITEMS} items, or a body over "
-                    f"{settings.max_batch_bytes} bytes."
-                ),
-                415: NOT_JSON,
-                422: Reply('The body is neither an array nor {"messages": [...]}.'),
-                503: Reply("Nothing was written: retry with the same uuids."),
-            },
-            request="bulk",
-            description="The body is a JSON array of save-message bodies, or "
-            '`{"messages": [...]}`. A uuid repeated inside one request is accepted once; '
-            "its later items answer `duplicate`.",
-        ),
-        Operation(
-            "get",
-            f"{v1}/messages/{{uuid}}",
-            "A message's state, times and transitions",
-            {
-                200: Reply("The record.", MessageStatus),
-                401: UNAUTHORIZED,
-                404: UNKNOWN,
-                422: BAD_UUID,
-                503: UNAVAILABLE,
-            },
-        ),
-        Operation(
-            "delete",
-            f"{v1}/messages/{{uuid}}",
-            "Cancel a scheduled or retrying message",
-            {
-                200: Reply(
-                    "Cancelled: out of the sorted set, never promoted; the record is kept, "
-                    "cancelled, for the retention window.",
-                    MessageRef,
-                ),
-                401: UNAUTHORIZED,
-                404: UNKNOWN,
-                409: CONFLICT,
-                422: BAD_UUID,
-                503: UNAVAILABLE,
-            },
-        ),
-        Operation(
-            "patch",
-            f"{v1}/messages/{{uuid}}",
-            "Move a scheduled or retrying message to a new runAt",
-            {
-                200: Reply(
-                    "Moved. `state` is `queued` when the new runAt has passed by Redis' clock "
-                    "(it is in the stream now), else the unchanged `scheduled`/`retrying`.",
-                    MessageRef,
-                ),
-                400: MALFORMED,
-                401: UNAUTHORIZED,
-                404: UNKNOWN,
-                409: CONFLICT,
-                413: Reply(f"Body over {RESCHEDULE_BODY_LIMIT} bytes."),
-                415: NOT_JSON,
-                422: Reply("Bad uuid, or runAt missing, not an integer or out of range."),
-                503: UNAVAILABLE,
-            },
-            request=Reschedule,
-        ),
-        Operation(
-            "get",
-            f"{v1}/dead",
-            "Dead-lettered messages, oldest first, a page at a time",
-            {
-                200: Reply("A page.", DeadPage),
-                401: UNAUTHORIZED,
-                422: Reply("Bad `limit` or `cursor`."),
-                503: UNAVAILABLE,
-            },
-            tag="dead letters",
-            query=(
-                {
-                    "name": "limit",
-                    "in": "query",
-                    "required": False,
-                    "schema": {
-                        "type": "integer",
-                        "minimum": 1,
-                        "maximum": DEAD_PAGE_MAX,
-                        "default": DEAD_PAGE_DEFAULT,
-                    },
-                },
-                {
-                    "name": "cursor",
-                    "in": "query",
-                    "required": False,
-                    "description": "The `next` of the previous page.",
-                    "schema": {"type": "string", "pattern": r"^\d{1,20}-\d{1,20}$"},
-                },
-            ),
-        ),
-        Operation(
-            "delete",
-            f"{v1}/dead",
-            "Purge the dead stream",
-            {200: Reply("How many entries went.", DeletedAll), 401: UNAUTHORIZED, 503: UNAVAILABLE},
-            tag="dead letters",
-        ),
-        Operation(
-            "post",
-            f"{v1}/dead/replay",
-            "Replay every dead-lettered message",
-            {
-                200: Reply(
-                    "Replayed in batches, each atomic; entries dead-lettered meanwhile wait "
-                    "for the next call.",
-                    ReplayedAll,
-                ),
-                401: UNAUTHORIZED,
-                503: Reply("Redis failed part way: the batches before it are replayed."),
-            },
-            tag="dead letters",
-        ),
-        Operation(
-            "post",
-            f"{v1}/dead/{{uuid}}/replay",
-            "Replay one dead-lettered message",
-            {
-                200: Reply(
-                    "Back in the stream with attempts reset, record queued, entry removed "
-                    "from the dead stream.",
-                    Replayed,
-                ),
-                401: UNAUTHORIZED,
-                404: Reply("Not in the dead stream."),
-                409: Reply(
-                    "A dead entry exists but the uuid's record is live (not dead): replaying "
-                    "would run it twice.",
-                    ConflictBody,
-                ),
-                422: BAD_UUID,
-                503: UNAVAILABLE,
-            },
-            tag="dead letters",
-        ),
-        Operation(
-            "delete",
-            f"{v1}/dead/{{uuid}}",
-            "Delete one dead-lettered message",
-            {
-                200: Reply("Deleted from the dead stream.", DeletedOne),
-                401: UNAUTHORIZED,
-                404: Reply("Not in the dead stream."),
-                422: BAD_UUID,
-                503: UNAVAILABLE,
-            },
-            tag="dead letters",
-        ),
-        Operation(
-            "get",
-            f"{v1}/stats",
-            "Queue figures, consumers and the current leader",
-            {200: Reply("Read in one round trip.", Stats), 401: UNAUTHORIZED, 503: UNAVAILABLE},
-            tag="operations",
-        ),
-        Operation(
-            "get",
-            f"{v1}/openapi.json",
-            "This document",
-            {200: Reply("OpenAPI 3.1.", None), 401: UNAUTHORIZED},
-            tag="operations",
-        ),
-        Operation(
-            "get",
-            "/healthz",
-            "Liveness: answers while the process lives",
-            {200: Reply("Alive.", Health)},
-            tag="operations",
-            secured=False,
-        ),
-        Operation(
-            "get",
-            "/readyz",
-            "Readiness: 200 only while Redis answers",
-            {200: Reply("Ready.", Ready), 503: Reply("Redis does not answer.", Ready)},
-            tag="operations",
-            secured=False,
-        ),
-        Operation(
-            "get",
-            "/metrics",
-            "Prometheus metrics",
-            {200: Reply("Prometheus text exposition.", None, "text/plain")},
-            tag="operations",
-            secured=False,
-        ),
-    ]
+# The path parameters routes may have, by name.
+PATH_PARAMETERS = {
+    "uuid": {
+        "name": "uuid",
+        "in": "path",
+        "required": True,
+        "description": "Canonical UUID of the message (any case).",
+        "schema": {"type": "string", "pattern": UUID_PATTERN},
+    }
+}
 
 
 @dataclass
@@ -339,15 +134,34 @@ def _content(reply: Reply, refs: _Refs) -> dict[str, Any]:
     return {JSON: {"schema": schema}}
 
 
-def build(settings: Settings) -> dict[str, Any]:
-    operations = _operations(settings)
+def operations(routes: Iterable[BaseRoute]) -> list[Operation]:
+    """The routes, each checked to be a documented Operation, once, with documented path
+    parameters."""
+    out: list[Operation] = []
+    seen = set()
+    for route in routes:
+        if not isinstance(route, Operation):
+            raise ValueError(f"route without OpenAPI documentation: {route!r}")
+        if (route.method, route.path) in seen:
+            raise ValueError(f"{route.method.upper()} {route.path} is routed twice")
+        undocumented = route.param_convertors.keys() - PATH_PARAMETERS.keys()
+        if undocumented:
+            raise ValueError(f"{route.path}: no documentation for {sorted(undocumented)}")
+        seen.add((route.method, route.path))
+        out.append(route)
+    return out
+
+
+def build(routes: Iterable[BaseRoute]) -> dict[str, Any]:
+    """The document of ``routes`` (an app's ``routes``), every one of which is documented."""
+    ops = operations(routes)
     refs = _Refs()
-    for op in operations:
-        for reply in op.responses.values():
+    for op in ops:
+        for reply in op.doc.responses.values():
             if reply.body is not None and reply.body not in refs.types:
                 refs.types.append(reply.body)
-        if isinstance(op.request, type) and op.request not in refs.types:
-            refs.types.append(op.request)
+        if isinstance(op.doc.request, type) and op.doc.request not in refs.types:
+            refs.types.append(op.doc.request)
     if SaveMessageBody not in refs.types:
         refs.types.append(SaveMessageBody)
     refs.build()
@@ -368,29 +182,30 @@ def build(settings: Settings) -> dict[str, Any]:
         ]
     }
     paths: dict[str, dict[str, Any]] = {}
-    for op in operations:
+    for op in ops:
+        doc = op.doc
         spec: dict[str, Any] = {
-            "summary": op.summary,
+            "summary": doc.summary,
             "operationId": f"{op.method}_{op.path.strip('/').replace('/', '_')}".replace(
                 "{uuid}", "uuid"
             )
             .replace("-", "_")
             .replace(".", "_"),
-            "tags": [op.tag],
+            "tags": [doc.tag],
             "responses": {
                 str(status): {"description": reply.description, "content": _content(reply, refs)}
-                for status, reply in sorted(op.responses.items())
+                for status, reply in sorted(doc.responses.items())
             },
         }
-        if op.description:
-            spec["description"] = op.description
-        parameters = op.path_params + list(op.query)
+        if doc.description:
+            spec["description"] = doc.description
+        parameters = [PATH_PARAMETERS[name] for name in op.param_convertors] + list(doc.query)
         if parameters:
             spec["parameters"] = parameters
-        if op.request is not None:
-            schema = bulk if op.request == "bulk" else refs.refs[op.request]
+        if doc.request is not None:
+            schema = bulk if doc.request == "bulk" else refs.refs[doc.request]
             spec["requestBody"] = {"required": True, "content": {JSON: {"schema": schema}}}
-        if op.secured:
+        if doc.secured:
             # Optional: the token is required only when EAT_API_TOKEN is set.
             spec["security"] = [{"bearer": []}, {}]
         paths.setdefault(op.path, {})[op.method] = spec
@@ -418,5 +233,5 @@ def _version() -> str:
         return "0.0.0"
 
 
-def encoded(settings: Settings) -> bytes:
-    return msgspec.json.encode(build(settings))
+def encoded(routes: Iterable[BaseRoute]) -> bytes:
+    return msgspec.json.encode(build(routes))

@@ -16,10 +16,8 @@ from collections.abc import Awaitable, Callable
 import msgspec
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import Route
 
 from app import metrics
-from app.http import openapi
 from app.http.answers import (
     bearer_matches,
     error,
@@ -29,6 +27,18 @@ from app.http.answers import (
     require_json,
     response,
     unauthorized_answer,
+)
+from app.http.openapi import (
+    BAD_UUID,
+    CONFLICT,
+    MALFORMED,
+    NOT_JSON,
+    UNAUTHORIZED,
+    UNAVAILABLE,
+    UNKNOWN,
+    Doc,
+    Operation,
+    Reply,
 )
 from app.http.wire import (
     BULK_MAX_ITEMS,
@@ -111,8 +121,9 @@ def query_cursor(request: Request) -> str | None:
     return raw
 
 
-def lifecycle_routes(settings: Settings) -> list[Route]:
-    """The routes; their handlers find the Lifecycle in ``app.state.lifecycle``."""
+def lifecycle_routes(settings: Settings) -> list[Operation]:
+    """The routes, each with its documentation; their handlers find the Lifecycle in
+    ``app.state.lifecycle`` and the OpenAPI document in ``app.state.openapi``."""
     token = settings.api_token.encode() if settings.api_token else None
     bulk_limit = settings.max_batch_bytes
     max_message = settings.max_message_bytes
@@ -281,22 +292,231 @@ def lifecycle_routes(settings: Settings) -> list[Route]:
         report = await lc.stats()
         return respond(msgspec.convert(report, Stats, from_attributes=True))
 
-    document = openapi.encoded(settings)
-
     async def openapi_json(request: Request, lc: Lifecycle) -> Response:
-        return Response(document, media_type="application/json")
+        # Built by create_app from every route of the app, this one's included.
+        return Response(request.app.state.openapi, media_type="application/json")
 
     v1 = "/api/v1"
+    dead = "dead letters"
     return [
-        Route(f"{v1}/messages/{{uuid}}", guarded(get_message), methods=["GET"]),
-        Route(f"{v1}/messages/{{uuid}}", guarded(cancel_message), methods=["DELETE"]),
-        Route(f"{v1}/messages/{{uuid}}", guarded(reschedule_message), methods=["PATCH"]),
-        Route(f"{v1}/save-messages", guarded(save_messages), methods=["POST"]),
-        Route(f"{v1}/dead", guarded(list_dead), methods=["GET"]),
-        Route(f"{v1}/dead", guarded(purge_dead), methods=["DELETE"]),
-        Route(f"{v1}/dead/replay", guarded(replay_all), methods=["POST"]),
-        Route(f"{v1}/dead/{{uuid}}/replay", guarded(replay_dead), methods=["POST"]),
-        Route(f"{v1}/dead/{{uuid}}", guarded(delete_dead), methods=["DELETE"]),
-        Route(f"{v1}/stats", guarded(stats), methods=["GET"]),
-        Route(f"{v1}/openapi.json", guarded(openapi_json), methods=["GET"]),
+        Operation(
+            "GET",
+            f"{v1}/messages/{{uuid}}",
+            guarded(get_message),
+            Doc(
+                "A message's state, times and transitions",
+                {
+                    200: Reply("The record.", MessageStatus),
+                    401: UNAUTHORIZED,
+                    404: UNKNOWN,
+                    422: BAD_UUID,
+                    503: UNAVAILABLE,
+                },
+            ),
+        ),
+        Operation(
+            "DELETE",
+            f"{v1}/messages/{{uuid}}",
+            guarded(cancel_message),
+            Doc(
+                "Cancel a scheduled or retrying message",
+                {
+                    200: Reply(
+                        "Cancelled: out of the sorted set, never promoted; the record is kept, "
+                        "cancelled, for the retention window.",
+                        MessageRef,
+                    ),
+                    401: UNAUTHORIZED,
+                    404: UNKNOWN,
+                    409: CONFLICT,
+                    422: BAD_UUID,
+                    503: UNAVAILABLE,
+                },
+            ),
+        ),
+        Operation(
+            "PATCH",
+            f"{v1}/messages/{{uuid}}",
+            guarded(reschedule_message),
+            Doc(
+                "Move a scheduled or retrying message to a new runAt",
+                {
+                    200: Reply(
+                        "Moved. `state` is `queued` when the new runAt has passed by Redis' "
+                        "clock (it is in the stream now), else the unchanged "
+                        "`scheduled`/`retrying`.",
+                        MessageRef,
+                    ),
+                    400: MALFORMED,
+                    401: UNAUTHORIZED,
+                    404: UNKNOWN,
+                    409: CONFLICT,
+                    413: Reply(f"Body over {RESCHEDULE_BODY_LIMIT} bytes."),
+                    415: NOT_JSON,
+                    422: Reply("Bad uuid, or runAt missing, not an integer or out of range."),
+                    503: UNAVAILABLE,
+                },
+                request=Reschedule,
+            ),
+        ),
+        Operation(
+            "POST",
+            f"{v1}/save-messages",
+            guarded(save_messages),
+            Doc(
+                f"Accept up to {BULK_MAX_ITEMS} messages in one request",
+                {
+                    200: Reply(
+                        "One result per item, by index. Valid items are accepted even when "
+                        "others are invalid; all valid items are stored in one atomic script "
+                        "call.",
+                        BulkResult,
+                    ),
+                    400: MALFORMED,
+                    401: UNAUTHORIZED,
+                    413: Reply(
+                        f"More than {BULK_MAX_ITEMS} items, or a body over {bulk_limit} bytes."
+                    ),
+                    415: NOT_JSON,
+                    422: Reply('The body is neither an array nor {"messages": [...]}.'),
+                    503: Reply("Nothing was written: retry with the same uuids."),
+                },
+                request="bulk",
+                description="The body is a JSON array of save-message bodies, or "
+                '`{"messages": [...]}`. A uuid repeated inside one request is accepted once; '
+                "its later items answer `duplicate`.",
+            ),
+        ),
+        Operation(
+            "GET",
+            f"{v1}/dead",
+            guarded(list_dead),
+            Doc(
+                "Dead-lettered messages, oldest first, a page at a time",
+                {
+                    200: Reply("A page.", DeadPage),
+                    401: UNAUTHORIZED,
+                    422: Reply("Bad `limit` or `cursor`."),
+                    503: UNAVAILABLE,
+                },
+                tag=dead,
+                query=(
+                    {
+                        "name": "limit",
+                        "in": "query",
+                        "required": False,
+                        "schema": {
+                            "type": "integer",
+                            "minimum": 1,
+                            "maximum": DEAD_PAGE_MAX,
+                            "default": DEAD_PAGE_DEFAULT,
+                        },
+                    },
+                    {
+                        "name": "cursor",
+                        "in": "query",
+                        "required": False,
+                        "description": "The `next` of the previous page.",
+                        "schema": {"type": "string", "pattern": r"^\d{1,20}-\d{1,20}$"},
+                    },
+                ),
+            ),
+        ),
+        Operation(
+            "DELETE",
+            f"{v1}/dead",
+            guarded(purge_dead),
+            Doc(
+                "Purge the dead stream",
+                {
+                    200: Reply("How many entries went.", DeletedAll),
+                    401: UNAUTHORIZED,
+                    503: UNAVAILABLE,
+                },
+                tag=dead,
+            ),
+        ),
+        Operation(
+            "POST",
+            f"{v1}/dead/replay",
+            guarded(replay_all),
+            Doc(
+                "Replay every dead-lettered message",
+                {
+                    200: Reply(
+                        "Replayed in batches, each atomic; entries dead-lettered meanwhile wait "
+                        "for the next call.",
+                        ReplayedAll,
+                    ),
+                    401: UNAUTHORIZED,
+                    503: Reply("Redis failed part way: the batches before it are replayed."),
+                },
+                tag=dead,
+            ),
+        ),
+        Operation(
+            "POST",
+            f"{v1}/dead/{{uuid}}/replay",
+            guarded(replay_dead),
+            Doc(
+                "Replay one dead-lettered message",
+                {
+                    200: Reply(
+                        "Back in the stream with attempts reset, record queued, entry removed "
+                        "from the dead stream.",
+                        Replayed,
+                    ),
+                    401: UNAUTHORIZED,
+                    404: Reply("Not in the dead stream."),
+                    409: Reply(
+                        "A dead entry exists but the uuid's record is live (not dead): "
+                        "replaying would run it twice.",
+                        ConflictBody,
+                    ),
+                    422: BAD_UUID,
+                    503: UNAVAILABLE,
+                },
+                tag=dead,
+            ),
+        ),
+        Operation(
+            "DELETE",
+            f"{v1}/dead/{{uuid}}",
+            guarded(delete_dead),
+            Doc(
+                "Delete one dead-lettered message",
+                {
+                    200: Reply("Deleted from the dead stream.", DeletedOne),
+                    401: UNAUTHORIZED,
+                    404: Reply("Not in the dead stream."),
+                    422: BAD_UUID,
+                    503: UNAVAILABLE,
+                },
+                tag=dead,
+            ),
+        ),
+        Operation(
+            "GET",
+            f"{v1}/stats",
+            guarded(stats),
+            Doc(
+                "Queue figures, consumers and the current leader",
+                {
+                    200: Reply("Read in one round trip.", Stats),
+                    401: UNAUTHORIZED,
+                    503: UNAVAILABLE,
+                },
+                tag="operations",
+            ),
+        ),
+        Operation(
+            "GET",
+            f"{v1}/openapi.json",
+            guarded(openapi_json),
+            Doc(
+                "This document",
+                {200: Reply("OpenAPI 3.1.", None), 401: UNAUTHORIZED},
+                tag="operations",
+            ),
+        ),
     ]

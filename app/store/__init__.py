@@ -4,6 +4,7 @@ Redis client that calls them. No HTTP, no CLI, no policy about when to call what
 Callers import from here; the modules inside import each other directly.
 """
 
+from app.store.client import StoreRedis, connect
 from app.store.store import (
     LEADER_TTL_MS,
     Accepted,
@@ -12,7 +13,6 @@ from app.store.store import (
     QueueStats,
     StorageFormatError,
     Store,
-    connect,
     encode_epoch,
     parse_entry,
 )
@@ -25,6 +25,7 @@ __all__ = [
     "QueueStats",
     "StorageFormatError",
     "Store",
+    "StoreRedis",
     "connect",
     "encode_epoch",
     "parse_entry",

@@ -1,4 +1,4 @@
-"""Lua scripts, one file per state change in ``app/lua/``.
+"""Lua scripts, one file per state change in ``app/store/lua/``.
 
 Each is loaded once and called by SHA; redis-py's Script reloads it on a
 NOSCRIPT reply (after a Redis restart or SCRIPT FLUSH). Each starts with

@@ -9,13 +9,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import msgspec
-import redis.asyncio as aioredis
-from redis.asyncio.retry import Retry
-from redis.backoff import ExponentialWithJitterBackoff
 from redis.exceptions import RedisError, ResponseError
 
 from app.model import NewMessage, Record
 from app.settings import Settings
+from app.store.client import StoreRedis
 from app.store.codec import FORMAT, SEQ_BYTES, UUID_BYTES, decode_record, uuid_key, uuid_text
 from app.store.keys import CONSUMER_GROUP, Keyspace
 from app.store.scripts import Scripts
@@ -105,41 +103,17 @@ def parse_entry(entry_id: bytes | str, fields: list | dict) -> Delivery:
     )
 
 
-def _raw_reply(response, **_options):
-    return response
-
-
-def connect(settings: Settings, **kwargs) -> aioredis.Redis:
-    """An asyncio client that returns bytes.
-
-    It retries a failed command twice, quickly, then lets the error out: the API
-    must answer 503 in about a second, not after redis-py's default ten retries,
-    and the loops of the scheduler and the worker have their own backoff. Every
-    script is safe to repeat (accept is idempotent by uuid, promote and ack move
-    nothing twice).
-    """
-    kwargs.setdefault("retry", Retry(ExponentialWithJitterBackoff(base=0.01, cap=0.1), 2))
-    kwargs.setdefault("socket_connect_timeout", 1.0)
-    kwargs.setdefault("socket_timeout", 5.0)
-    kwargs.setdefault("health_check_interval", 15)
-    if settings.redis_ca_file:
-        kwargs.setdefault("ssl_ca_certs", settings.redis_ca_file)
-    return aioredis.Redis.from_url(settings.redis_url, decode_responses=False, **kwargs)
-
-
 class Store:
     """Every state change of a message, each one Lua script call."""
 
-    def __init__(self, client: aioredis.Redis, settings: Settings, identifier: str = "") -> None:
-        """``identifier`` names the scheduler in the leader record its promote calls write."""
+    def __init__(self, client: StoreRedis, settings: Settings, identifier: str = "") -> None:
+        """``client`` comes from ``connect`` (``read`` needs its raw XREADGROUP replies);
+        ``identifier`` names the scheduler in the leader record its promote calls write."""
         self.client = client
         self.settings = settings
         self.keys = Keyspace(settings.prefix)
         self.identifier = identifier
         self.scripts = Scripts.register(client)
-        # redis-py turns every entry of a read into a dict; parse_entry reads the raw field
-        # list at half the cost per message. Only Store.read sends XREADGROUP on a client.
-        client.set_response_callback("XREADGROUP", _raw_reply)
 
     async def answers(self) -> bool:
         """Whether Redis answers a PING now: the readiness of every process."""
@@ -230,7 +204,7 @@ class Store:
             args += ["BLOCK", block_ms]
         args += ["STREAMS", self.keys.stream, "0" if own_pending else ">"]
         reply = await self.client.execute_command("XREADGROUP", *args)
-        # Raw (see __init__): a map of stream -> entries on RESP3, pairs on RESP2.
+        # Raw (see StoreRedis): a map of stream -> entries on RESP3, pairs on RESP2.
         streams = reply.values() if isinstance(reply, dict) else [e for _s, e in reply or []]
         out: list[Delivery] = []
         for entries in streams:

@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 import redis
+import redis.asyncio as aioredis
 from hypothesis import Phase
 from hypothesis import settings as hsettings
 from hypothesis import strategies as st
@@ -27,7 +28,8 @@ from hypothesis.stateful import (
 )
 
 from app.model import NewMessage, State
-from app.store import Delivery, StorageFormatError, Store, encode_epoch
+from app.settings import Settings
+from app.store import Delivery, StorageFormatError, Store, StoreRedis, encode_epoch
 from app.store.codec import decode_record, member_uuid, uuid_key, uuid_text
 from app.store.keys import CONSUMER_GROUP, Keyspace
 from tests.aio import Harness
@@ -516,6 +518,33 @@ def test_fail_with_one_delivery_allowed_dead_letters_at_once(h, r, ks):
     assert r.xlen(ks.dead) == 1 and r.zcard(ks.delayed) == 0
 
 
+@pytest.mark.parametrize("record_gone", [False, True], ids=["record", "record purged"])
+def test_fail_dead_letter_names_the_dead_entry_in_a_dead_record_kept_for_retention(
+    h, r, ks, record_gone
+):
+    store = h.store(max_deliveries=1, retention=3600)
+    h.run(store.ensure_group())
+    msg = new("poison", run_at=1)
+    h.run(store.accept(msg))
+    [delivery] = h.run(store.read("w", 10, None))
+    if record_gone:
+        r.hdel(ks.messages, uuid_key(msg.uuid))
+    assert h.run(store.fail(delivery, 0, "boom")) == ("dead", 1)
+    [(dead_id, fields)] = r.xrange(ks.dead)
+    assert uuid_text(fields[b"u"]) == msg.uuid
+    assert (fields[b"m"], fields[b"r"], fields[b"a"], fields[b"reason"]) == (
+        b"poison",
+        b"1",
+        b"1",
+        b"boom",
+    )
+    record = h.run(store.record(msg.uuid))
+    assert record is not None
+    assert (record.state, record.ref) == (State.DEAD, dead_id.decode())
+    assert (record.attempts, record.run_at) == (1, 1)
+    assert retained(r, ks) == {msg.uuid: int(fields[b"at"]) + 3_600_000}
+
+
 def test_fail_of_an_entry_no_longer_pending_is_gone_and_changes_nothing(h, r, ks):
     store = h.store()
     h.run(store.ensure_group())
@@ -593,6 +622,22 @@ def test_reclaim_dead_letters_an_entry_delivered_more_than_max_deliveries(h, r, 
     assert b"deliveries exhausted" in fields[b"reason"]
     record = h.run(store.record(msg.uuid))
     assert record is not None and (record.state, record.attempts) == (State.DEAD, 2)
+    assert list(retained(r, ks)) == [msg.uuid]
+
+
+def test_reclaim_dead_letters_an_entry_whose_record_is_gone_without_writing_a_record(h, r, ks):
+    store = h.store(visibility_timeout=0.01, max_deliveries=1)
+    h.run(store.ensure_group())
+    msg = new("orphan", run_at=1)
+    h.run(store.accept(msg))
+    [delivery] = h.run(store.read("w1", 10, None))
+    r.hdel(ks.messages, uuid_key(msg.uuid))
+    wait_until(lambda: pending(r, ks)[delivery.id]["idle"] > 10, "idle")
+    assert h.run(store.reclaim("w2", "0-0", 10))[2] == 1
+    [(_id, fields)] = r.xrange(ks.dead)
+    assert (uuid_text(fields[b"u"]), fields[b"m"], fields[b"a"]) == (msg.uuid, b"orphan", b"1")
+    assert h.run(store.record(msg.uuid)) is None
+    assert retained(r, ks) == {}
 
 
 def test_extend_renews_only_the_entries_the_caller_owns(h, r, ks):
@@ -797,3 +842,33 @@ def test_check_format_refuses_data_of_format_1(h, r, ks, kind):
         h.run(h.store().check_format())
     if before is not None:
         assert snapshot(r, ks) == before  # read only
+
+
+# --- the client ------------------------------------------------------------------------------
+
+
+def test_connect_gives_a_client_whose_xreadgroup_replies_are_the_raw_field_lists(h, r, ks):
+    store = h.store()
+    assert isinstance(store.client, StoreRedis)
+    h.run(store.ensure_group())
+    h.run(store.accept(new("raw", run_at=1)))
+    reply = h.run(
+        store.client.execute_command(
+            "XREADGROUP", "GROUP", CONSUMER_GROUP, "w", "COUNT", 1, "STREAMS", ks.stream, ">"
+        )
+    )
+    # A map of stream -> entries on RESP3, [stream, entries] pairs on RESP2.
+    [(stream, [[_id, fields]])] = list(reply.items() if isinstance(reply, dict) else reply)
+    assert stream == ks.stream.encode()
+    assert fields[::2] == [b"u", b"m", b"r", b"a"]  # not redis-py's dict
+    assert fields[3] == b"raw"
+
+
+def test_a_store_leaves_the_callbacks_of_the_client_it_is_given_alone(h):
+    plain = aioredis.Redis.from_url(h.redis_url)
+    try:
+        callbacks = dict(plain.response_callbacks)
+        Store(plain, Settings.from_env({}, redis_url=h.redis_url, prefix=h.prefix))
+        assert dict(plain.response_callbacks) == callbacks
+    finally:
+        h.run(plain.aclose())

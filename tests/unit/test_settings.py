@@ -151,13 +151,13 @@ def test_numeric_variables_are_known():
 
 
 @pytest.mark.parametrize("variable", INT_VARIABLES)
-@pytest.mark.parametrize("raw", ["ten", "1.5", "1e3", "0x10", "--1"])
+@pytest.mark.parametrize("raw", ["ten", "1.5", "1.0", "1e3", "0x10", "--1", " "])
 def test_non_integer_value_is_named(variable: str, raw: str):
     assert refused({variable: raw}).variable == variable
 
 
 @pytest.mark.parametrize("variable", FLOAT_VARIABLES)
-@pytest.mark.parametrize("raw", ["soon", "1s", "nan", "inf", "-inf", "1e400"])
+@pytest.mark.parametrize("raw", ["soon", "1s", "nan", "NaN", "inf", "-inf", "Infinity", "1e400"])
 def test_non_numeric_or_non_finite_seconds_are_named(variable: str, raw: str):
     assert refused({variable: raw}).variable == variable
 
@@ -173,6 +173,53 @@ def test_zero_or_negative_number_is_named(variable: str, raw: str):
         # Keep retry_max >= retry_base out of the way so the positivity check is what fails.
         environ["EAT_RETRY_BASE"] = "0.001"
     assert refused(environ).variable == variable
+
+
+def test_a_refused_value_is_quoted_with_what_was_expected():
+    assert str(refused({"EAT_MAX_DELIVERIES": " x "})) == (
+        "EAT_MAX_DELIVERIES: expected an integer, got ' x '"
+    )
+    assert str(refused({"EAT_DEAD_MAXLEN": "007"})) == (
+        "EAT_DEAD_MAXLEN: expected an integer, got '007'"
+    )
+    assert str(refused({"EAT_RETRY_BASE": "soon"})) == (
+        "EAT_RETRY_BASE: expected a number of seconds, got 'soon'"
+    )
+    assert str(refused({"EAT_RETENTION": "nan"})) == "EAT_RETENTION: must be a finite number"
+    assert str(refused({"EAT_LEGACY_BRIDGE": "maybe"})) == (
+        "EAT_LEGACY_BRIDGE: expected true or false, got 'maybe'"
+    )
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [("30", 30.0), ("0.5", 0.5), (" 2.5 ", 2.5), ("1e3", 1000.0), ("1.5E+2", 150.0)],
+)
+def test_seconds_are_numbers_written_as_in_json(raw: str, expected: float):
+    value = Settings.from_env({"EAT_RETRY_BASE": "0.1", "EAT_RETRY_MAX": raw}).retry_max
+    assert (value, type(value)) == (expected, float)
+
+
+@pytest.mark.parametrize("raw", [".5", "5.", "+1", "1_000", "0x1p3", "٣"])
+def test_numbers_in_other_spellings_are_refused(raw: str):
+    assert refused({"EAT_RETRY_MAX": raw}).problem.startswith("expected a number of seconds")
+    assert refused({"EAT_READ_COUNT": raw}).problem.startswith("expected an integer")
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        *[(raw, True) for raw in ("true", "TRUE", "1", "yes", " Yes ", "on", "ON")],
+        *[(raw, False) for raw in ("false", "False", "0", "no", "NO", "off", " Off ")],
+    ],
+)
+def test_a_switch_reads_true_false_1_0_yes_no_on_off_in_any_case(raw: str, expected: bool):
+    assert Settings.from_env({"EAT_LEGACY_BRIDGE": raw}).legacy_bridge is expected
+
+
+@pytest.mark.parametrize("raw", ["maybe", "t", "y", "2", "enabled"])
+def test_any_other_switch_value_is_named(raw: str):
+    assert refused({"EAT_LEGACY_BRIDGE": raw}).variable == "EAT_LEGACY_BRIDGE"
 
 
 def test_retry_max_below_retry_base_is_named_as_retry_max():
@@ -202,9 +249,29 @@ def test_override_that_fixes_a_bad_environment_value_wins():
     assert Settings.from_env({"EAT_LOG_LEVEL": "loud"}, log_level="info").log_level == "info"
 
 
+def test_override_wins_even_over_an_environment_value_that_does_not_parse():
+    settings = Settings.from_env({"EAT_MAX_DELIVERIES": "many"}, max_deliveries=3)
+    assert settings.max_deliveries == 3
+
+
+def test_overrides_are_converted_to_the_field_type():
+    settings = Settings.from_env({}, retention=9, max_deliveries="4")
+    assert (settings.retention, type(settings.retention)) == (9.0, float)
+    assert settings.max_deliveries == 4
+
+
+def test_unknown_override_is_a_type_error():
+    with pytest.raises(TypeError, match="max_delivery"):
+        Settings.from_env({}, max_delivery=3)
+
+
 def test_invalid_override_is_named_by_its_variable():
     assert refused({}, max_deliveries=0).variable == "EAT_MAX_DELIVERIES"
     assert refused({}, redis_url="http://x").variable == "EAT_REDIS_URL"
+    assert (
+        str(refused({}, max_deliveries="x")) == "EAT_MAX_DELIVERIES: expected an integer, got 'x'"
+    )
+    assert refused({}, retry_max=float("inf")).variable == "EAT_RETRY_MAX"
 
 
 def test_override_prefix_with_trailing_newline_is_refused():

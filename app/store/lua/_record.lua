@@ -1,4 +1,5 @@
---[[ _record.lua: prepended to every script (see app/scripts.py); the storage format.
+--[[ _record.lua: prepended to every script (see app/store/scripts.py); the storage format,
+and the steps several scripts share.
 
 A uuid is stored as its 16 raw bytes. A sorted-set member is a 6-byte
 big-endian acceptance sequence followed by the uuid. A record (a field of the
@@ -11,7 +12,7 @@ messages hash, keyed by the uuid) is, big-endian:
   rest             the body while scheduled or retrying, else empty
 
 State codes: s scheduled, q queued, d delivered, r retrying, x dead, c cancelled.
-The Python side of the same format is app/codec.py.
+The Python side of the same format is app/store/codec.py.
 ]]
 local STATE_NAMES = {s = 'scheduled', q = 'queued', d = 'delivered', r = 'retrying',
   x = 'dead', c = 'cancelled'}
@@ -91,6 +92,15 @@ local function rec_encode(rec)
     rec.first, n) .. table.concat(parts) .. struct.pack('B', #rec.ref) .. rec.ref .. rec.body
 end
 
+-- The record of `uuid`, decoded; nil when there is none (never written, or purged).
+local function rec_load(messages, uuid)
+  local packed = redis.call('HGET', messages, uuid)
+  if packed then
+    return rec_decode(packed)
+  end
+  return nil
+end
+
 -- A new record: `code` is its first state, entered at `now`.
 local function rec_new(code, run_at, now, ref, body)
   return {code = code, attempts = 0, run_at = run_at, accepted_at = now, first = code,
@@ -167,6 +177,35 @@ end
 -- length, so appending keeps the list in expiry order and purging reads only its head.
 local function retain(key, uuid, now, keep)
   redis.call('RPUSH', key, struct.pack('>I6', now + keep) .. uuid)
+end
+
+-- A stream entry's flat reply {field, value, field, value, ...} as a table. A field
+-- written twice reads as its last value.
+local function entry_fields(raw)
+  local f = {}
+  for i = 1, #raw, 2 do
+    f[raw[i]] = raw[i + 1]
+  end
+  return f
+end
+
+-- Dead-letter a message that left the stream: its delivery `f` (entry_fields of the
+-- entry: u, m, r) goes to the dead stream, capped near `deadlen` entries, with its
+-- attempts, the reason and the time. Its record `rec` (nil when there is none: nothing
+-- is written then) enters state dead with the dead entry's id as ref, so a lookup by uuid
+-- finds the entry, and joins the retention list: the dead stream is capped, so the record
+-- must not outlive it forever either.
+local function dead_letter(dead, messages, retention, f, rec, attempts, reason, deadlen, now,
+    keep)
+  local dead_id = redis.call('XADD', dead, 'MAXLEN', '~', deadlen, '*', 'u', f.u, 'm', f.m,
+    'r', f.r, 'a', attempts, 'reason', reason, 'at', int_text(now))
+  if rec then
+    rec.attempts = attempts
+    rec_enter(rec, 'x', now)
+    rec.ref = dead_id
+    redis.call('HSET', messages, f.u, rec_encode(rec))
+    retain(retention, f.u, now, keep)
+  end
 end
 
 -- Forget up to `limit` records whose retention passed. A record that left its final state

@@ -20,14 +20,8 @@ local entries = redis.call('XRANGE', KEYS[1], ARGV[1], ARGV[2], 'COUNT', tonumbe
 local deleted, last = 0, ''
 for _, entry in ipairs(entries) do
   last = entry[1]
-  local raw = entry[2]
-  for i = 1, #raw, 2 do
-    if raw[i] == 'u' then
-      if raw[i + 1] == ARGV[4] then
-        deleted = deleted + redis.call('XDEL', KEYS[1], entry[1])
-      end
-      break
-    end
+  if entry_fields(entry[2]).u == ARGV[4] then
+    deleted = deleted + redis.call('XDEL', KEYS[1], entry[1])
   end
 end
 return {deleted, #entries, last}

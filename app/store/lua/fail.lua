@@ -31,31 +31,16 @@ redis.call('XDEL', KEYS[1], ARGV[2])
 if #entries == 0 then
   return {'gone', 0}
 end
-local f = {}
-local raw = entries[1][2]
-for i = 1, #raw, 2 do
-  f[raw[i]] = raw[i + 1]
-end
+local f = entry_fields(entries[1][2])
 
 local now = now_ms()
 local attempts = tonumber(f.a) + 1
-local packed = redis.call('HGET', KEYS[2], f.u)
-local rec
-if packed then
-  rec = rec_decode(packed)
-else
-  rec = rec_new('q', tonumber(f.r), now, '', '')
-end
+local rec = rec_load(KEYS[2], f.u) or rec_new('q', tonumber(f.r), now, '', '')
 rec.attempts = attempts
 
 if attempts >= tonumber(ARGV[4]) then
-  local dead_id = redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[6], '*', 'u', f.u, 'm', f.m,
-    'r', f.r, 'a', attempts, 'reason', ARGV[5], 'at', int_text(now))
-  rec_enter(rec, 'x', now)
-  rec.ref = dead_id
-  redis.call('HSET', KEYS[2], f.u, rec_encode(rec))
-  -- The dead stream is capped, so the record must not outlive it forever either.
-  retain(KEYS[6], f.u, now, tonumber(ARGV[8]))
+  dead_letter(KEYS[4], KEYS[2], KEYS[6], f, rec, attempts, ARGV[5], ARGV[6], now,
+    tonumber(ARGV[8]))
   return {'dead', attempts}
 end
 

@@ -32,27 +32,14 @@ local dead = 0
 
 for _, entry in ipairs(res[2]) do
   local id, raw = entry[1], entry[2]
-  local f = {}
-  for i = 1, #raw, 2 do
-    f[raw[i]] = raw[i + 1]
-  end
+  local f = entry_fields(raw)
   local pending = redis.call('XPENDING', KEYS[1], ARGV[1], id, id, 1)
   local deliveries = tonumber(f.a) + tonumber(pending[1][4])
   if deliveries > max then
     redis.call('XACK', KEYS[1], ARGV[1], id)
     redis.call('XDEL', KEYS[1], id)
-    local dead_id = redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[7], '*', 'u', f.u, 'm', f.m,
-      'r', f.r, 'a', deliveries - 1,
-      'reason', 'deliveries exhausted (worker lost)', 'at', int_text(now))
-    local packed = redis.call('HGET', KEYS[2], f.u)
-    if packed then
-      local rec = rec_decode(packed)
-      rec.attempts = deliveries - 1
-      rec_enter(rec, 'x', now)
-      rec.ref = dead_id
-      redis.call('HSET', KEYS[2], f.u, rec_encode(rec))
-      retain(KEYS[4], f.u, now, tonumber(ARGV[8]))
-    end
+    dead_letter(KEYS[3], KEYS[2], KEYS[4], f, rec_load(KEYS[2], f.u), deliveries - 1,
+      'deliveries exhausted (worker lost)', ARGV[7], now, tonumber(ARGV[8]))
     dead = dead + 1
   else
     claimed[#claimed + 1] = id

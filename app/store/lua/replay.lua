@@ -29,16 +29,9 @@ local replayed, last, blocked = 0, '', ''
 for _, entry in ipairs(entries) do
   local id, raw = entry[1], entry[2]
   last = id
-  local f = {}
-  for i = 1, #raw, 2 do
-    f[raw[i]] = raw[i + 1]
-  end
+  local f = entry_fields(raw)
   if f.u and f.m and f.r and tonumber(f.r) and (ARGV[4] == '' or f.u == ARGV[4]) then
-    local packed = redis.call('HGET', KEYS[1], f.u)
-    local rec = nil
-    if packed then
-      rec = rec_decode(packed)
-    end
+    local rec = rec_load(KEYS[1], f.u)
     if rec and rec.code ~= 'x' then
       blocked = STATE_NAMES[rec.code]
     else
