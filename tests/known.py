@@ -56,13 +56,13 @@ def _options(parser: argparse.ArgumentParser) -> set[str]:
 def command_path(argv: list[str], where: str) -> tuple[list[str], argparse.ArgumentParser]:
     """The subcommands argv starts with ("dead", "list") and the parser that takes the rest.
 
-    Fails when a token where a subcommand goes names none.
+    Fails when a token where a subcommand goes (not a flag) names none.
     """
     parser = build_parser()
     path: list[str] = []
     for token in argv:
         choices = _subcommands(parser)
-        if not choices:
+        if not choices or token.startswith("-"):
             break
         assert token in choices, (
             f"{where}: unknown subcommand {' '.join([*path, token])!r} "
