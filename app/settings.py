@@ -332,3 +332,17 @@ _PARSERS: dict[Any, Callable[[str, str], Any]] = {
     "str": _parse_str,
     "bool": _parse_bool,
 }
+
+
+def markdown_table() -> str:
+    """Every setting as a Markdown table: variable, default, meaning.
+
+    docs/settings.md holds this table between two marker comments;
+    ``scripts/settings_table.py`` rewrites it there, and a unit test fails while
+    the page differs from the code.
+    """
+    lines = ["| variable | default | meaning |", "| --- | --- | --- |"]
+    for variable, default, doc in Settings.documentation():
+        meaning = doc.replace("|", "\\|")
+        lines.append(f"| `{variable}` | `{default}` | {meaning} |")
+    return "\n".join(lines) + "\n"
