@@ -340,3 +340,17 @@ def _text_value(name: str, kind: str, raw: str) -> str:
     if kind == "int" and not _INTEGER_RE.match(text):
         raise SettingsError(_env(name), f"expected {_EXPECTED[kind]}, got {raw!r}")
     return text
+
+
+def markdown_table() -> str:
+    """Every setting as a Markdown table: variable, default, meaning.
+
+    docs/settings.md holds this table between two marker comments;
+    ``scripts/settings_table.py`` rewrites it there, and a unit test fails while
+    the page differs from the code.
+    """
+    lines = ["| variable | default | meaning |", "| --- | --- | --- |"]
+    for variable, default, doc in Settings.documentation():
+        meaning = doc.replace("|", "\\|")
+        lines.append(f"| `{variable}` | `{default}` | {meaning} |")
+    return "\n".join(lines) + "\n"

@@ -2,8 +2,8 @@
 
 Each benchmark starts its own servers and processes, measures its baseline in
 the same run, prints a table and writes JSON (and B4 a PNG) under bench/results/.
-``--quick`` shortens every run, for a smoke check; the README's figures come
-from full runs.
+``--quick`` shortens every run, for a smoke check; the figures on
+docs/performance.md come from full runs.
 """
 
 from __future__ import annotations

@@ -2,7 +2,8 @@
 
 No Docker engine or helm binary is needed for most of this: the files are parsed
 and compared with what the code knows: ``app.cli.build_parser()`` for
-subcommands and flags, ``app.settings.Settings`` for EAT_* variables, the
+subcommands and flags, ``app.settings.Settings`` for EAT_* variables (both
+through ``tests/known.py``, which the docs' tests share), the
 keyspace for the stream and consumer-group names. values.yaml and the example
 values files are validated against values.schema.json with jsonschema, the way
 Helm validates them (defaults coalesced with the overrides first).
@@ -13,7 +14,6 @@ and the rendered manifests are checked; otherwise those tests skip.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import dataclasses
 import json
@@ -30,9 +30,9 @@ import jsonschema
 import pytest
 import yaml
 
-from app.cli import build_parser
 from app.settings import Settings, SettingsError
 from app.store.keys import CONSUMER_GROUP, Keyspace
+from tests.known import EAT_NAME, assert_known_command, assert_known_settings
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCKERFILE = ROOT / "Dockerfile"
@@ -47,7 +47,6 @@ DEPLOYMENTS = {
     "worker": TEMPLATES / "worker-deployment.yaml",
 }
 
-EAT_NAME = re.compile(r"\bEAT_[A-Z0-9_]+\b")
 TEMPLATE_ACTION = re.compile(r"\{\{.*?\}\}")
 
 needs_helm = pytest.mark.skipif(shutil.which("helm") is None, reason="helm binary not on PATH")
@@ -55,10 +54,6 @@ needs_helm = pytest.mark.skipif(shutil.which("helm") is None, reason="helm binar
 
 # ---------------------------------------------------------------------------
 # helpers
-
-
-def settings_names() -> set[str]:
-    return {variable for variable, _default, _doc in Settings.documentation()}
 
 
 def load_yaml(path: Path) -> Any:
@@ -92,40 +87,6 @@ def schema_errors(values: dict[str, Any]) -> list[str]:
         f"{'/'.join(map(str, error.absolute_path))}: {error.message}"
         for error in validator.iter_errors(values)
     ]
-
-
-def option_strings(parser: argparse.ArgumentParser) -> dict[str, set[str]]:
-    """Subcommand -> every option string it accepts."""
-    (subparsers,) = (
-        action for action in parser._actions if isinstance(action, argparse._SubParsersAction)
-    )
-    return {
-        name: {option for action in sub._actions for option in action.option_strings}
-        for name, sub in subparsers.choices.items()
-    }
-
-
-def assert_known_command(argv: list[str], where: str) -> None:
-    """argv (after the entry point) names a real subcommand and only its real flags."""
-    assert argv, f"{where}: empty command"
-    known = option_strings(build_parser())
-    assert argv[0] in known, f"{where}: unknown subcommand {argv[0]!r} (known: {sorted(known)})"
-    for token in argv[1:]:
-        if token.startswith("-"):
-            flag = token.split("=", 1)[0]
-            assert flag in known[argv[0]], f"{where}: {argv[0]} has no option {flag!r}"
-    try:
-        build_parser().parse_args(argv)
-    except SystemExit as exc:  # argparse reports and exits on a bad command line
-        pytest.fail(f"{where}: `echo-at-time {shlex.join(argv)}` does not parse ({exc})")
-
-
-def assert_known_settings(names: set[str], where: str) -> None:
-    unknown = names - settings_names()
-    assert not unknown, (
-        f"{where} uses EAT_* variables that app.settings.Settings does not define: "
-        f"{sorted(unknown)}"
-    )
 
 
 def camel_to_env(key: str) -> str:
