@@ -33,7 +33,7 @@ from app.store.keys import CONSUMER_GROUP, Keyspace
 from tests.chaos.checker import Report, Timeline, analyze
 from tests.chaos.load import LoadGenerator
 from tests.chaos.proxy import PausableProxy, ProxyGroup
-from tests.e2e.harness import Cluster, ServiceProcess, within
+from tests.e2e.harness import Cluster, ServiceProcess
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SESSION_TIMEOUT = 2.0  # EAT_ZK_SESSION_TIMEOUT; the ensemble's tickTime is 500 ms
@@ -151,13 +151,13 @@ class ChaosEnv:
                 cluster.launch([proc], timeout)
                 cluster.wait_until(
                     lambda n=n: len(self.election_nodes()) >= n,
-                    within(timeout),
                     f"{n} schedulers in the election",
+                    timeout,
                 )
         else:
             cluster.launch([*api_procs, *scheduler_procs, *worker_procs], timeout)
         if scheduler_procs:
-            cluster.wait_for_leader(within(timeout))
+            cluster.wait_for_leader(timeout)
         return cluster
 
     def election_nodes(self) -> list[str]:
@@ -214,7 +214,7 @@ class ChaosEnv:
         assert self.cluster is not None
         cluster = self.cluster
         cluster.wait_until(
-            lambda: load.done, within(load.duration + load.give_up_after + 10), "load to finish"
+            lambda: load.done, "load to finish", load.duration + load.give_up_after + 10
         )
         exclude = exclude or set()
         expected = {p.uuid for p in load.accepted()} - exclude
@@ -231,8 +231,8 @@ class ChaosEnv:
 
         cluster.wait_until(
             done,
-            within(max(0.0, last_due - time.time()) + after_last_due),
             f"{len(expected)} accepted messages echoed and Redis drained",
+            max(0.0, last_due - time.time()) + after_last_due,
         )
 
     def analyze(self, load: LoadGenerator, start: float, exclude: set[str] | None = None) -> Report:

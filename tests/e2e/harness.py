@@ -5,10 +5,10 @@ through the installed console script, each with its stdout and stderr in a
 file, and reads what they wrote back: echo lines (stdout, one JSON object per
 handled message) and structured logs (stderr, JSON lines).
 
-Nothing here sleeps "long enough": every wait is a condition polled until an
-absolute deadline (``time.monotonic()`` based, see :func:`within`), and a
-timeout raises ``AssertionError`` naming what was awaited, with the tail of
-every process's stderr when a :class:`Cluster` is involved.
+Nothing here sleeps "long enough": every wait is a condition polled until a
+deadline (:func:`tests.wait.wait_until`), and a timeout raises
+``AssertionError`` naming what was awaited, with the tail of every process's
+stderr.
 
 A harness only ever signals processes it started: it holds their ``Popen``
 objects and never looks processes up by name. Every child is reaped (no
@@ -33,16 +33,19 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Self, TypeVar
 
 import httpx
 
 from app.ops.servers import free_port
+from tests.wait import wait_until
 
 LOCALHOST = "127.0.0.1"
-POLL_INTERVAL = 0.02  # seconds between two looks at a condition
+POLL_INTERVAL = 0.02  # seconds between two looks at a cluster (reading every log)
 DEFAULT_GRACE = 10.0  # seconds a process gets to exit after SIGTERM before SIGKILL
 STDERR_TAIL_LINES = 30
+
+T = TypeVar("T")
 
 # The stderr log line (its "event") that says a process has started, per role.
 # The api is ready when GET /healthz answers instead.
@@ -59,42 +62,9 @@ NOT_LEADING_PREFIXES = ("leadership lost", "leadership suspended", "leadership r
 # -- small helpers -----------------------------------------------------------------
 
 
-def within(seconds: float) -> float:
-    """An absolute deadline ``seconds`` from now, on the ``time.monotonic()`` clock."""
-    return time.monotonic() + seconds
-
-
 def now_ms() -> int:
     """Wall-clock epoch milliseconds: the unit of ``runAt`` (Redis runs on this host)."""
     return time.time_ns() // 1_000_000
-
-
-def wait_until(
-    predicate: Callable[[], Any],
-    deadline: float,
-    what: str,
-    *,
-    interval: float = POLL_INTERVAL,
-    diagnostics: Callable[[], str] | None = None,
-) -> Any:
-    """Poll ``predicate`` until it returns something truthy, and return that.
-
-    ``deadline`` is absolute (``time.monotonic()``; build it with :func:`within`).
-    On timeout raise ``AssertionError`` saying what was awaited, how long, and
-    ``diagnostics()`` if given. The predicate is always tried at least once.
-    """
-    started = time.monotonic()
-    while True:
-        result = predicate()
-        if result:
-            return result
-        now = time.monotonic()
-        if now >= deadline:
-            message = f"timed out after {now - started:.2f} s waiting for {what}"
-            if diagnostics is not None:
-                message += "\n" + diagnostics()
-            raise AssertionError(message)
-        time.sleep(min(interval, max(deadline - now, 0.001)))
 
 
 def console_script() -> str:
@@ -274,12 +244,12 @@ class ServiceProcess:
             return any(line.get("event") == self.ready_event for line in self.log_lines())
         return True
 
-    def wait_ready(self, deadline: float) -> Self:
+    def wait_ready(self, within: float) -> Self:
         """Wait until ready (api: /healthz answers; others: alive and start line logged)."""
         wait_until(
             self.is_ready,
-            deadline,
             f"{self.name} to be ready",
+            within,
             interval=0.05,
             diagnostics=self.describe,
         )
@@ -589,15 +559,16 @@ class Cluster:
         for proc in processes:
             self.history.append(proc)
             proc.start()
-        deadline = within(timeout)
-        for proc in processes:
-            wait_until(
-                proc.is_ready,
-                deadline,
-                f"{proc.name} to be ready",
-                interval=0.05,
-                diagnostics=self.describe,
-            )
+        waiting = list(processes)
+
+        def all_ready() -> bool:
+            waiting[:] = [proc for proc in waiting if not proc.is_ready()]
+            return not waiting
+
+        names = ", ".join(proc.name for proc in processes)
+        wait_until(
+            all_ready, f"{names} to be ready", timeout, interval=0.05, diagnostics=self.describe
+        )
 
     def start(
         self,
@@ -614,7 +585,7 @@ class Cluster:
         new += [self.add_worker(worker_concurrency) for _ in range(workers)]
         self.launch(new, timeout)
         if schedulers:
-            self.wait_for_leader(within(timeout))
+            self.wait_for_leader(timeout)
         return self
 
     def restart(self, *procs: ServiceProcess, timeout: float = 30.0) -> list[ServiceProcess]:
@@ -654,7 +625,7 @@ class Cluster:
         for proc in self.history:
             proc.send_signal(signal.SIGTERM)
             proc.send_signal(signal.SIGCONT)  # a paused process must wake to hear it
-        deadline = within(grace)
+        deadline = time.monotonic() + grace
         for proc in self.history:
             try:
                 proc.wait(max(deadline - time.monotonic(), 0.01))
@@ -724,8 +695,9 @@ class Cluster:
         epochs = [a.epoch for a in self.acquisitions() if a.process is proc]
         return epochs[-1] if epochs else None
 
-    def wait_for_leader(self, deadline: float, *, newer_than: int | None = None) -> Acquisition:
-        """Wait for a current leader (whose epoch is above ``newer_than``); its acquisition."""
+    def wait_for_leader(self, within: float, *, newer_than: int | None = None) -> Acquisition:
+        """Wait up to ``within`` s for a current leader (whose epoch is above ``newer_than``);
+        returns its acquisition."""
 
         def found() -> Acquisition | None:
             leader = self.leader()
@@ -739,11 +711,11 @@ class Cluster:
             return None
 
         what = "a scheduler to lead" + (f" with an epoch above {newer_than}" if newer_than else "")
-        return self.wait_until(found, deadline, what)
+        return self.wait_until(found, what, within)
 
-    def wait_until(self, predicate: Callable[[], Any], deadline: float, what: str) -> Any:
-        """:func:`wait_until` whose timeout message carries every process's stderr tail."""
-        return wait_until(predicate, deadline, what, diagnostics=self.describe)
+    def wait_until(self, check: Callable[[], T], what: str, within: float) -> T:
+        """:func:`tests.wait.wait_until` whose failure carries every process's stderr tail."""
+        return wait_until(check, what, within, interval=POLL_INTERVAL, diagnostics=self.describe)
 
     def describe(self, lines: int = STDERR_TAIL_LINES) -> str:
         return "\n".join(proc.describe(lines) for proc in self.history)
