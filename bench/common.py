@@ -179,7 +179,7 @@ def wait_http(url: str, timeout: float = 30.0) -> None:
 def stack(zookeeper: bool = True, prefix: str = "bench", **settings: str) -> Iterator[Stack]:
     with tempfile.TemporaryDirectory(prefix="eat-bench-") as tmp:
         workdir = Path(tmp)
-        redis = RedisServer(workdir / "redis", appendfsync="everysec").start()
+        redis = RedisServer(workdir / "redis").start()  # AOF, appendfsync everysec
         zk = ZooKeeperServer(workdir / "zk").start() if zookeeper else None
         env = {k: v for k, v in os.environ.items() if not k.startswith("EAT_")}
         env.update(

@@ -5,7 +5,7 @@ groups, fencing through ZooKeeper's czxid) only mean something against the real
 servers, and fakes would hide exactly the bugs the tests are there to catch. CI
 and developer machines may have no Docker engine, but Debian's ``redis-server``
 and ``zookeeper`` packages run fine as plain child processes (see
-``app/ops/servers.py`` and ENVIRONMENT.md): Redis is ready in ~15 ms, ZooKeeper
+``tests/servers.py`` and ENVIRONMENT.md): Redis is ready in ~15 ms, ZooKeeper
 in ~0.5 s, and as children of the test process they can be killed and restarted
 by chaos tests.
 
@@ -17,7 +17,7 @@ or ``=docker`` overrides the detection. Nothing is ever skipped: a server that
 cannot start makes the fixture raise, so the tests that need it error.
 
 In the local case ``redis_server`` / ``zk_server`` *are* the
-:class:`~app.ops.servers.RedisServer` / :class:`~app.ops.servers.ZooKeeperServer`
+:class:`~tests.servers.RedisServer` / :class:`~tests.servers.ZooKeeperServer`
 objects (``kill()``, ``restart()``, ``pid``...); with containers they are small
 handles with ``.url`` / ``.hosts`` and ``.process = None``. Each test gets a
 unique ``prefix`` to put in its Redis keys (as a hash tag, ``{prefix}``) and ZK
@@ -40,7 +40,7 @@ from typing import Any
 import pytest
 import redis
 
-from app.ops.servers import (
+from tests.servers import (
     RedisServer,
     ZooKeeperServer,
     redis_answers_ping,

@@ -27,13 +27,13 @@ from typing import Any
 import redis
 from kazoo.client import KazooClient
 
-from app.ops.servers import RedisServer, ZooKeeperEnsemble, ZooKeeperServer
 from app.store.codec import uuid_text
 from app.store.keys import CONSUMER_GROUP, Keyspace
 from tests.chaos.checker import Report, Timeline, analyze
 from tests.chaos.load import LoadGenerator
 from tests.chaos.proxy import PausableProxy, ProxyGroup
 from tests.e2e.harness import Cluster, ServiceProcess
+from tests.servers import RedisServer, ZooKeeperEnsemble, ZooKeeperServer
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SESSION_TIMEOUT = 2.0  # EAT_ZK_SESSION_TIMEOUT; the ensemble's tickTime is 500 ms

@@ -37,7 +37,7 @@ from typing import Any, Self, TypeVar
 
 import httpx
 
-from app.ops.servers import free_port
+from tests.servers import free_port
 from tests.wait import wait_until
 
 LOCALHOST = "127.0.0.1"

@@ -11,8 +11,8 @@ import httpx
 import pytest
 from kazoo.client import KazooClient
 
-from app.ops.servers import RedisServer, free_port
 from tests.e2e.harness import Cluster, ServiceProcess, now_ms
+from tests.servers import RedisServer, free_port
 from tests.wait import wait_until
 
 pytestmark = pytest.mark.e2e

@@ -11,10 +11,10 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 
 from app.http.batcher import AcceptBatcher
 from app.model import NewMessage
-from app.ops.servers import free_port
 from app.settings import Settings
 from app.store import Store, connect
 from app.store.keys import Keyspace
+from tests.servers import free_port
 
 FUTURE = 253402300799999
 
