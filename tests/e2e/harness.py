@@ -10,22 +10,21 @@ deadline (:func:`tests.wait.wait_until`), and a timeout raises
 ``AssertionError`` naming what was awaited, with the tail of every process's
 stderr.
 
-A harness only ever signals processes it started: it holds their ``Popen``
-objects and never looks processes up by name. Every child is reaped (no
-``ResourceWarning``), and, when started from the main thread, the kernel sends
-it SIGKILL should the test process die without cleaning up.
+A harness only ever signals processes it started: each is an
+:class:`app.ops.child.ChildProcess` (own session, reaped, never a recycled
+pid), and it never looks processes up by name. When started from the main
+thread, the kernel sends a child SIGKILL should the test process die without
+cleaning up.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
-import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -37,6 +36,7 @@ from typing import Any, Self, TypeVar
 
 import httpx
 
+from app.ops.child import ChildProcess, stop_all
 from tests.servers import free_port
 from tests.wait import wait_until
 
@@ -76,18 +76,6 @@ def console_script() -> str:
     if found is None:
         raise RuntimeError("the echo-at-time console script is not installed (pip install -e .)")
     return found
-
-
-def _parent_death_prefix() -> list[str]:
-    """``setpriv --pdeathsig KILL --``: the child dies with the thread that forked it.
-
-    Only from the main thread, which lives as long as the test process. setpriv
-    execs the command, so the pid we hold is the service process itself.
-    """
-    if threading.current_thread() is not threading.main_thread():
-        return []
-    setpriv = shutil.which("setpriv")
-    return [] if setpriv is None else [setpriv, "--pdeathsig", "KILL", "--"]
 
 
 def parse_timestamp(value: object) -> float | None:
@@ -170,7 +158,7 @@ class ServiceProcess:
         self.log_dir = Path(log_dir)
         self.stdout_path = self.log_dir / f"{self.name}.stdout"
         self.stderr_path = self.log_dir / f"{self.name}.stderr"
-        self._popen: subprocess.Popen[bytes] | None = None
+        self._child: ChildProcess | None = None
         self._stdout = JsonLines(self.stdout_path)
         self._stderr = JsonLines(self.stderr_path)
         self.started_at: float | None = None  # wall clock, epoch seconds
@@ -184,20 +172,25 @@ class ServiceProcess:
     # -- state -------------------------------------------------------------------------
 
     @property
+    def child(self) -> ChildProcess | None:
+        """The process, once started."""
+        return self._child
+
+    @property
     def pid(self) -> int | None:
-        return None if self._popen is None else self._popen.pid
+        return None if self._child is None else self._child.pid
 
     @property
     def started(self) -> bool:
-        return self._popen is not None
+        return self._child is not None
 
     @property
     def running(self) -> bool:
-        return self._popen is not None and self._popen.poll() is None
+        return self._child is not None and self._child.running
 
     @property
     def returncode(self) -> int | None:
-        return None if self._popen is None else self._popen.poll()
+        return None if self._child is None else self._child.poll()
 
     @property
     def base_url(self) -> str:
@@ -208,28 +201,27 @@ class ServiceProcess:
     # -- lifecycle ---------------------------------------------------------------------
 
     def start(self) -> Self:
-        if self._popen is not None:
+        if self._child is not None:
             raise RuntimeError(f"{self.name} was already started; make a new ServiceProcess")
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        with open(self.stdout_path, "ab") as out, open(self.stderr_path, "ab") as err:
-            self._popen = subprocess.Popen(
-                [*_parent_death_prefix(), *self.argv],
-                env=self.env,
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=err,
-                close_fds=True,
-                # Own session: a terminal's Ctrl-C reaches only pytest, which stops us in order.
-                start_new_session=True,
-            )
+        self._child = ChildProcess(
+            self.argv,
+            env=self.env,
+            stdout=self.stdout_path,
+            stderr=self.stderr_path,
+            parent_death_signal=signal.SIGKILL,
+        )
         self.started_at = time.time()
         return self
 
+    def _started(self) -> ChildProcess:
+        if self._child is None:
+            raise RuntimeError(f"{self.name} was not started")
+        return self._child
+
     def is_ready(self) -> bool:
         """One look: raises AssertionError if the process has exited."""
-        if self._popen is None:
-            raise RuntimeError(f"{self.name} was not started")
-        code = self._popen.poll()
+        code = self._started().poll()
         if code is not None:
             raise AssertionError(
                 f"{self.name} exited with code {code} before it was ready\n{self.describe()}"
@@ -256,16 +248,13 @@ class ServiceProcess:
         return self
 
     def send_signal(self, sig: int) -> None:
-        """Signal the process if it is still running (Popen guards against pid reuse)."""
-        if self._popen is not None and self._popen.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                self._popen.send_signal(sig)
+        """Signal the process if it is still running (never a recycled pid)."""
+        if self._child is not None:
+            self._child.send_signal(sig)
 
     def wait(self, timeout: float | None = None) -> int:
         """Reap and return the exit code; raises subprocess.TimeoutExpired."""
-        if self._popen is None:
-            raise RuntimeError(f"{self.name} was not started")
-        return self._popen.wait(timeout)
+        return self._started().wait(timeout)
 
     def terminate(self, timeout: float = DEFAULT_GRACE) -> int:
         """SIGTERM and wait; returns the exit code (negative: killed by that signal).
@@ -285,8 +274,7 @@ class ServiceProcess:
 
     def kill(self) -> int:
         """SIGKILL (a crash) and reap; returns the exit code."""
-        self.send_signal(signal.SIGKILL)
-        return self.wait()
+        return self._started().kill()
 
     def pause(self) -> None:
         """SIGSTOP: frozen as in a long GC pause or a suspended VM."""
@@ -622,15 +610,7 @@ class Cluster:
         for client in self._clients:
             client.close()
         self._clients.clear()
-        for proc in self.history:
-            proc.send_signal(signal.SIGTERM)
-            proc.send_signal(signal.SIGCONT)  # a paused process must wake to hear it
-        deadline = time.monotonic() + grace
-        for proc in self.history:
-            try:
-                proc.wait(max(deadline - time.monotonic(), 0.01))
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        stop_all([proc.child for proc in self.history if proc.child is not None], grace)
         return {proc.name: proc.returncode for proc in self.history}
 
     def __enter__(self) -> Self:
