@@ -13,6 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from app.ops.child import ChildProcess
 from app.ops.servers import free_port
 from bench.common import print_table, stack, write_result
 
@@ -39,32 +40,28 @@ def run(seconds: int = 10, connections: int = 64) -> dict:
     with stack(zookeeper=False) as s:
         port = free_port()
         env = dict(s.env)
-        s.processes.append(
-            (
-                "bare",
-                subprocess.Popen(
-                    [
-                        sys.executable,
-                        "-m",
-                        "uvicorn",
-                        "bench.bare_app:app",
-                        "--host",
-                        "127.0.0.1",
-                        "--port",
-                        str(port),
-                        "--loop",
-                        "uvloop",
-                        "--http",
-                        "httptools",
-                        "--no-access-log",
-                        "--log-level",
-                        "warning",
-                    ],
-                    cwd=HERE.parent,
-                    env=env,
-                ),
-            )
+        bare = ChildProcess(
+            [
+                sys.executable,
+                "-m",
+                "uvicorn",
+                "bench.bare_app:app",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--loop",
+                "uvloop",
+                "--http",
+                "httptools",
+                "--no-access-log",
+                "--log-level",
+                "warning",
+            ],
+            cwd=HERE.parent,
+            env=env,
         )
+        s.processes.append(("bare", bare))
         _wait_port(port)
         results["bare Starlette (baseline)"] = wrk(f"http://127.0.0.1:{port}", seconds, connections)
         s.stop_processes(["bare"])

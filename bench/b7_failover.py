@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import signal
 import threading
 import time
 
@@ -45,7 +43,7 @@ def run(rate: float = 100.0, seconds: float = 20.0) -> dict:
             name = leader_name(s)
             proc = dict(s.processes)[name]
             killed["at"] = time.time()
-            os.kill(proc.pid, signal.SIGKILL)
+            proc.kill()
 
         killer = threading.Thread(target=kill_leader_later)
         killer.start()

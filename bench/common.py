@@ -11,7 +11,6 @@ import contextlib
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 import tempfile
@@ -22,6 +21,7 @@ from pathlib import Path
 
 import httpx
 
+from app.ops.child import ChildProcess, stop_all
 from app.ops.servers import RedisServer, ZooKeeperServer, free_port
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -76,22 +76,18 @@ class Stack:
     redis: RedisServer
     zookeeper: ZooKeeperServer | None
     env: dict[str, str]
-    processes: list[tuple[str, subprocess.Popen]] = field(default_factory=list)
+    processes: list[tuple[str, ChildProcess]] = field(default_factory=list)
 
     def spawn(
         self, name: str, argv: Sequence[str], env: dict[str, str] | None = None
-    ) -> subprocess.Popen:
-        out = open(self.workdir / f"{name}.out", "wb")  # noqa: SIM115 - closed in stop()
-        err = open(self.workdir / f"{name}.err", "wb")  # noqa: SIM115
-        proc = subprocess.Popen(
+    ) -> ChildProcess:
+        """Start ``echo-at-time <argv>``, its stdout in ``<name>.out``, stderr in ``<name>.err``."""
+        proc = ChildProcess(
             [console_script(), *argv],
             env=env or self.env,
-            stdout=out,
-            stderr=err,
-            start_new_session=True,
+            stdout=self.workdir / f"{name}.out",
+            stderr=self.workdir / f"{name}.err",
         )
-        out.close()
-        err.close()
         self.processes.append((name, proc))
         return proc
 
@@ -150,15 +146,7 @@ class Stack:
 
     def stop_processes(self, names: Sequence[str] | None = None) -> None:
         chosen = [(n, p) for n, p in self.processes if names is None or n in names]
-        for _, proc in chosen:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for _, proc in chosen:
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_all([proc for _, proc in chosen], grace=30)
         self.processes = [(n, p) for n, p in self.processes if (n, p) not in chosen]
 
 
@@ -179,7 +167,7 @@ def wait_http(url: str, timeout: float = 30.0) -> None:
 def stack(zookeeper: bool = True, prefix: str = "bench", **settings: str) -> Iterator[Stack]:
     with tempfile.TemporaryDirectory(prefix="eat-bench-") as tmp:
         workdir = Path(tmp)
-        redis = RedisServer(workdir / "redis", appendfsync="everysec").start()
+        redis = RedisServer(workdir / "redis").start()  # AOF, appendfsync everysec
         zk = ZooKeeperServer(workdir / "zk").start() if zookeeper else None
         env = {k: v for k, v in os.environ.items() if not k.startswith("EAT_")}
         env.update(

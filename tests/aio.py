@@ -4,31 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from collections.abc import AsyncIterator, Coroutine
 from typing import Any, TypeVar
 
 from app.settings import Settings
 from app.store import Store, connect
-
-
-async def wait_until(
-    check: Callable[[], bool | Awaitable[bool]],
-    what: str,
-    within: float,
-    interval: float = 0.01,
-) -> None:
-    """Poll ``check`` (sync or async) until true; after ``within`` s fail naming ``what``."""
-    deadline = time.monotonic() + within
-    while True:
-        result = check()
-        if asyncio.iscoroutine(result):
-            result = await result
-        if result:
-            return
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"not within {within} s: {what}")
-        await asyncio.sleep(interval)
 
 
 @contextlib.asynccontextmanager

@@ -5,7 +5,7 @@ groups, fencing through ZooKeeper's czxid) only mean something against the real
 servers, and fakes would hide exactly the bugs the tests are there to catch. CI
 and developer machines may have no Docker engine, but Debian's ``redis-server``
 and ``zookeeper`` packages run fine as plain child processes (see
-``app/ops/servers.py`` and ENVIRONMENT.md): Redis is ready in ~15 ms, ZooKeeper
+``tests/servers.py`` and ENVIRONMENT.md): Redis is ready in ~15 ms, ZooKeeper
 in ~0.5 s, and as children of the test process they can be killed and restarted
 by chaos tests.
 
@@ -17,7 +17,7 @@ or ``=docker`` overrides the detection. Nothing is ever skipped: a server that
 cannot start makes the fixture raise, so the tests that need it error.
 
 In the local case ``redis_server`` / ``zk_server`` *are* the
-:class:`~app.ops.servers.RedisServer` / :class:`~app.ops.servers.ZooKeeperServer`
+:class:`~tests.servers.RedisServer` / :class:`~tests.servers.ZooKeeperServer`
 objects (``kill()``, ``restart()``, ``pid``...); with containers they are small
 handles with ``.url`` / ``.hosts`` and ``.process = None``. Each test gets a
 unique ``prefix`` to put in its Redis keys (as a hash tag, ``{prefix}``) and ZK
@@ -32,21 +32,21 @@ import os
 import secrets
 import shutil
 import subprocess
-import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import pytest
 import redis
 
-from app.ops.servers import (
+from tests.servers import (
     RedisServer,
     ZooKeeperServer,
     redis_answers_ping,
     zookeeper_mode,
 )
+from tests.wait import wait_until
 
 SERVERS_ENV = "EAT_TEST_SERVERS"  # "local", "docker", or unset (auto-detect)
 
@@ -96,14 +96,6 @@ class ContainerZooKeeper:
     process: None = None
 
 
-def _wait_for(check: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() >= deadline:
-            raise RuntimeError(f"{what} was not ready within {timeout:g} s")
-        time.sleep(0.05)
-
-
 @contextlib.contextmanager
 def _quiet_testcontainers() -> Iterator[None]:
     # testcontainers' deprecation warnings point at the caller; pyproject turns
@@ -124,7 +116,7 @@ def _redis_container() -> Iterator[ContainerRedis]:
     try:
         host = container.get_container_host_ip()
         port = int(container.get_exposed_port(6379))
-        _wait_for(lambda: redis_answers_ping(host, port), 30, "redis container")
+        wait_until(lambda: redis_answers_ping(host, port), "redis container", 30, interval=0.05)
         yield ContainerRedis(url=f"redis://{host}:{port}/0", container=container)
     finally:
         with _quiet_testcontainers():
@@ -144,7 +136,12 @@ def _zookeeper_container() -> Iterator[ContainerZooKeeper]:
     try:
         host = container.get_container_host_ip()
         port = int(container.get_exposed_port(2181))
-        _wait_for(lambda: zookeeper_mode(host, port) is not None, 60, "zookeeper container")
+        wait_until(
+            lambda: zookeeper_mode(host, port) is not None,
+            "zookeeper container",
+            60,
+            interval=0.05,
+        )
         yield ContainerZooKeeper(hosts=f"{host}:{port}", container=container)
     finally:
         with _quiet_testcontainers():

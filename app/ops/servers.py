@@ -1,22 +1,23 @@
-"""Real Redis and ZooKeeper servers as child processes of the current process.
+"""The Redis and ZooKeeper that ``echo-at-time up`` starts when none is configured.
 
-Used by the all-in-one ``echo-at-time up`` command and by the test fixtures, on
-machines without a container engine. Standard library only.
+Each server is a child process (:class:`~app.ops.child.ChildProcess`) bound to
+127.0.0.1, with its data and log under a directory of its own, so that a second
+``up`` finds every message again. Standard library only.
 
 Facts this module relies on (see ENVIRONMENT.md):
 
 * ``/usr/bin/redis-server`` is called by full path: pip packages that embed a
   server put their own ``redis-server`` first on a virtualenv's PATH.
-* Redis is ready when a raw ``PING`` answers ``+PONG`` (~15 ms). With AOF on,
-  ``kill()`` followed by ``restart()`` keeps every acknowledged write.
+* Redis is ready when a raw ``PING`` answers ``+PONG`` (~15 ms). AOF is on, so a
+  restart keeps every acknowledged write.
 * ZooKeeper is ready when the four-letter word ``srvr`` answers with a ``Mode:``
   line. ``ruok`` answers ``imok`` before the server serves clients, so it is not
   used. After SIGTERM ZooKeeper exits with code 143, which is a clean stop.
 
-Every server binds 127.0.0.1 only. Child processes are reaped by ``stop()`` /
-``kill()``, by an ``atexit`` hook for any left running, and, when started from
-the main thread, they also get SIGTERM from the kernel if this process dies
-without cleaning up (``setpriv --pdeathsig``; no ``preexec_fn``).
+Servers left running when the interpreter exits are stopped by an ``atexit``
+hook; the kernel's parent-death signal covers a parent that dies uncleanly.
+The tests extend these classes (a ZooKeeper ensemble, crash and restart) in
+``tests/servers.py``.
 """
 
 from __future__ import annotations
@@ -27,14 +28,13 @@ import os
 import shutil
 import signal
 import socket
-import subprocess
 import threading
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import ClassVar, Self
+
+from app.ops.child import STDOUT, ChildProcess
 
 __all__ = [
     "JAVA_BIN",
@@ -43,21 +43,19 @@ __all__ = [
     "ZOOKEEPER_JAR",
     "MissingBinaryError",
     "RedisServer",
+    "Server",
     "ServerStartError",
-    "ZooKeeperEnsemble",
-    "ZooKeeperPeer",
     "ZooKeeperServer",
     "four_letter_word",
     "free_port",
     "redis_answers_ping",
-    "write_zoo_cfg",
     "zookeeper_mode",
 ]
 
 LOCALHOST = "127.0.0.1"
 
-# Default locations (Debian packages). Tests may point a server at another path
-# through its constructor to simulate a missing binary.
+# Default locations (Debian packages). A constructor argument points a server at
+# another path (a test simulates a missing binary that way).
 REDIS_SERVER_BIN = Path("/usr/bin/redis-server")
 JAVA_BIN = Path("/usr/bin/java")
 ZOOKEEPER_JAR = Path("/usr/share/java/zookeeper.jar")
@@ -87,15 +85,6 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((LOCALHOST, 0))
         return int(sock.getsockname()[1])
-
-
-def _distinct_free_ports(count: int) -> list[int]:
-    ports: list[int] = []
-    while len(ports) < count:
-        port = free_port()
-        if port not in ports:
-            ports.append(port)
-    return ports
 
 
 def redis_answers_ping(host: str, port: int, timeout: float = _PROBE_TIMEOUT) -> bool:
@@ -150,9 +139,9 @@ def _missing(what: str, package: str) -> MissingBinaryError:
     )
 
 
-# --- process bookkeeping -----------------------------------------------------
+# --- one server ------------------------------------------------------------------
 
-_LIVE: set[_ChildServer] = set()
+_LIVE: set[Server] = set()
 _LIVE_LOCK = threading.Lock()
 
 
@@ -165,22 +154,12 @@ def _stop_servers_left_running() -> None:
             server.stop(timeout=5.0)
 
 
-def _parent_death_prefix() -> list[str]:
-    """``setpriv --pdeathsig TERM --`` so the child gets SIGTERM if we die uncleanly.
+class Server:
+    """Spawn one server process, wait until it serves, stop it.
 
-    The kernel sends the signal when the *thread* that forked the child exits, so
-    it is only used from the main thread (which lives as long as the process).
+    The port, if not given, is chosen free; once the server has served on it, it
+    is kept (clients and the data refer to it), so a later ``start()`` reuses it.
     """
-    if threading.current_thread() is not threading.main_thread():
-        return []
-    setpriv = shutil.which("setpriv")
-    if setpriv is None:
-        return []
-    return [setpriv, "--pdeathsig", "TERM", "--"]
-
-
-class _ChildServer:
-    """Spawn, probe, stop and restart one server process."""
 
     name: ClassVar[str] = "server"
     log_name: ClassVar[str] = "server.log"
@@ -192,8 +171,7 @@ class _ChildServer:
         self.data_dir = Path(data_dir).absolute()
         self._auto_port = port is None
         self._port = free_port() if port is None else port
-        self._proc: subprocess.Popen[bytes] | None = None
-        self.last_exit_code: int | None = None
+        self._process: ChildProcess | None = None
 
     # -- to implement ---------------------------------------------------------
 
@@ -213,12 +191,13 @@ class _ChildServer:
         return self._port
 
     @property
-    def pid(self) -> int | None:
-        return self._proc.pid if self.running and self._proc is not None else None
+    def process(self) -> ChildProcess | None:
+        """The latest process spawned (running or exited), None before the first."""
+        return self._process
 
     @property
     def running(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None
+        return self._process is not None and self._process.running
 
     @property
     def log_path(self) -> Path:
@@ -245,6 +224,7 @@ class _ChildServer:
                     self._port = free_port()
                     continue
                 raise
+            self._auto_port = False
             return self
         raise AssertionError("unreachable")  # pragma: no cover
 
@@ -255,19 +235,11 @@ class _ChildServer:
         command = self._command()  # raises MissingBinaryError before any side effect
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self._prepare()
-        self.last_exit_code = None
-        with open(self.log_path, "ab") as log:
-            self._proc = subprocess.Popen(
-                [*_parent_death_prefix(), *command],
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                cwd=self.data_dir,
-                close_fds=True,
-                # Out of our process group: a terminal's Ctrl-C reaches only us, and we stop
-                # the servers last, after everything that uses them.
-                start_new_session=True,
-            )
+        # Own session: Ctrl-C reaches only our process, which stops the servers last,
+        # after everything that uses them.
+        self._process = ChildProcess(
+            command, cwd=self.data_dir, stdout=self.log_path, stderr=STDOUT
+        )
         with _LIVE_LOCK:
             _LIVE.add(self)
 
@@ -278,14 +250,13 @@ class _ChildServer:
         """
         if timeout is None:
             timeout = self.default_start_timeout
-        proc = self._proc
-        if proc is None:
+        process = self._process
+        if process is None:
             raise RuntimeError(f"{self.name} was not spawned")
         deadline = time.monotonic() + timeout
         while True:
-            code = proc.poll()
+            code = process.poll()
             if code is not None:
-                self._forget(code)
                 raise self._start_error(
                     f"{self.name} on port {self._port} exited with code {code} before it was ready",
                     exited=True,
@@ -293,7 +264,7 @@ class _ChildServer:
             if self._is_ready():
                 return
             if time.monotonic() >= deadline:
-                self.kill()
+                process.kill()
                 raise self._start_error(
                     f"{self.name} on port {self._port} was not ready within {timeout:g} s",
                     exited=False,
@@ -302,49 +273,10 @@ class _ChildServer:
 
     def stop(self, timeout: float = 10.0) -> int | None:
         """SIGTERM, wait up to ``timeout`` s, then SIGKILL. Returns the exit code
-        (see ``CLEAN_EXIT_CODES``), or None if it was not started."""
-        proc = self._proc
-        if proc is None:
-            return self.last_exit_code
-        if proc.poll() is None:
-            self.terminate()
-            try:
-                proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    proc.kill()
-                proc.wait()
-        self._forget(proc.returncode)
-        return self.last_exit_code
-
-    def terminate(self) -> None:
-        """Send SIGTERM without waiting; ``stop()`` then reaps it."""
-        proc = self._proc
-        if proc is not None and proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                proc.send_signal(signal.SIGTERM)
-
-    def kill(self) -> int | None:
-        """SIGKILL and reap, to simulate a crash. Returns the exit code."""
-        proc = self._proc
-        if proc is None:
-            return self.last_exit_code
-        if proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                proc.kill()
-            proc.wait()
-        self._forget(proc.returncode)
-        return self.last_exit_code
-
-    def restart(self, timeout: float | None = None) -> Self:
-        """Start again on the same port with the same data dir (stops it first if running)."""
-        if self.running:
-            self.stop()
-        auto, self._auto_port = self._auto_port, False
-        try:
-            return self.start(timeout)
-        finally:
-            self._auto_port = auto
+        (see ``CLEAN_EXIT_CODES``), or None if it was never started."""
+        with _LIVE_LOCK:
+            _LIVE.discard(self)
+        return None if self._process is None else self._process.stop(timeout)
 
     def __enter__(self) -> Self:
         return self.start()
@@ -358,16 +290,10 @@ class _ChildServer:
         self.stop()
 
     def __repr__(self) -> str:
-        state = f"pid={self.pid}" if self.running else "stopped"
+        state = f"pid={self._process.pid}" if self.running and self._process else "stopped"
         return f"<{type(self).__name__} port={self._port} {state} dir={self.data_dir}>"
 
     # -- helpers --------------------------------------------------------------
-
-    def _forget(self, code: int | None) -> None:
-        self.last_exit_code = code
-        self._proc = None
-        with _LIVE_LOCK:
-            _LIVE.discard(self)
 
     def _log_size(self) -> int:
         try:
@@ -395,26 +321,16 @@ class _ChildServer:
 # --- Redis ---------------------------------------------------------------------
 
 
-class RedisServer(_ChildServer):
+class RedisServer(Server):
     """``redis-server`` with AOF on, bound to 127.0.0.1, logging to ``<data_dir>/redis.log``."""
 
     name = "redis-server"
     log_name = "redis.log"
 
     def __init__(
-        self,
-        data_dir: Path,
-        port: int | None = None,
-        appendfsync: str = "everysec",
-        extra_args: Sequence[str] = (),
-        *,
-        binary: Path | str | None = None,
+        self, data_dir: Path, port: int | None = None, *, binary: Path | str | None = None
     ) -> None:
-        if appendfsync not in ("always", "everysec", "no"):
-            raise ValueError(f"appendfsync must be always, everysec or no, not {appendfsync!r}")
         super().__init__(data_dir, port)
-        self.appendfsync = appendfsync
-        self.extra_args = tuple(extra_args)
         self.binary = None if binary is None else Path(binary)
 
     @property
@@ -442,9 +358,8 @@ class RedisServer(_ChildServer):
             "--dir", str(self.data_dir),
             "--save", "",
             "--appendonly", "yes",
-            "--appendfsync", self.appendfsync,
+            "--appendfsync", "everysec",
             "--logfile", str(self.log_path),
-            *self.extra_args,
         ]  # fmt: skip
 
     def _is_ready(self) -> bool:
@@ -454,54 +369,9 @@ class RedisServer(_ChildServer):
 # --- ZooKeeper -------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class ZooKeeperPeer:
-    """One member of an ensemble: ``server.<server_id>=<host>:<peer_port>:<election_port>``."""
-
-    server_id: int
-    peer_port: int
-    election_port: int
-    host: str = LOCALHOST
-
-    def cfg_line(self) -> str:
-        return f"server.{self.server_id}={self.host}:{self.peer_port}:{self.election_port}"
-
-
-def write_zoo_cfg(
-    path: Path,
-    *,
-    data_dir: Path,
-    client_port: int,
-    tick_time_ms: int = 500,
-    peers: Sequence[ZooKeeperPeer] = (),
-    server_id: int | None = None,
-) -> Path:
-    """Write a zoo.cfg for a standalone server, or for one node of an ensemble when
-    ``peers`` is given (then ``server_id`` is required and ``<data_dir>/myid`` is written).
-    """
-    lines = [
-        f"tickTime={tick_time_ms}",
-        "initLimit=10",
-        "syncLimit=5",
-        f"dataDir={data_dir}",
-        f"clientPort={client_port}",
-        f"clientPortAddress={LOCALHOST}",
-        "admin.enableServer=false",
-        "4lw.commands.whitelist=*",
-    ]
-    data_dir.mkdir(parents=True, exist_ok=True)
-    if peers:
-        ids = [peer.server_id for peer in peers]
-        if server_id is None or server_id not in ids:
-            raise ValueError(f"server_id {server_id!r} must be one of the peers' ids {ids}")
-        lines += [peer.cfg_line() for peer in peers]
-        (data_dir / "myid").write_text(f"{server_id}\n")
-    path.write_text("\n".join(lines) + "\n")
-    return path
-
-
-class ZooKeeperServer(_ChildServer):
-    """ZooKeeper (QuorumPeerMain) on a JVM, output to ``<data_dir>/zookeeper.log``."""
+class ZooKeeperServer(Server):
+    """A standalone ZooKeeper (QuorumPeerMain) on a JVM, output to ``<data_dir>/zookeeper.log``,
+    its znodes in ``<data_dir>/data``."""
 
     name = "zookeeper"
     log_name = "zookeeper.log"
@@ -514,16 +384,12 @@ class ZooKeeperServer(_ChildServer):
         port: int | None = None,
         tick_time_ms: int = 500,
         *,
-        peers: Sequence[ZooKeeperPeer] = (),
-        server_id: int | None = None,
         java: Path | str | None = None,
         zookeeper_jar: Path | str | None = None,
         slf4j_jar: Path | str | None = None,
     ) -> None:
         super().__init__(data_dir, port)
         self.tick_time_ms = tick_time_ms
-        self.peers = tuple(peers)
-        self.server_id = server_id
         self.java = None if java is None else Path(java)
         self.zookeeper_jar = Path(zookeeper_jar) if zookeeper_jar is not None else ZOOKEEPER_JAR
         self.slf4j_jar = Path(slf4j_jar) if slf4j_jar is not None else SLF4J_SIMPLE_JAR
@@ -537,9 +403,8 @@ class ZooKeeperServer(_ChildServer):
         return self.data_dir / "zoo.cfg"
 
     @property
-    def mode(self) -> str | None:
-        """``srvr``'s Mode (standalone, leader, follower), None while not serving."""
-        return zookeeper_mode(LOCALHOST, self._port)
+    def znode_dir(self) -> Path:
+        return self.data_dir / "data"
 
     def _resolve_java(self) -> str:
         if self.java is not None:
@@ -569,79 +434,24 @@ class ZooKeeperServer(_ChildServer):
             str(self.cfg_path),
         ]
 
+    def _cfg_lines(self) -> list[str]:
+        """zoo.cfg: tickTime bounds the session timeouts clients may ask for (2-20 ticks);
+        no admin server (it would take :8080); every four-letter word (``srvr`` is the
+        readiness probe)."""
+        return [
+            f"tickTime={self.tick_time_ms}",
+            "initLimit=10",
+            "syncLimit=5",
+            f"dataDir={self.znode_dir}",
+            f"clientPort={self._port}",
+            f"clientPortAddress={LOCALHOST}",
+            "admin.enableServer=false",
+            "4lw.commands.whitelist=*",
+        ]
+
     def _prepare(self) -> None:
-        write_zoo_cfg(
-            self.cfg_path,
-            data_dir=self.data_dir / "data",
-            client_port=self._port,
-            tick_time_ms=self.tick_time_ms,
-            peers=self.peers,
-            server_id=self.server_id,
-        )
+        self.znode_dir.mkdir(parents=True, exist_ok=True)
+        self.cfg_path.write_text("\n".join(self._cfg_lines()) + "\n")
 
     def _is_ready(self) -> bool:
-        return self.mode is not None
-
-
-class ZooKeeperEnsemble:
-    """``size`` ZooKeeper nodes on 127.0.0.1, each in ``<base_dir>/zk<N>``."""
-
-    def __init__(self, base_dir: Path, size: int = 3, tick_time_ms: int = 500) -> None:
-        if size < 1:
-            raise ValueError("an ensemble needs at least one node")
-        self.base_dir = Path(base_dir).absolute()
-        ports = _distinct_free_ports(3 * size)
-        peers = [
-            ZooKeeperPeer(server_id=n, peer_port=ports[3 * i + 1], election_port=ports[3 * i + 2])
-            for i, n in enumerate(range(1, size + 1))
-        ]
-        self.nodes = [
-            ZooKeeperServer(
-                self.base_dir / f"zk{peer.server_id}",
-                port=ports[3 * i],
-                tick_time_ms=tick_time_ms,
-                peers=peers,
-                server_id=peer.server_id,
-            )
-            for i, peer in enumerate(peers)
-        ]
-
-    @property
-    def hosts(self) -> str:
-        return ",".join(node.hosts for node in self.nodes)
-
-    def start(self, timeout: float = 30.0) -> Self:
-        """Spawn every node, then wait until each answers ``srvr`` as leader or follower."""
-        deadline = time.monotonic() + timeout
-        try:
-            for node in self.nodes:
-                node.spawn()
-            for node in self.nodes:
-                node.wait_until_ready(max(0.0, deadline - time.monotonic()))
-        except BaseException:
-            self.stop()
-            raise
-        return self
-
-    def stop(self, timeout: float = 10.0) -> None:
-        for node in self.nodes:  # signal all first: they shut down in parallel
-            node.terminate()
-        for node in self.nodes:
-            node.stop(timeout)
-
-    def leader(self) -> ZooKeeperServer | None:
-        for node in self.nodes:
-            if node.running and node.mode == "leader":
-                return node
-        return None
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
+        return zookeeper_mode(LOCALHOST, self._port) is not None

@@ -17,10 +17,10 @@ from pathlib import Path
 
 import pytest
 
-from app.ops.servers import RedisServer, ZooKeeperEnsemble
 from tests.chaos.checker import Report, Timeline, table_header, table_row, table_rule
 from tests.chaos.rig import ChaosEnv, Faults, chaos_env
 from tests.e2e.harness import ServiceProcess
+from tests.servers import RedisServer, ZooKeeperEnsemble
 
 _ROWS = pytest.StashKey[list[str]]()
 _DURATIONS = pytest.StashKey[dict[str, float]]()

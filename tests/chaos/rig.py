@@ -28,13 +28,13 @@ from typing import Any
 import redis
 from kazoo.client import KazooClient
 
-from app.ops.servers import RedisServer, ZooKeeperEnsemble, ZooKeeperServer
 from app.store.codec import uuid_text
 from app.store.keys import CONSUMER_GROUP, Keyspace
 from tests.chaos.checker import Report, Timeline, analyze
 from tests.chaos.load import LoadGenerator
 from tests.chaos.proxy import PausableProxy, ProxyGroup
-from tests.e2e.harness import Cluster, ServiceProcess, within
+from tests.e2e.harness import Cluster, ServiceProcess
+from tests.servers import RedisServer, ZooKeeperEnsemble, ZooKeeperServer
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SESSION_TIMEOUT = 2.0  # EAT_ZK_SESSION_TIMEOUT; the ensemble's tickTime is 500 ms
@@ -156,13 +156,13 @@ class ChaosEnv:
                 cluster.launch([proc], timeout)
                 cluster.wait_until(
                     lambda n=n: len(self.election_nodes()) >= n,
-                    within(timeout),
                     f"{n} schedulers in the election",
+                    timeout,
                 )
         else:
             cluster.launch([*api_procs, *scheduler_procs, *worker_procs], timeout)
         if scheduler_procs:
-            cluster.wait_for_leader(within(timeout))
+            cluster.wait_for_leader(timeout)
         return cluster
 
     def election_nodes(self) -> list[str]:
@@ -219,7 +219,7 @@ class ChaosEnv:
         assert self.cluster is not None
         cluster = self.cluster
         cluster.wait_until(
-            lambda: load.done, within(load.duration + load.give_up_after + 10), "load to finish"
+            lambda: load.done, "load to finish", load.duration + load.give_up_after + 10
         )
         exclude = exclude or set()
         expected = {p.uuid for p in load.accepted()} - exclude
@@ -236,8 +236,8 @@ class ChaosEnv:
 
         cluster.wait_until(
             done,
-            within(max(0.0, last_due - time.time()) + after_last_due),
             f"{len(expected)} accepted messages echoed and Redis drained",
+            max(0.0, last_due - time.time()) + after_last_due,
         )
 
     def analyze(self, load: LoadGenerator, start: float, exclude: set[str] | None = None) -> Report:
@@ -324,8 +324,8 @@ class Faults:
         (bugs / name).touch()
         crashed = self.cluster.wait_until(
             lambda: next((p for p in procs if p.returncode is not None), None),
-            within(SESSION_TIMEOUT + 10),
             f"a process to hit the {name} bug and exit",
+            SESSION_TIMEOUT + 10,
         )
         self.timeline.record("kill", crashed.name, crashed, cause=f"{name} bug")
         return crashed

@@ -27,7 +27,6 @@ from app.store.codec import uuid_text
 from tests.chaos.checker import Report, echoes_of
 from tests.chaos.load import LoadGenerator
 from tests.chaos.rig import INJECT, SESSION_TIMEOUT, ChaosEnv, Faults, SchedulerSpec
-from tests.e2e.harness import within
 
 pytestmark = pytest.mark.chaos
 
@@ -91,7 +90,7 @@ def test_kill_9_of_the_leading_scheduler_repeatedly_under_load_loses_nothing_and
         old_epoch = cluster.leader_epoch(leader)
         faults.kill(leader)
         killed_at = time.time()
-        new = cluster.wait_for_leader(within(SESSION_TIMEOUT + 5), newer_than=old_epoch)
+        new = cluster.wait_for_leader(SESSION_TIMEOUT + 5, newer_than=old_epoch)
         handovers.append(new.at - killed_at)
         faults.restart(leader)  # back as a follower: three contenders again
     chaos.settle(load)
@@ -132,28 +131,26 @@ def test_a_leader_paused_past_its_session_is_fenced_by_the_epoch_and_nothing_is_
         faults.pause(zombie)
         if silent:
             faults.partition_from_zookeeper(zombie)
-        new = cluster.wait_for_leader(within(SESSION_TIMEOUT + 5), newer_than=old_epoch)
+        new = cluster.wait_for_leader(SESSION_TIMEOUT + 5, newer_than=old_epoch)
         # The new leader has promoted under its epoch: Redis stores it.
         cluster.wait_until(
-            lambda new=new: (chaos.stored_epoch() or 0) >= new.epoch,
-            within(5),
-            "the new epoch in Redis",
+            lambda new=new: (chaos.stored_epoch() or 0) >= new.epoch, "the new epoch in Redis", 5
         )
         time.sleep(1.0)  # the zombie stays frozen while messages keep falling due
         faults.resume(zombie)
         if silent:
             cluster.wait_until(
                 lambda zombie=zombie: refused_lines(zombie),
-                within(5),
                 "the resumed zombie's promote to be refused",
+                5,
             )
             faults.heal_zookeeper(zombie)
         cluster.wait_until(
             lambda zombie=zombie: any(
                 str(line.get("event")).startswith("leadership lost") for line in zombie.log_lines()
             ),
-            within(10),
             "the zombie to learn it lost its session",
+            10,
         )
         episodes.append((zombie, old_epoch, new.epoch))
     chaos.settle(load)
@@ -207,7 +204,7 @@ def test_a_leader_partitioned_from_zookeeper_stops_promoting_another_takes_over_
     at(load, 6.0)
     faults.partition_from_zookeeper(first)
     cut_at = time.time()
-    new = cluster.wait_for_leader(within(SESSION_TIMEOUT + 5), newer_than=first_epoch)
+    new = cluster.wait_for_leader(SESSION_TIMEOUT + 5, newer_than=first_epoch)
     assert new.process is not first
     time.sleep(max(0.0, cut_at + SESSION_TIMEOUT + 1.5 - time.time()))
     faults.heal_zookeeper(first)
@@ -215,8 +212,8 @@ def test_a_leader_partitioned_from_zookeeper_stops_promoting_another_takes_over_
         lambda: any(
             str(line.get("event")).startswith("leadership lost") for line in first.log_lines()
         ),
-        within(10),
         "the partitioned leader to learn its session expired",
+        10,
     )
     chaos.settle(load)
     report = chaos.analyze(load, start)
@@ -361,7 +358,7 @@ def test_losing_one_zookeeper_node_keeps_leadership_and_losing_two_pauses_promot
     faults.start_zk(zk_leader)
     one_down_acquisitions = len(cluster.acquisitions()) - before
     assert one_down_acquisitions <= 1, "leadership moved more than once on losing one node"
-    assert cluster.wait_for_leader(within(5))
+    assert cluster.wait_for_leader(5)
 
     at(load, 6.0)
     leader = cluster.leader()
@@ -377,7 +374,7 @@ def test_losing_one_zookeeper_node_keeps_leadership_and_losing_two_pauses_promot
     quorum_back_at = time.time()
     for node in lost:
         faults.start_zk(node)
-    cluster.wait_for_leader(within(SESSION_TIMEOUT + 10))
+    cluster.wait_for_leader(SESSION_TIMEOUT + 10)
     chaos.settle(load)
     report = chaos.analyze(load, start)
     record_scenario("7 ZooKeeper: lose 1 node, then 2 of 3", report)
@@ -426,7 +423,7 @@ def test_kill_9_of_an_api_mid_request_loses_nothing_it_answered_and_a_retry_is_n
     at(load, 3.0)
     api = cluster.apis[0]
     faults.partition_from_redis(api, up=False, down=True)
-    cluster.wait_until(lambda: len(load.in_flight(0)) >= 2, within(5), "requests in flight")
+    cluster.wait_until(lambda: len(load.in_flight(0)) >= 2, "requests in flight", 5)
     in_flight = load.in_flight(0)
     faults.kill(api)
     faults.heal_redis(api)
@@ -501,7 +498,7 @@ def test_schedulers_with_clocks_wrong_by_an_hour_either_way_promote_nothing_earl
     at(load, DURATION / 2)
     handover_from = time.time()
     assert faults.terminate(ahead) == 0  # hand over to the one an hour behind
-    cluster.wait_until(lambda: cluster.leader() is behind, within(5), "the -1h scheduler to lead")
+    cluster.wait_until(lambda: cluster.leader() is behind, "the -1h scheduler to lead", 5)
     handover_to = cluster.acquisitions()[-1].at
     chaos.settle(load)
     report = chaos.analyze(load, start)
@@ -610,8 +607,8 @@ def test_a_poison_message_is_retried_with_backoff_then_dead_lettered_visible_and
             assert answer.json() == {"uuid": uuid, "state": "queued"}
         cluster.wait_until(
             lambda: set(poison) <= {e.uuid for e in echoes_of(cluster)} and chaos.drained(),
-            within(10),
             "the replayed messages to be echoed",
+            10,
         )
         replayed = [e for e in echoes_of(cluster) if e.uuid in poison]
         assert sorted(e.uuid for e in replayed) == sorted(poison), "a replay ran twice"
@@ -680,7 +677,7 @@ def test_a_scheduler_whose_promoter_dies_exits_non_zero_and_another_leads_at_onc
         crashed = faults.bug(bugs, "promote", cluster.schedulers)
         assert crashed is leader, f"{crashed.name} hit the promote bug, not the leader"
         assert crashed.returncode == 1
-        new = cluster.wait_for_leader(within(SESSION_TIMEOUT + 5), newer_than=old_epoch)
+        new = cluster.wait_for_leader(SESSION_TIMEOUT + 5, newer_than=old_epoch)
         handovers.append(new.at - armed)
         (died,) = died_lines(crashed)
         assert died["task"] == "promoter"

@@ -5,27 +5,26 @@ through the installed console script, each with its stdout and stderr in a
 file, and reads what they wrote back: echo lines (stdout, one JSON object per
 handled message) and structured logs (stderr, JSON lines).
 
-Nothing here sleeps "long enough": every wait is a condition polled until an
-absolute deadline (``time.monotonic()`` based, see :func:`within`), and a
-timeout raises ``AssertionError`` naming what was awaited, with the tail of
-every process's stderr when a :class:`Cluster` is involved.
+Nothing here sleeps "long enough": every wait is a condition polled until a
+deadline (:func:`tests.wait.wait_until`), and a timeout raises
+``AssertionError`` naming what was awaited, with the tail of every process's
+stderr.
 
-A harness only ever signals processes it started: it holds their ``Popen``
-objects and never looks processes up by name. Every child is reaped (no
-``ResourceWarning``), and, when started from the main thread, the kernel sends
-it SIGKILL should the test process die without cleaning up.
+A harness only ever signals processes it started: each is an
+:class:`app.ops.child.ChildProcess` (own session, reaped, never a recycled
+pid), and it never looks processes up by name. When started from the main
+thread, the kernel sends a child SIGKILL should the test process die without
+cleaning up.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
-import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -33,16 +32,20 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Self, TypeVar
 
 import httpx
 
-from app.ops.servers import free_port
+from app.ops.child import ChildProcess, stop_all
+from tests.servers import free_port
+from tests.wait import wait_until
 
 LOCALHOST = "127.0.0.1"
-POLL_INTERVAL = 0.02  # seconds between two looks at a condition
+POLL_INTERVAL = 0.02  # seconds between two looks at a cluster (reading every log)
 DEFAULT_GRACE = 10.0  # seconds a process gets to exit after SIGTERM before SIGKILL
 STDERR_TAIL_LINES = 30
+
+T = TypeVar("T")
 
 # The stderr log line (its "event") that says a process has started, per role.
 # The api is ready when GET /healthz answers instead.
@@ -59,42 +62,9 @@ NOT_LEADING_PREFIXES = ("leadership lost", "leadership suspended", "leadership r
 # -- small helpers -----------------------------------------------------------------
 
 
-def within(seconds: float) -> float:
-    """An absolute deadline ``seconds`` from now, on the ``time.monotonic()`` clock."""
-    return time.monotonic() + seconds
-
-
 def now_ms() -> int:
     """Wall-clock epoch milliseconds: the unit of ``runAt`` (Redis runs on this host)."""
     return time.time_ns() // 1_000_000
-
-
-def wait_until(
-    predicate: Callable[[], Any],
-    deadline: float,
-    what: str,
-    *,
-    interval: float = POLL_INTERVAL,
-    diagnostics: Callable[[], str] | None = None,
-) -> Any:
-    """Poll ``predicate`` until it returns something truthy, and return that.
-
-    ``deadline`` is absolute (``time.monotonic()``; build it with :func:`within`).
-    On timeout raise ``AssertionError`` saying what was awaited, how long, and
-    ``diagnostics()`` if given. The predicate is always tried at least once.
-    """
-    started = time.monotonic()
-    while True:
-        result = predicate()
-        if result:
-            return result
-        now = time.monotonic()
-        if now >= deadline:
-            message = f"timed out after {now - started:.2f} s waiting for {what}"
-            if diagnostics is not None:
-                message += "\n" + diagnostics()
-            raise AssertionError(message)
-        time.sleep(min(interval, max(deadline - now, 0.001)))
 
 
 def console_script() -> str:
@@ -106,18 +76,6 @@ def console_script() -> str:
     if found is None:
         raise RuntimeError("the echo-at-time console script is not installed (pip install -e .)")
     return found
-
-
-def _parent_death_prefix() -> list[str]:
-    """``setpriv --pdeathsig KILL --``: the child dies with the thread that forked it.
-
-    Only from the main thread, which lives as long as the test process. setpriv
-    execs the command, so the pid we hold is the service process itself.
-    """
-    if threading.current_thread() is not threading.main_thread():
-        return []
-    setpriv = shutil.which("setpriv")
-    return [] if setpriv is None else [setpriv, "--pdeathsig", "KILL", "--"]
 
 
 def parse_timestamp(value: object) -> float | None:
@@ -200,7 +158,7 @@ class ServiceProcess:
         self.log_dir = Path(log_dir)
         self.stdout_path = self.log_dir / f"{self.name}.stdout"
         self.stderr_path = self.log_dir / f"{self.name}.stderr"
-        self._popen: subprocess.Popen[bytes] | None = None
+        self._child: ChildProcess | None = None
         self._stdout = JsonLines(self.stdout_path)
         self._stderr = JsonLines(self.stderr_path)
         self.started_at: float | None = None  # wall clock, epoch seconds
@@ -214,20 +172,25 @@ class ServiceProcess:
     # -- state -------------------------------------------------------------------------
 
     @property
+    def child(self) -> ChildProcess | None:
+        """The process, once started."""
+        return self._child
+
+    @property
     def pid(self) -> int | None:
-        return None if self._popen is None else self._popen.pid
+        return None if self._child is None else self._child.pid
 
     @property
     def started(self) -> bool:
-        return self._popen is not None
+        return self._child is not None
 
     @property
     def running(self) -> bool:
-        return self._popen is not None and self._popen.poll() is None
+        return self._child is not None and self._child.running
 
     @property
     def returncode(self) -> int | None:
-        return None if self._popen is None else self._popen.poll()
+        return None if self._child is None else self._child.poll()
 
     @property
     def base_url(self) -> str:
@@ -238,28 +201,27 @@ class ServiceProcess:
     # -- lifecycle ---------------------------------------------------------------------
 
     def start(self) -> Self:
-        if self._popen is not None:
+        if self._child is not None:
             raise RuntimeError(f"{self.name} was already started; make a new ServiceProcess")
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        with open(self.stdout_path, "ab") as out, open(self.stderr_path, "ab") as err:
-            self._popen = subprocess.Popen(
-                [*_parent_death_prefix(), *self.argv],
-                env=self.env,
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=err,
-                close_fds=True,
-                # Own session: a terminal's Ctrl-C reaches only pytest, which stops us in order.
-                start_new_session=True,
-            )
+        self._child = ChildProcess(
+            self.argv,
+            env=self.env,
+            stdout=self.stdout_path,
+            stderr=self.stderr_path,
+            parent_death_signal=signal.SIGKILL,
+        )
         self.started_at = time.time()
         return self
 
+    def _started(self) -> ChildProcess:
+        if self._child is None:
+            raise RuntimeError(f"{self.name} was not started")
+        return self._child
+
     def is_ready(self) -> bool:
         """One look: raises AssertionError if the process has exited."""
-        if self._popen is None:
-            raise RuntimeError(f"{self.name} was not started")
-        code = self._popen.poll()
+        code = self._started().poll()
         if code is not None:
             raise AssertionError(
                 f"{self.name} exited with code {code} before it was ready\n{self.describe()}"
@@ -274,28 +236,25 @@ class ServiceProcess:
             return any(line.get("event") == self.ready_event for line in self.log_lines())
         return True
 
-    def wait_ready(self, deadline: float) -> Self:
+    def wait_ready(self, within: float) -> Self:
         """Wait until ready (api: /healthz answers; others: alive and start line logged)."""
         wait_until(
             self.is_ready,
-            deadline,
             f"{self.name} to be ready",
+            within,
             interval=0.05,
             diagnostics=self.describe,
         )
         return self
 
     def send_signal(self, sig: int) -> None:
-        """Signal the process if it is still running (Popen guards against pid reuse)."""
-        if self._popen is not None and self._popen.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                self._popen.send_signal(sig)
+        """Signal the process if it is still running (never a recycled pid)."""
+        if self._child is not None:
+            self._child.send_signal(sig)
 
     def wait(self, timeout: float | None = None) -> int:
         """Reap and return the exit code; raises subprocess.TimeoutExpired."""
-        if self._popen is None:
-            raise RuntimeError(f"{self.name} was not started")
-        return self._popen.wait(timeout)
+        return self._started().wait(timeout)
 
     def terminate(self, timeout: float = DEFAULT_GRACE) -> int:
         """SIGTERM and wait; returns the exit code (negative: killed by that signal).
@@ -315,8 +274,7 @@ class ServiceProcess:
 
     def kill(self) -> int:
         """SIGKILL (a crash) and reap; returns the exit code."""
-        self.send_signal(signal.SIGKILL)
-        return self.wait()
+        return self._started().kill()
 
     def pause(self) -> None:
         """SIGSTOP: frozen as in a long GC pause or a suspended VM."""
@@ -590,15 +548,16 @@ class Cluster:
         for proc in processes:
             self.history.append(proc)
             proc.start()
-        deadline = within(timeout)
-        for proc in processes:
-            wait_until(
-                proc.is_ready,
-                deadline,
-                f"{proc.name} to be ready",
-                interval=0.05,
-                diagnostics=self.describe,
-            )
+        waiting = list(processes)
+
+        def all_ready() -> bool:
+            waiting[:] = [proc for proc in waiting if not proc.is_ready()]
+            return not waiting
+
+        names = ", ".join(proc.name for proc in processes)
+        wait_until(
+            all_ready, f"{names} to be ready", timeout, interval=0.05, diagnostics=self.describe
+        )
 
     def start(
         self,
@@ -615,7 +574,7 @@ class Cluster:
         new += [self.add_worker(worker_concurrency) for _ in range(workers)]
         self.launch(new, timeout)
         if schedulers:
-            self.wait_for_leader(within(timeout))
+            self.wait_for_leader(timeout)
         return self
 
     def restart(self, *procs: ServiceProcess, timeout: float = 30.0) -> list[ServiceProcess]:
@@ -652,15 +611,7 @@ class Cluster:
         for client in self._clients:
             client.close()
         self._clients.clear()
-        for proc in self.history:
-            proc.send_signal(signal.SIGTERM)
-            proc.send_signal(signal.SIGCONT)  # a paused process must wake to hear it
-        deadline = within(grace)
-        for proc in self.history:
-            try:
-                proc.wait(max(deadline - time.monotonic(), 0.01))
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        stop_all([proc.child for proc in self.history if proc.child is not None], grace)
         return {proc.name: proc.returncode for proc in self.history}
 
     def __enter__(self) -> Self:
@@ -725,8 +676,9 @@ class Cluster:
         epochs = [a.epoch for a in self.acquisitions() if a.process is proc]
         return epochs[-1] if epochs else None
 
-    def wait_for_leader(self, deadline: float, *, newer_than: int | None = None) -> Acquisition:
-        """Wait for a current leader (whose epoch is above ``newer_than``); its acquisition."""
+    def wait_for_leader(self, within: float, *, newer_than: int | None = None) -> Acquisition:
+        """Wait up to ``within`` s for a current leader (whose epoch is above ``newer_than``);
+        returns its acquisition."""
 
         def found() -> Acquisition | None:
             leader = self.leader()
@@ -740,11 +692,11 @@ class Cluster:
             return None
 
         what = "a scheduler to lead" + (f" with an epoch above {newer_than}" if newer_than else "")
-        return self.wait_until(found, deadline, what)
+        return self.wait_until(found, what, within)
 
-    def wait_until(self, predicate: Callable[[], Any], deadline: float, what: str) -> Any:
-        """:func:`wait_until` whose timeout message carries every process's stderr tail."""
-        return wait_until(predicate, deadline, what, diagnostics=self.describe)
+    def wait_until(self, check: Callable[[], T], what: str, within: float) -> T:
+        """:func:`tests.wait.wait_until` whose failure carries every process's stderr tail."""
+        return wait_until(check, what, within, interval=POLL_INTERVAL, diagnostics=self.describe)
 
     def describe(self, lines: int = STDERR_TAIL_LINES) -> str:
         return "\n".join(proc.describe(lines) for proc in self.history)

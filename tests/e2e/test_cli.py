@@ -23,7 +23,7 @@ from app.model import NewMessage
 from app.settings import Settings
 from app.store import Store, connect
 from app.store.keys import CONSUMER_GROUP, Keyspace
-from tests.e2e.harness import Cluster, assert_echoed_exactly_once, now_ms, within
+from tests.e2e.harness import Cluster, assert_echoed_exactly_once, now_ms
 
 pytestmark = pytest.mark.e2e
 
@@ -62,7 +62,7 @@ def settle(
     def done() -> bool:
         return expected <= {e["uuid"] for e in c.all_echoes()} and is_drained(client, keys)
 
-    c.wait_until(done, within(seconds), f"{len(expected)} messages echoed and drained")
+    c.wait_until(done, f"{len(expected)} messages echoed and drained", seconds)
     return c.all_echoes()
 
 
@@ -131,7 +131,7 @@ def test_send_file_posts_thousands_of_lines_in_chunks_each_echoed_once(
         bulk = [e for e in echoes if e["message"].startswith("bulk ")]
         return echoes if len(bulk) >= 2499 and is_drained(redis_client, Keyspace(prefix)) else None
 
-    echoes = c.wait_until(all_echoed, within(60), "2499 bulk messages echoed")
+    echoes = c.wait_until(all_echoed, "2499 bulk messages echoed", 60)
     echoed = [e for e in echoes if e["message"].startswith("bulk ")]
     assert len(echoed) == len({e["uuid"] for e in echoed}) == 2499
     assert with_uuid <= {e["uuid"] for e in echoed}

@@ -27,7 +27,6 @@ from tests.e2e.harness import (
     accepted_uuids,
     assert_echoed_exactly_once,
     now_ms,
-    within,
 )
 
 pytestmark = pytest.mark.e2e
@@ -83,7 +82,7 @@ def settle(
         echoed = {e["uuid"] for e in c.all_echoes()}
         return expected <= echoed and is_drained(client, keys, lists)
 
-    c.wait_until(done, within(seconds), f"{len(expected)} messages echoed and everything drained")
+    c.wait_until(done, f"{len(expected)} messages echoed and everything drained", seconds)
     return c.all_echoes()
 
 
@@ -99,7 +98,7 @@ def test_kill_9_of_the_bridge_running_leader_with_items_in_flight_loses_and_dupl
     leader = c.leader()
     assert leader is not None
     epoch = c.leader_epoch(leader)
-    c.wait_until(lambda: bridge_runs(leader), within(10), "the leader's bridge to run")
+    c.wait_until(lambda: bridge_runs(leader), "the leader's bridge to run", 10)
     api = c.client()
     start = now_ms()
 
@@ -120,9 +119,9 @@ def test_kill_9_of_the_bridge_running_leader_with_items_in_flight_loses_and_dupl
     redis_client.lpush(lists.delayed, *[raw for raw, _ in fresh[200:]])
 
     leader.kill()
-    successor = c.wait_for_leader(within(30), newer_than=epoch).process
+    successor = c.wait_for_leader(30, newer_than=epoch).process
     assert successor is not leader
-    runs = c.wait_until(lambda: bridge_runs(successor), within(10), "the successor's bridge")
+    runs = c.wait_until(lambda: bridge_runs(successor), "the successor's bridge", 10)
     assert runs[0]["redriven"] >= len(in_flight), runs[0]
 
     expected = {u for _, u in in_flight} | {u for _, u in fresh}

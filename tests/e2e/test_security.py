@@ -11,8 +11,9 @@ import httpx
 import pytest
 from kazoo.client import KazooClient
 
-from app.ops.servers import RedisServer, free_port
-from tests.e2e.harness import Cluster, ServiceProcess, now_ms, wait_until, within
+from tests.e2e.harness import Cluster, ServiceProcess, now_ms
+from tests.servers import RedisServer, free_port
+from tests.wait import wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -48,7 +49,7 @@ def test_no_secret_reaches_any_log_or_response_and_election_nodes_carry_the_acl(
             )
             extra.append(ServiceProcess(role, argv, proc_env, cluster.workdir, name=f"{role}-h"))
         cluster.launch(extra)
-        cluster.wait_for_leader(within(15))
+        cluster.wait_for_leader(15)
         api = cluster.apis[0].base_url
         auth = {"Authorization": f"Bearer {API_TOKEN}"}
         with httpx.Client(base_url=api, timeout=5) as http:
@@ -84,8 +85,8 @@ def test_no_secret_reaches_any_log_or_response_and_election_nodes_carry_the_acl(
             ]
             wait_until(
                 lambda: any(e["uuid"] == uid for e in cluster.all_echoes()),
-                within(10),
                 "the message to be echoed through the authenticated stack",
+                10,
             )
             # Redis down: the 503 path and the workers' and scheduler's error paths log too.
             private_redis.kill()
@@ -101,8 +102,8 @@ def test_no_secret_reaches_any_log_or_response_and_election_nodes_carry_the_acl(
                 assert health.get("/healthz").status_code == 200
                 wait_until(
                     lambda h=health: h.get("/readyz").status_code == 200,
-                    within(10),
                     f"{role} to be ready again after Redis restarted",
+                    10,
                 )
                 scrape = health.get("/metrics").text
                 if role == "scheduler":

@@ -12,11 +12,11 @@ import pytest
 import redis
 
 from app.http.app import BODY_OVERHEAD, create_app
-from app.ops.servers import free_port
 from app.settings import Settings
 from app.store import StorageFormatError
 from app.store.codec import uuid_key
 from app.store.keys import Keyspace
+from tests.servers import free_port
 
 with warnings.catch_warnings():
     # Starlette's test client asks for httpx2 at import; the project's test extra has httpx.

@@ -14,11 +14,11 @@ from redis.exceptions import RedisError
 from app.http.app import create_app
 from app.http.batcher import AcceptBatcher, AcceptFailed
 from app.model import NewMessage
-from app.ops.servers import free_port
 from app.settings import Settings
 from app.store import Store, connect
 from app.store.codec import uuid_key
 from app.store.keys import Keyspace
+from tests.servers import free_port
 
 with warnings.catch_warnings():
     warnings.filterwarnings("ignore", "Using `httpx` with `starlette.testclient`", UserWarning)

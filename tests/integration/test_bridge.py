@@ -27,16 +27,12 @@ from app.store.codec import member_uuid, uuid_key, uuid_text
 from app.store.keys import Keyspace, LegacyLists
 from election.bridge import LegacyBridge, legacy_uuid
 from election.gate import LeadershipGate, Role
-from tests import aio
 from tests.aio import open_store
+from tests.wait import async_wait_until
 from workers.handlers import make_list_handler
 from workers.worker import Worker
 
 DEADLINE = 15.0  # generous: the machine is shared; the bridge needs well under a second
-
-
-async def wait_until(check, what: str, within: float = DEADLINE) -> None:
-    await aio.wait_until(check, what, within)
 
 
 def now_ms() -> int:
@@ -171,12 +167,13 @@ def test_one_thousand_legacy_items_are_each_accepted_exactly_once_and_malformed_
 
     async def scenario() -> LegacyBridge:
         async with open_store(settings) as store, bridging(store, leading_gate()) as bridge:
-            await wait_until(
+            await async_wait_until(
                 lambda: (
                     list_lengths(redis_client, settings) == (0, 0, 0)
                     and bridge.stats.moved == len(pushes)
                 ),
                 "every legacy item moved and settled",
+                DEADLINE,
             )
             return bridge
 
@@ -231,12 +228,13 @@ def test_items_left_in_flight_by_a_crash_are_redriven_without_loss_or_duplicates
             for raw in fresh:
                 await store.client.lpush(lists.queue, raw)
             async with bridging(store, leading_gate(), batch=16) as bridge:
-                await wait_until(
+                await async_wait_until(
                     lambda: (
                         list_lengths(redis_client, settings) == (0, 0, 0)
                         and bridge.stats.moved == len(fresh)
                     ),
                     "in-flight items re-driven and fresh ones bridged",
+                    DEADLINE,
                 )
                 return bridge
 
@@ -270,8 +268,8 @@ def test_the_bridge_does_nothing_while_the_gate_is_closed_and_redrives_first_whe
                 assert bridge.stats.moved == bridge.stats.redriven == 0
 
                 gate.set_role(Role.LEADER, 3)
-                await wait_until(
-                    lambda: list_lengths(redis_client, settings) == (0, 0, 0), "bridged"
+                await async_wait_until(
+                    lambda: list_lengths(redis_client, settings) == (0, 0, 0), "bridged", DEADLINE
                 )
                 assert stream_uuids(redis_client, settings)[0] == json.loads(stranded)["uuid"]
 
@@ -285,8 +283,8 @@ def test_the_bridge_does_nothing_while_the_gate_is_closed_and_redrives_first_whe
                 assert bridge.stats.moved == moved
 
                 gate.set_role(Role.LEADER, 4)
-                await wait_until(
-                    lambda: list_lengths(redis_client, settings) == (0, 0, 0), "resumed"
+                await async_wait_until(
+                    lambda: list_lengths(redis_client, settings) == (0, 0, 0), "resumed", DEADLINE
                 )
 
     asyncio.run(scenario())
@@ -303,7 +301,7 @@ def test_an_item_pushed_while_idle_is_accepted_within_the_legacy_latency(
             await store.client.lpush(
                 LegacyLists.of(settings).queue, item("hi", now_ms(), new_uuid())
             )
-            await wait_until(
+            await async_wait_until(
                 lambda: redis_client.xlen(Keyspace(settings.prefix).stream) == 1,
                 "accepted",
                 within=5.0,
@@ -332,12 +330,13 @@ def test_two_bridges_at_once_accept_each_item_exactly_once_without_a_lock(
                 for start in range(0, len(raws), 50):
                     await a.client.lpush(lists.queue, *raws[start : start + 50])
                     await asyncio.sleep(0.01)
-                await wait_until(
+                await async_wait_until(
                     lambda: (
                         list_lengths(redis_client, settings) == (0, 0, 0)
                         and one.stats.moved + two.stats.moved == len(raws)
                     ),
                     "both bridges settled",
+                    DEADLINE,
                 )
                 return one, two
 
@@ -367,14 +366,17 @@ def test_list_handler_pushes_each_due_message_where_an_old_consumer_finds_it(
             try:
                 for i, uuid in enumerate(uuids):
                     await store.accept(NewMessage(uuid, f"héllo {i}", now_ms() - 10 + i))
-                await wait_until(lambda: redis_client.llen(target) == 3, "pushed onto the list")
-                await wait_until(
+                await async_wait_until(
+                    lambda: redis_client.llen(target) == 3, "pushed onto the list", DEADLINE
+                )
+                await async_wait_until(
                     lambda: all(
                         redis_client.hget(Keyspace(settings.prefix).messages, uuid_key(u))
                         is not None
                         for u in uuids
                     ),
                     "records",
+                    DEADLINE,
                 )
             finally:
                 worker.stop()

@@ -1,4 +1,5 @@
-"""Real redis-server and ZooKeeper processes started by app/ops/servers.py."""
+"""Real redis-server and ZooKeeper processes: the servers ``echo-at-time up`` starts
+(app/ops/servers.py) and the tests' extensions of them (tests/servers.py)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ import pytest
 import redis
 from kazoo.client import KazooClient
 
-from app.ops.servers import (
+from app.ops import servers
+from tests.servers import (
     MissingBinaryError,
     RedisServer,
     ServerStartError,
@@ -18,6 +20,7 @@ from app.ops.servers import (
     ZooKeeperServer,
     free_port,
     redis_answers_ping,
+    zookeeper_mode,
 )
 
 
@@ -45,10 +48,10 @@ def _kazoo(clients: list[KazooClient], hosts: str) -> KazooClient:
     return client
 
 
-def test_redis_server_starts_on_loopback_and_answers_ping(tmp_path: Path) -> None:
-    with RedisServer(tmp_path) as server:
+def test_redis_server_starts_on_loopback_with_aof_and_answers_ping(tmp_path: Path) -> None:
+    with servers.RedisServer(tmp_path) as server:
         assert server.running
-        assert server.pid is not None
+        assert server.process is not None and server.process.running
         assert server.url == f"redis://127.0.0.1:{server.port}/0"
         assert redis_answers_ping("127.0.0.1", server.port)
         client = redis.Redis.from_url(server.url)
@@ -56,6 +59,7 @@ def test_redis_server_starts_on_loopback_and_answers_ping(tmp_path: Path) -> Non
             assert client.ping() is True
             assert client.config_get("bind")["bind"] == "127.0.0.1"
             assert client.config_get("appendonly")["appendonly"] == "yes"
+            assert client.config_get("appendfsync")["appendfsync"] == "everysec"
         finally:
             client.close()
     assert not server.running
@@ -67,6 +71,7 @@ def test_redis_data_survives_kill_and_restart_through_the_aof(tmp_path: Path) ->
         port = server.port
         client = redis.Redis.from_url(server.url)
         try:
+            assert client.config_get("appendfsync")["appendfsync"] == "always"
             client.set("survivor", b"still here")
             client.xadd("stream", {"f": "v"})
         finally:
@@ -93,9 +98,9 @@ def test_redis_data_survives_kill_and_restart_through_the_aof(tmp_path: Path) ->
 def test_zookeeper_serves_znodes_to_a_kazoo_client(
     tmp_path: Path, kazoo_factory: list[KazooClient]
 ) -> None:
-    with ZooKeeperServer(tmp_path) as server:
+    with servers.ZooKeeperServer(tmp_path) as server:
         assert server.hosts == f"127.0.0.1:{server.port}"
-        assert server.mode == "standalone"
+        assert zookeeper_mode("127.0.0.1", server.port) == "standalone"
         zk = _kazoo(kazoo_factory, server.hosts)
         zk.create("/echo/hello", b"world", makepath=True)
         data, stat = zk.get("/echo/hello")

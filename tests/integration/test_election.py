@@ -20,6 +20,7 @@ from kazoo.client import KazooClient, KazooState
 
 from election.gate import LeadershipGate, Role
 from election.leadership import LeaderElection
+from tests.wait import wait_until
 
 Event = tuple[Role, "int | None"]
 
@@ -101,14 +102,6 @@ def contenders(zk_hosts: str, prefix: str) -> Iterator[Callable[..., Contender]]
         contender.stop()
 
 
-def wait_until(check: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"not within {timeout} s: {what}")
-        time.sleep(0.01)
-
-
 def safe_contenders(contender: Contender) -> list[str]:
     with contextlib.suppress(Exception):
         return contender.election.contenders()
@@ -117,7 +110,7 @@ def safe_contenders(contender: Contender) -> list[str]:
 
 def wait_contending(contender: Contender, count: int) -> None:
     """Until ``contender`` sees ``count`` election nodes (its own included)."""
-    wait_until(lambda: len(safe_contenders(contender)) >= count, DEADLINE, "contenders joined")
+    wait_until(lambda: len(safe_contenders(contender)) >= count, "contenders joined", DEADLINE)
 
 
 def expire_session(client: KazooClient, hosts: str, timeout: float = DEADLINE) -> None:
@@ -141,8 +134,8 @@ def expire_session(client: KazooClient, hosts: str, timeout: float = DEADLINE) -
         with contextlib.suppress(AssertionError):
             wait_until(
                 lambda: client.client_id not in (None, original) or client.state == KazooState.LOST,
-                1.0,
                 "session expired",
+                1.0,
             )
             return
         if time.monotonic() >= deadline:
@@ -325,7 +318,7 @@ def test_expired_leader_session_hands_over_and_the_old_leader_rejoins_with_a_lar
     assert Role.LEADER not in a.reports.roles(mark_a)
 
     # a rejoins as a contender on its new session, behind b.
-    wait_until(lambda: safe_contenders(b) == ["b", "a"], DEADLINE, "a rejoined behind b")
+    wait_until(lambda: safe_contenders(b) == ["b", "a"], "a rejoined behind b", DEADLINE)
 
     mark_a = a.reports.mark()
     b.stop()

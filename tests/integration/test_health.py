@@ -13,10 +13,10 @@ import redis
 
 from app.health import HealthServer
 from app.http.app import create_app
-from app.ops.servers import free_port
 from app.settings import Settings
 from app.store import Store, connect
 from app.store.keys import Keyspace
+from tests.servers import free_port
 
 with warnings.catch_warnings():
     warnings.filterwarnings("ignore", "Using `httpx` with `starlette.testclient`", UserWarning)

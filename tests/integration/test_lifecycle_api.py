@@ -741,7 +741,7 @@ def test_every_lifecycle_route_needs_the_token_when_one_is_set(
 
 @pytest.fixture
 def unreachable_client(prefix: str) -> Iterator[TestClient]:
-    from app.ops.servers import free_port
+    from tests.servers import free_port
 
     settings = Settings.from_env({}, redis_url=f"redis://127.0.0.1:{free_port()}/0", prefix=prefix)
     with TestClient(create_app(settings)) as test_client:

@@ -21,8 +21,8 @@ from tests.integration.test_scripts import (
     retained,
     stream_uuids,
     wait_for_redis_time,
-    wait_until,
 )
+from tests.wait import wait_until
 
 FAR = 253402300799999
 
@@ -94,7 +94,7 @@ def test_reclaim_dead_letter_keeps_the_dead_entry_id(h, r, ks):
     msg = new(run_at=1)
     h.run(store.accept(msg))
     [delivery] = h.run(store.read("w1", 10, None))
-    wait_until(lambda: pending(r, ks)[delivery.id]["idle"] > 10, "idle")
+    wait_until(lambda: pending(r, ks)[delivery.id]["idle"] > 10, "idle", 3.0)
     assert h.run(store.reclaim("w2", "0-0", 10))[2] == 1
     record = h.run(store.record(msg.uuid))
     [(dead_id, _)] = r.xrange(ks.dead)

@@ -22,8 +22,8 @@ from app.store.codec import uuid_text
 from app.store.keys import CONSUMER_GROUP
 from election.gate import LeadershipGate, Role
 from election.promoter import Promoter, listen_for_wakeups
-from tests import aio
 from tests.aio import open_store, reap
+from tests.wait import async_wait_until
 
 LATENESS_BOUND_MS = 100  # correctness, not performance: the sleep is timed in Python
 
@@ -34,10 +34,6 @@ def now_ms() -> int:
 
 def new_uuid() -> str:
     return str(uuidlib.uuid4())
-
-
-async def wait_until(check, within: float, what: str) -> None:
-    await aio.wait_until(check, what, within, interval=0.005)
 
 
 @contextlib.asynccontextmanager
@@ -125,13 +121,13 @@ def test_earlier_message_accepted_while_sleeping_wakes_the_promoter_and_is_on_ti
 
             async with running(promoter.run(), listen_for_wakeups(store, promoter)):
                 channel = store.keys.wake_channel
-                await wait_until(
+                await async_wait_until(
                     lambda: dict(redis_client.pubsub_numsub(channel)).get(channel.encode(), 0) >= 1,
-                    2.0,
                     "wake-up subscription",
+                    2.0,
                 )
                 # It has looked at least once: now it sleeps toward `later` (20 s away).
-                await wait_until(lambda: promoter.stats.calls >= 1, 2.0, "first promote call")
+                await async_wait_until(lambda: promoter.stats.calls >= 1, "first promote call", 2.0)
                 calls_before = promoter.stats.calls
 
                 run_at = now_ms() + 300
@@ -164,21 +160,23 @@ def test_zombie_leader_is_refused_once_a_newer_epoch_promoted_and_nothing_is_pro
             uuids += [await accept(store_a, now_ms() + 20, f"a{i}") for i in range(5)]
             uuids += [await accept(store_a, now_ms() + 150, f"a-later{i}") for i in range(5)]
             async with running(promoter_a.run()) as (task_a,):
-                await wait_until(lambda: promoter_a.stats.moved >= 5, 2.0, "A promoted")
+                await async_wait_until(lambda: promoter_a.stats.moved >= 5, "A promoted", 2.0)
 
                 # B is elected with epoch 7 while A, paused or partitioned, still thinks it leads.
                 gate_b.set_role(Role.LEADER, 7)
                 async with running(promoter_b.run()) as (task_b,):
-                    await wait_until(lambda: promoter_b.stats.calls >= 1, 2.0, "B promoted once")
+                    await async_wait_until(
+                        lambda: promoter_b.stats.calls >= 1, "B promoted once", 2.0
+                    )
                     uuids += [await accept(store_b, now_ms() + 50, f"b{i}") for i in range(5)]
                     promoter_a.poke()
-                    await wait_until(lambda: promoter_a.stats.refused >= 1, 2.0, "A refused")
+                    await async_wait_until(lambda: promoter_a.stats.refused >= 1, "A refused", 2.0)
                     assert not gate_a.is_open and gate_a.role is Role.SUSPENDED
                     # The stale epoch (or an older one) cannot reopen A's gate.
                     assert gate_a.set_role(Role.LEADER, 5) is False
                     assert gate_a.set_role(Role.LEADER, 4) is False
 
-                    await wait_until(_all_promoted(store_b), 3.0, "everything promoted by B")
+                    await async_wait_until(_all_promoted(store_b), "everything promoted by B", 3.0)
                     moved_by_a = promoter_a.stats.moved
                     await stop_promoter(promoter_b, task_b)
                 await stop_promoter(promoter_a, task_a)
@@ -222,7 +220,7 @@ def test_closing_the_gate_stops_promotion_and_reopening_resumes_it(settings, red
                 run_at = now_ms() + 50
                 held = await accept(store, run_at)
                 # Well past its runAt, and still not promoted while the gate is closed.
-                await wait_until(lambda: now_ms() >= run_at + 300, 1.0, "time passes")
+                await async_wait_until(lambda: now_ms() >= run_at + 300, "time passes", 1.0)
                 assert (await store.record(held)).state is State.SCHEDULED
                 assert await store.client.xlen(store.keys.stream) == 1
                 assert promoter.stats.calls <= calls

@@ -10,7 +10,6 @@ from __future__ import annotations
 import time
 import uuid as uuidlib
 from collections import Counter
-from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -33,6 +32,7 @@ from app.store import Delivery, StorageFormatError, Store, StoreRedis, encode_ep
 from app.store.codec import decode_record, member_uuid, uuid_key, uuid_text
 from app.store.keys import CONSUMER_GROUP, Keyspace
 from tests.aio import Harness
+from tests.wait import wait_until
 
 # --- helpers ---------------------------------------------------------------------------------
 
@@ -42,16 +42,8 @@ def redis_now_ms(r: redis.Redis) -> int:
     return sec * 1000 + usec // 1000
 
 
-def wait_until(check: Callable[[], object], what: str, timeout: float = 3.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
-        time.sleep(0.002)
-
-
 def wait_for_redis_time(r: redis.Redis, at_ms: int) -> None:
-    wait_until(lambda: redis_now_ms(r) >= at_ms, f"Redis time {at_ms}")
+    wait_until(lambda: redis_now_ms(r) >= at_ms, f"Redis time {at_ms}", 3.0, interval=0.002)
 
 
 def new(message: str = "hello", run_at: int = 0, uuid: str | None = None) -> NewMessage:
@@ -450,7 +442,7 @@ def test_ack_by_a_worker_whose_entry_was_reclaimed_and_acked_by_another_returns_
         claimed.extend(h.run(fast.reclaim("fast", "0-0", 10))[1])
         return bool(claimed)
 
-    wait_until(reclaimed, "the entry to be reclaimed")
+    wait_until(reclaimed, "the entry to be reclaimed", 3.0)
     assert h.run(fast.ack(claimed)) == 1
     before = snapshot(r, ks)
     assert h.run(slow.ack([held])) == 0
@@ -594,7 +586,7 @@ def test_reclaim_takes_over_entries_idle_longer_than_the_visibility_timeout(h, r
     msg = new("orphan", run_at=1)
     h.run(store.accept(msg))
     [delivery] = h.run(store.read("crashed", 10, None))
-    wait_until(lambda: pending(r, ks)[delivery.id]["idle"] > 50, "the entry to go idle")
+    wait_until(lambda: pending(r, ks)[delivery.id]["idle"] > 50, "the entry to go idle", 3.0)
     cursor, claimed, dead = h.run(store.reclaim("alive", "0-0", 10))
     assert (cursor, dead) == ("0-0", 0)
     assert [(d.id, d.uuid, d.message) for d in claimed] == [(delivery.id, msg.uuid, "orphan")]
@@ -608,9 +600,9 @@ def test_reclaim_dead_letters_an_entry_delivered_more_than_max_deliveries(h, r, 
     msg = new("crashes every worker", run_at=1)
     h.run(store.accept(msg))
     [delivery] = h.run(store.read("w1", 10, None))  # delivery 1
-    wait_until(lambda: pending(r, ks)[delivery.id]["idle"] > 10, "idle")
+    wait_until(lambda: pending(r, ks)[delivery.id]["idle"] > 10, "idle", 3.0)
     assert len(h.run(store.reclaim("w2", "0-0", 10))[1]) == 1  # delivery 2
-    wait_until(lambda: pending(r, ks)[delivery.id]["idle"] > 10, "idle")
+    wait_until(lambda: pending(r, ks)[delivery.id]["idle"] > 10, "idle", 3.0)
     _cursor, claimed, dead = h.run(store.reclaim("w3", "0-0", 10))  # would be delivery 3
     assert (claimed, dead) == ([], 1)
     assert r.xlen(ks.stream) == 0
@@ -648,7 +640,9 @@ def test_extend_renews_only_the_entries_the_caller_owns(h, r, ks):
     [mine] = h.run(store.read("me", 1, None))
     [theirs] = h.run(store.read("other", 1, None))
     wait_until(
-        lambda: all(p["idle"] >= 60 for p in pending(r, ks).values()), "both entries idle 60 ms"
+        lambda: all(p["idle"] >= 60 for p in pending(r, ks).values()),
+        "both entries idle 60 ms",
+        3.0,
     )
     before = pending(r, ks)
     assert h.run(store.extend("me", [mine.id, theirs.id, "1-1"])) == 1

@@ -31,16 +31,12 @@ from app.store.keys import CONSUMER_GROUP
 from app.supervise import TaskDied
 from election.gate import LeadershipGate, Role
 from election.promoter import Promoter, listen_for_wakeups
-from tests import aio
 from tests.aio import open_store, reap
+from tests.wait import async_wait_until
 from workers.handlers import make_echo
 from workers.worker import Worker
 
 DEADLINE = 5.0
-
-
-async def wait_until(check, what: str, within: float = DEADLINE) -> None:
-    await aio.wait_until(check, what, within)
 
 
 def now_ms() -> int:
@@ -132,7 +128,7 @@ def test_echo_writes_one_json_line_per_message_and_every_message_is_acked(
             uuids = await accept_due(store, 5)
             worker = Worker(store, make_echo("w1", fd), "w1")
             async with running_worker(worker):
-                await wait_until(lambda: worker.stats.acked == 5, "all acked")
+                await async_wait_until(lambda: worker.stats.acked == 5, "all acked", DEADLINE)
             lines = read_lines(path)
             assert [line["uuid"] for line in lines] == uuids
             for i, line in enumerate(lines):
@@ -159,7 +155,7 @@ def test_one_worker_handles_a_hundred_due_messages_in_acceptance_order(settings,
             uuids = await accept_due(store, 100)
             worker = Worker(store, make_echo("w1", fd), "w1")
             async with running_worker(worker):
-                await wait_until(lambda: worker.stats.acked == 100, "all acked")
+                await async_wait_until(lambda: worker.stats.acked == 100, "all acked", DEADLINE)
             assert [line["uuid"] for line in read_lines(path)] == uuids
             assert await store.client.xlen(store.keys.stream) == 0
 
@@ -181,7 +177,7 @@ def test_failing_handler_is_retried_with_backoff_until_max_deliveries_then_dead_
             (uuid,) = await accept_due(store, 1)
             worker = Worker(store, always_fails, "w1")
             async with running_worker(worker):
-                await wait_until(lambda: worker.stats.dead == 1, "dead-lettered")
+                await async_wait_until(lambda: worker.stats.dead == 1, "dead-lettered", DEADLINE)
 
             # One run per allowed delivery, each one seeing the failures before it.
             assert [(u, a) for u, a, _ in calls] == [(uuid, 0), (uuid, 1), (uuid, 2)]
@@ -218,7 +214,7 @@ def test_handler_failing_once_then_succeeding_ends_delivered_with_two_attempts(s
             uuids = await accept_due(store, 3)
             worker = Worker(store, flaky, "w1")
             async with running_worker(worker):
-                await wait_until(lambda: worker.stats.acked == 3, "all delivered")
+                await async_wait_until(lambda: worker.stats.acked == 3, "all delivered", DEADLINE)
             assert seen == {u: 2 for u in uuids}
             for uuid in uuids:
                 record = await store.record(uuid)
@@ -247,7 +243,9 @@ def test_entries_left_pending_by_a_dead_worker_are_reclaimed_after_the_visibilit
             started = time.monotonic()
             worker = Worker(store, make_echo("live", fd), "live")
             async with running_worker(worker):
-                await wait_until(lambda: worker.stats.acked == 3, "reclaimed and acked")
+                await async_wait_until(
+                    lambda: worker.stats.acked == 3, "reclaimed and acked", DEADLINE
+                )
             elapsed = time.monotonic() - started
 
             assert worker.stats.reclaimed == 3
@@ -295,11 +293,15 @@ def test_slow_handler_extends_its_claim_and_a_second_worker_never_reclaims_it(se
                     await asyncio.sleep(0.02)
 
             async with running_worker(first):
-                await wait_until(lambda: len(invocations) == 3, "first worker holds all three")
+                await async_wait_until(
+                    lambda: len(invocations) == 3, "first worker holds all three", DEADLINE
+                )
                 async with running_worker(second):
                     sampler = asyncio.create_task(sample_pending())
                     try:
-                        await wait_until(lambda: first.stats.acked == 3, "slow handlers done")
+                        await async_wait_until(
+                            lambda: first.stats.acked == 3, "slow handlers done", DEADLINE
+                        )
                     finally:
                         give_up.set()
                         sampling = False
@@ -333,7 +335,7 @@ def test_stop_finishes_and_acks_the_messages_in_hand_then_run_returns(settings) 
             worker = Worker(store, handler, "w1", concurrency=3)
             task = asyncio.create_task(worker.run())
             try:
-                await wait_until(lambda: len(started) == 3, "three in hand")
+                await async_wait_until(lambda: len(started) == 3, "three in hand", DEADLINE)
                 worker.stop()
                 await asyncio.sleep(0)
                 assert not task.done(), "run() returned with handlers still running"
@@ -366,7 +368,7 @@ def test_entries_pending_for_this_consumer_before_a_restart_are_handled_first(
 
             worker = Worker(store, make_echo("w1", fd), "w1")
             async with running_worker(worker):
-                await wait_until(lambda: worker.stats.acked == 6, "all acked")
+                await async_wait_until(lambda: worker.stats.acked == 6, "all acked", DEADLINE)
             assert [line["uuid"] for line in read_lines(path)] == before + after
             assert worker.stats.reclaimed == 0
             assert await pending_count(store) == 0
@@ -392,14 +394,18 @@ def test_async_and_sync_threaded_handlers_both_deliver(settings) -> None:
             first = await accept_due(store, 3, "async")
             worker = Worker(store, async_handler, "async-worker")
             async with running_worker(worker):
-                await wait_until(lambda: worker.stats.acked == 3, "async handler acked")
+                await async_wait_until(
+                    lambda: worker.stats.acked == 3, "async handler acked", DEADLINE
+                )
             assert async_seen == first
 
             second = await accept_due(store, 3, "sync")
             worker = Worker(store, sync_handler, "sync-worker")
             assert not getattr(sync_handler, "inline", False)
             async with running_worker(worker):
-                await wait_until(lambda: worker.stats.acked == 3, "sync handler acked")
+                await async_wait_until(
+                    lambda: worker.stats.acked == 3, "sync handler acked", DEADLINE
+                )
             assert [u for u, _ in sync_seen] == second
             assert all(off_loop == "True" for _, off_loop in sync_seen)
             assert await states(store, first + second) == [State.DELIVERED] * 6
@@ -470,11 +476,15 @@ def test_a_handler_past_its_timeout_is_retried_then_dead_lettered_as_timeout_wit
             worker = Worker(store, handler, "w1", concurrency=2, handler_timeout=timeout)
             started = time.monotonic()
             async with running_worker(worker):
-                await wait_until(lambda: set(handled) == set(others), "the others handled")
+                await async_wait_until(
+                    lambda: set(handled) == set(others), "the others handled", DEADLINE
+                )
                 # All ten ran in the one free slot while the first run of "hang" was held.
                 assert max(handled.values()) - started < timeout
                 assert worker.stats.failed == 0
-                await wait_until(lambda: worker.stats.dead == 1, "hung message dead-lettered")
+                await async_wait_until(
+                    lambda: worker.stats.dead == 1, "hung message dead-lettered", DEADLINE
+                )
             never.set()
 
             assert len(hung_runs) == 2  # max_deliveries
@@ -541,7 +551,9 @@ def test_a_worker_whose_loop_dies_stops_reading_raises_and_another_worker_takes_
 
             live = Worker(store, make_echo("live", fd), "live")
             async with running_worker(live):
-                await wait_until(lambda: live.stats.acked == 5, "reclaimed and acked")
+                await async_wait_until(
+                    lambda: live.stats.acked == 5, "reclaimed and acked", DEADLINE
+                )
             assert await states(store, uuids) == [State.DELIVERED] * 5
             echoed = [line["uuid"] for line in read_lines(path)]
             assert sorted(set(echoed)) == sorted(uuids)
