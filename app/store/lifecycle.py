@@ -19,7 +19,7 @@ from app.model import NewMessage, Record, State
 from app.store.codec import STREAM_ID, uuid_key, uuid_text_or_none
 from app.store.keys import CONSUMER_GROUP
 from app.store.scripts import source
-from app.store.store import Accepted, Store
+from app.store.store import Accepted, Store, queue_figures, queue_figures_reads
 
 # Dead entries one replay/delete script call examines: bounds the time it blocks Redis.
 DEAD_BATCH = 200
@@ -244,23 +244,16 @@ class Lifecycle:
         """Every figure in one pipelined round trip (read-only, so not a transaction)."""
         k = self.keys
         async with self.client.pipeline(transaction=False) as pipe:
-            pipe.zcard(k.delayed)
-            pipe.xlen(k.stream)
-            pipe.xlen(k.dead)
-            pipe.xinfo_groups(k.stream)
+            queue_figures_reads(pipe, k)
             pipe.xinfo_consumers(k.stream, CONSUMER_GROUP)
             pipe.hgetall(k.leader)
             pipe.zrange(k.delayed, 0, 0, withscores=True)
             pipe.time()
             replies = await pipe.execute(raise_on_error=False)
-        delayed, length, dead, groups, consumers, leader, first, now = replies
-        # XINFO fails while the stream or group does not exist yet: no workers, nothing pending.
-        pending = 0
-        if isinstance(groups, list):
-            for group in groups:
-                if group.get("name") in (CONSUMER_GROUP, CONSUMER_GROUP.encode()):
-                    pending = int(group.get("pending", 0))
+        figures = queue_figures(replies)
+        consumers, leader, first, now = replies[4:]
         members = []
+        # XINFO fails while the stream or group does not exist yet: no workers.
         if isinstance(consumers, list):
             for c in consumers:
                 name = c.get("name", b"")
@@ -276,13 +269,11 @@ class Lifecycle:
         if first and first[0][1] <= now_ms:
             overdue = now_ms - int(first[0][1])
         return QueueReport(
-            delayed=int(delayed),
-            stream_length=int(length),
-            pending=pending,
-            # Acknowledged entries are deleted, so what is in the stream and not pending is
-            # exactly what no worker has read yet.
-            lag=max(0, int(length) - pending),
-            dead=int(dead),
+            delayed=figures.delayed,
+            stream_length=figures.stream_length,
+            pending=figures.pending,
+            lag=figures.lag,
+            dead=figures.dead,
             consumers=members,
             leader=_leader(leader),
             oldest_overdue_ms=overdue,

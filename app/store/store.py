@@ -79,6 +79,37 @@ class Delivery:
 _FIELD_ORDER = (b"u", b"m", b"r", b"a")
 
 
+def queue_figures_reads(pipe, keys: Keyspace) -> None:
+    """Queue on ``pipe`` the four reads :func:`queue_figures` makes QueueStats of."""
+    pipe.zcard(keys.delayed)
+    pipe.xlen(keys.stream)
+    pipe.xlen(keys.dead)
+    pipe.xinfo_groups(keys.stream)
+
+
+def queue_figures(replies: list) -> QueueStats:
+    """QueueStats from the replies to :func:`queue_figures_reads` (``raise_on_error=False``:
+    XINFO fails while the stream or its group does not exist yet, which means zeros)."""
+    delayed, length, dead, groups = replies[:4]
+    pending = consumers = 0
+    if isinstance(groups, list):
+        for info in groups:  # redis-py parses each group into a dict with str keys
+            if info.get("name") in (CONSUMER_GROUP, CONSUMER_GROUP.encode()):
+                pending = int(info.get("pending", 0))
+                consumers = int(info.get("consumers", 0))
+    length = length if isinstance(length, int) else 0
+    return QueueStats(
+        delayed=delayed if isinstance(delayed, int) else 0,
+        stream_length=length,
+        pending=pending,
+        # Acknowledged entries are deleted, so what is in the stream and not pending is
+        # exactly what no worker has read yet (XINFO's own lag is unknown after XDEL).
+        lag=max(0, length - pending),
+        consumers=consumers,
+        dead=dead if isinstance(dead, int) else 0,
+    )
+
+
 def parse_entry(entry_id: bytes | str, fields: list | dict) -> Delivery:
     if isinstance(fields, list):
         if len(fields) == 8 and tuple(fields[::2]) == _FIELD_ORDER:
@@ -270,31 +301,9 @@ class Store:
         )
 
     async def queue_stats(self) -> QueueStats:
-        k = self.keys
         async with self.client.pipeline(transaction=False) as pipe:
-            pipe.zcard(k.delayed)
-            pipe.xlen(k.stream)
-            pipe.xlen(k.dead)
-            pipe.xinfo_groups(k.stream)
-            replies = await pipe.execute(raise_on_error=False)
-        delayed, length, dead, groups = replies
-        pending = consumers = 0
-        if isinstance(groups, list):
-            for info in groups:  # redis-py parses each group into a dict with str keys
-                name = info.get("name")
-                if name in (CONSUMER_GROUP, CONSUMER_GROUP.encode()):
-                    pending = int(info.get("pending", 0))
-                    consumers = int(info.get("consumers", 0))
-        # Acknowledged entries are deleted, so what is in the stream and not pending is
-        # exactly what no worker has read yet (XINFO's own lag is unknown after XDEL).
-        return QueueStats(
-            delayed=int(delayed) if isinstance(delayed, int) else 0,
-            stream_length=int(length) if isinstance(length, int) else 0,
-            pending=pending,
-            lag=max(0, (int(length) if isinstance(length, int) else 0) - pending),
-            consumers=consumers,
-            dead=int(dead) if isinstance(dead, int) else 0,
-        )
+            queue_figures_reads(pipe, self.keys)
+            return queue_figures(await pipe.execute(raise_on_error=False))
 
     async def record(self, uuid: str) -> Record | None:
         packed = await self.client.hget(self.keys.messages, uuid_key(uuid))

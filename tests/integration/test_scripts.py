@@ -624,7 +624,7 @@ def test_reclaim_dead_letters_an_entry_whose_record_is_gone_without_writing_a_re
     h.run(store.accept(msg))
     [delivery] = h.run(store.read("w1", 10, None))
     r.hdel(ks.messages, uuid_key(msg.uuid))
-    wait_until(lambda: pending(r, ks)[delivery.id]["idle"] > 10, "idle")
+    wait_until(lambda: pending(r, ks)[delivery.id]["idle"] > 10, "idle", 3.0)
     assert h.run(store.reclaim("w2", "0-0", 10))[2] == 1
     [(_id, fields)] = r.xrange(ks.dead)
     assert (uuid_text(fields[b"u"]), fields[b"m"], fields[b"a"]) == (msg.uuid, b"orphan", b"1")
