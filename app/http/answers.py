@@ -24,6 +24,7 @@ from starlette.responses import Response
 from app import metrics
 from app.log import get_logger
 from app.model import InvalidInput
+from app.store import OutcomeUnknown
 
 log = get_logger("api")
 
@@ -75,6 +76,11 @@ def failure_answer(exc: BaseException, what: str, retry: str) -> Answer | None:
         return error_answer(exc.status, exc.error, exc.field)
     if isinstance(exc, ClientDisconnect):
         return error_answer(400, "client disconnected before the body was read")
+    if isinstance(exc, OutcomeUnknown):
+        # Sent, reply lost: not retried by the client library, since a second run would
+        # answer for itself (a false duplicate, a false conflict). The client retries.
+        log.warning("redis reply lost, outcome unknown", during=what)
+        return error_answer(503, f"outcome unknown: storage may have applied the request; {retry}")
     if isinstance(exc, RedisConnectionError | RedisTimeoutError | OSError):
         log.warning("redis unavailable", during=what)
         return error_answer(503, f"storage unavailable, {retry}")

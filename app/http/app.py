@@ -167,7 +167,10 @@ def create_app(settings: Settings | None = None) -> ApiApp:
                     ),
                     415: NOT_JSON,
                     422: INVALID,
-                    503: Reply("Nothing was written: retry with the same uuid."),
+                    503: Reply(
+                        "Nothing was written, or its answer was lost (`outcome unknown`): "
+                        "retry with the same uuid."
+                    ),
                 },
                 request=SaveMessageBody,
             ),

@@ -90,7 +90,10 @@ def documented(routes: Sequence[BaseRoute], docs: Mapping[str, Doc]) -> list[Ope
 
 # Answers several routes give.
 UNAUTHORIZED = Reply("Missing or wrong bearer token (only when EAT_API_TOKEN is set).")
-UNAVAILABLE = Reply("Redis unreachable or refusing: nothing changed, retry.")
+UNAVAILABLE = Reply(
+    "Redis unreachable or refusing: nothing changed; or the answer was lost "
+    "(`outcome unknown`): read the state, then retry."
+)
 BAD_UUID = Reply("The path's uuid is not a canonical UUID (`field`: uuid).")
 UNKNOWN = Reply("No such message (`field`: uuid).")
 CONFLICT = Reply(

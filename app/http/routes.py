@@ -379,7 +379,10 @@ def lifecycle_routes(settings: Settings) -> list[Operation]:
                     ),
                     415: NOT_JSON,
                     422: Reply('The body is neither an array nor {"messages": [...]}.'),
-                    503: Reply("Nothing was written: retry with the same uuids."),
+                    503: Reply(
+                        "Nothing was written, or its answer was lost (`outcome unknown`): "
+                        "retry with the same uuids."
+                    ),
                 },
                 request="bulk",
                 description="The body is a JSON array of save-message bodies, or "

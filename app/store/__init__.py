@@ -4,7 +4,7 @@ Redis client that calls them. No HTTP, no CLI, no policy about when to call what
 Callers import from here; the modules inside import each other directly.
 """
 
-from app.store.client import StoreRedis, connect
+from app.store.client import OutcomeUnknown, StoreRedis, connect
 from app.store.store import (
     LEADER_TTL_MS,
     Accepted,
@@ -21,6 +21,7 @@ __all__ = [
     "LEADER_TTL_MS",
     "Accepted",
     "Delivery",
+    "OutcomeUnknown",
     "Promoted",
     "QueueStats",
     "StorageFormatError",
