@@ -199,6 +199,14 @@ class Settings:
             "LPUSH onto the legacy lists into the service."
         },
     )
+    legacy_http: bool = field(
+        default=False,
+        metadata={
+            "doc": "`true` or `false`: `POST /api/v1/save-message` answers as the original "
+            'service did, `200 {"message": {"message", "runAt", "uuid"}, "ok": true}` for '
+            "a new message and a duplicate alike, for its existing clients."
+        },
+    )
     legacy_queue: str = field(
         default=LEGACY_QUEUE,
         metadata={"doc": "Legacy list of messages to run now (not prefixed)."},

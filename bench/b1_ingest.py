@@ -1,7 +1,9 @@
 """B1: HTTP ingest of single messages, one api process, wrk with 64 connections.
 
 Baseline in the same run: a bare Starlette endpoint (bench/bare_app.py) that
-parses the body and answers 201 without Redis, served the same way.
+parses the body and answers 201 without Redis, served the same way. The api is
+measured twice: with today's answers, and with ``EAT_LEGACY_HTTP=true`` (the
+original service's answer shape), which must cost nothing more.
 """
 
 from __future__ import annotations
@@ -67,6 +69,9 @@ def run(seconds: int = 10, connections: int = 64) -> dict:
         s.stop_processes(["bare"])
         url = s.api()
         results["echo-at-time api"] = wrk(url, seconds, connections)
+        s.stop_processes(["api"])
+        url = s.api("api-legacy-http", env={"EAT_LEGACY_HTTP": "true"})
+        results["api, EAT_LEGACY_HTTP=true"] = wrk(url, seconds, connections)
     base = results["bare Starlette (baseline)"]["rate"]
     rows = [
         (

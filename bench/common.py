@@ -91,9 +91,12 @@ class Stack:
         self.processes.append((name, proc))
         return proc
 
-    def api(self, name: str = "api") -> str:
+    def api(self, name: str = "api", env: dict[str, str] | None = None) -> str:
+        """Start an api (``env`` added to the stack's) and wait until it answers."""
         port = free_port()
-        self.spawn(name, ["api", "--host", "127.0.0.1", "--port", str(port)])
+        self.spawn(
+            name, ["api", "--host", "127.0.0.1", "--port", str(port)], {**self.env, **(env or {})}
+        )
         url = f"http://127.0.0.1:{port}"
         wait_http(url + "/healthz")
         return url

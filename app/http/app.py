@@ -24,7 +24,7 @@ from app.http.ingest import BODY_OVERHEAD as BODY_OVERHEAD  # re-exported: tests
 from app.http.ingest import SAVE_PATH, SaveMessageHandler
 from app.http.openapi import INVALID, MALFORMED, NOT_JSON, UNAUTHORIZED, Doc, Operation, Reply
 from app.http.routes import lifecycle_routes
-from app.http.wire import Health, Ready, Saved, SaveMessageBody
+from app.http.wire import Health, LegacySaved, Ready, Saved, SaveMessageBody
 from app.log import get_logger
 from app.settings import Settings
 from app.store import Store, connect
@@ -111,6 +111,21 @@ class ApiApp(Starlette):
         await super().__call__(scope, receive, send)
 
 
+def _accepted_replies(settings: Settings) -> dict[int, Reply]:
+    if settings.legacy_http:
+        return {
+            200: Reply(
+                "Accepted now or before (EAT_LEGACY_HTTP: the original service's answer, "
+                "the message as posted with the uuid it is stored under).",
+                LegacySaved,
+            )
+        }
+    return {
+        201: Reply("Accepted: `queued` (due now) or `scheduled`.", Saved),
+        200: Reply("The uuid was accepted before; nothing changed.", Saved),
+    }
+
+
 def create_app(settings: Settings | None = None) -> ApiApp:
     """Build the API. ``settings`` defaults to the environment's (validated)."""
     settings = settings or Settings.from_env()
@@ -157,8 +172,7 @@ def create_app(settings: Settings | None = None) -> ApiApp:
             Doc(
                 "Accept one message",
                 {
-                    201: Reply("Accepted: `queued` (due now) or `scheduled`.", Saved),
-                    200: Reply("The uuid was accepted before; nothing changed.", Saved),
+                    **_accepted_replies(settings),
                     400: MALFORMED,
                     401: UNAUTHORIZED,
                     413: Reply(

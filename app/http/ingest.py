@@ -33,6 +33,7 @@ from app.http.answers import (
     unauthorized_answer,
 )
 from app.http.batcher import AcceptBatcher
+from app.http.wire import LegacyMessage, LegacySaved
 from app.log import get_logger
 from app.model import InvalidInput, parse_save_message
 from app.settings import Settings
@@ -64,6 +65,7 @@ class SaveMessageHandler:
         self.max_message_bytes = settings.max_message_bytes
         self.body_limit = settings.max_message_bytes * 6 + BODY_OVERHEAD
         self.token = settings.api_token.encode() if settings.api_token else None
+        self.legacy_http = settings.legacy_http
         # A filtered-out structlog call still costs ~1 µs through its proxy: skip it outright.
         self.log_accepted = settings.log_level == "debug"
         # Set by the app's lifespan, which owns the Redis client.
@@ -131,12 +133,19 @@ class SaveMessageHandler:
             if answer is None:
                 raise
             return answer
-        payload = {"uuid": msg.uuid, "runAt": result.run_at, "state": result.state}
         if result.created:
             (self._accepted_due if result.state == "queued" else self._accepted_delayed).inc()
             if self.log_accepted:
                 log.debug("accepted", uuid=msg.uuid, run_at=result.run_at, state=result.state)
+        else:
+            self._accepted_duplicate.inc()
+        if self.legacy_http:
+            # The original service's answer, whole (its clients compare whole bodies): 200
+            # and the message as posted, with the uuid it is stored under; a duplicate alike.
+            original = LegacyMessage(msg.message, msg.run_at, msg.uuid)
+            return json_answer(LegacySaved(original, True), 200)
+        payload = {"uuid": msg.uuid, "runAt": result.run_at, "state": result.state}
+        if result.created:
             return json_answer(payload, 201)
-        self._accepted_duplicate.inc()
         payload["duplicate"] = True
         return json_answer(payload, 200)

@@ -74,6 +74,21 @@ class Saved(msgspec.Struct):
     duplicate: bool | UnsetType = UNSET
 
 
+class LegacyMessage(msgspec.Struct):
+    """A message as the original service echoed it back."""
+
+    message: str
+    runAt: int
+    uuid: str
+
+
+class LegacySaved(msgspec.Struct):
+    """``EAT_LEGACY_HTTP``: the original service's answer to save-message, key for key."""
+
+    message: LegacyMessage
+    ok: bool
+
+
 class MessageRef(msgspec.Struct):
     """A message after a change: its uuid, runAt and state."""
 

@@ -65,6 +65,7 @@ GOOD_VALUES = {
     "EAT_REDIS_CA_FILE": ("", ""),
     "EAT_API_URL": ("https://eat.example:8443", "https://eat.example:8443"),
     "EAT_LEGACY_BRIDGE": (" False ", False),
+    "EAT_LEGACY_HTTP": ("yes", True),
     "EAT_LEGACY_QUEUE": ("OldQueue", "OldQueue"),
     "EAT_LEGACY_DELAYED": ("LegacyDelayed", "LegacyDelayed"),
     "EAT_LEGACY_IN_FLIGHT": ("LegacyInFlight", "LegacyInFlight"),

@@ -123,6 +123,8 @@ the health server for schedulers and workers, and the tunables.
   value: {{ include "echo-at-time.num" $v.config.visibilityTimeout | quote }}
 - name: EAT_MAX_DELIVERIES
   value: {{ include "echo-at-time.num" $v.config.maxDeliveries | quote }}
+- name: EAT_HANDLER_TIMEOUT
+  value: {{ include "echo-at-time.num" $v.config.handlerTimeout | quote }}
 - name: EAT_MAX_MESSAGE_BYTES
   value: {{ include "echo-at-time.num" $v.config.maxMessageBytes | quote }}
 - name: EAT_RETENTION
@@ -141,6 +143,8 @@ the health server for schedulers and workers, and the tunables.
   value: {{ $v.config.logFormat | quote }}
 - name: EAT_LOG_LEVEL
   value: {{ $v.config.logLevel | quote }}
+- name: EAT_LEGACY_HTTP
+  value: {{ $v.config.legacyHttp | quote }}
 {{- with $v.extraEnv }}
 {{ toYaml . }}
 {{- end }}
