@@ -6,6 +6,7 @@ no 5xx, only documented status codes, bodies and content types as documented.
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from collections.abc import Iterator
 
@@ -158,3 +159,13 @@ def test_the_app_honours_its_document_for_generated_input(case):
             response_schema_conformance,
         ]
     )
+
+
+def test_with_legacy_http_the_document_gives_save_message_the_original_answer(settings):
+    legacy = dataclasses.replace(settings, legacy_http=True)
+    operation = document(legacy)["paths"]["/api/v1/save-message"]["post"]
+    assert "201" not in operation["responses"]
+    schema = operation["responses"]["200"]["content"]["application/json"]["schema"]
+    assert schema == {"$ref": "#/components/schemas/LegacySaved"}
+    default = document(settings)["paths"]["/api/v1/save-message"]["post"]["responses"]
+    assert {"200", "201"} <= set(default)
