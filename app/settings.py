@@ -41,6 +41,8 @@ _ERROR_FIELD_RE = re.compile(r"at `\$\.(\w+)`")
 
 # The original service's list names. Old producers hard-code them, so they are not
 # prefixed; operators who renamed them set EAT_LEGACY_* (``app.store.keys.LegacyLists``).
+MAX_PARTITIONS = 1024
+
 LEGACY_DELAYED = "QueueDelayed"
 LEGACY_QUEUE = "Queue"
 LEGACY_IN_FLIGHT = "QueueDead"
@@ -80,6 +82,32 @@ class Settings:
     redis_ca_file: str = field(
         default="",
         metadata={"doc": "CA bundle to verify Redis' TLS certificate (with rediss://)."},
+    )
+    redis_cluster: str = field(
+        default="auto",
+        metadata={
+            "doc": "`auto`, `true` or `false`: use the Redis Cluster client (EAT_REDIS_URL is "
+            "then a seed node). `auto` asks the server (`cluster_enabled:1`)."
+        },
+    )
+    partitions: int = field(
+        default=1,
+        metadata={
+            "doc": "Partitions of the keyspace (1-1024), each under its own hash tag "
+            "`{<prefix>:<p>}`, so a Redis Cluster spreads them over its masters. Recorded in "
+            "Redis at first start; every process refuses to start with another count."
+        },
+    )
+    wait_replicas: int = field(
+        default=0,
+        metadata={
+            "doc": "Replicas a change must reach (Redis `WAIT`) before the api answers it; "
+            "0 answers once the master has it. A timeout answers 503 (retry with the same uuid)."
+        },
+    )
+    wait_timeout_ms: int = field(
+        default=1000,
+        metadata={"doc": "How long the api waits for EAT_WAIT_REPLICAS, milliseconds."},
     )
     zk_hosts: str = field(
         default="127.0.0.1:2181",
@@ -285,7 +313,13 @@ class Settings:
         _positive(self, "zk_session_timeout", "visibility_timeout", "retry_base", "retry_max")
         _positive(self, "handler_timeout")
         _positive(self, "max_deliveries", "max_message_bytes", "promote_batch", "read_count")
-        _positive(self, "dead_maxlen", "retention", "max_batch_bytes")
+        _positive(self, "dead_maxlen", "retention", "max_batch_bytes", "wait_timeout_ms")
+        if self.redis_cluster not in ("auto", "true", "false"):
+            raise SettingsError(_env("redis_cluster"), "one of auto, true, false")
+        if not 1 <= self.partitions <= MAX_PARTITIONS:
+            raise SettingsError(_env("partitions"), f"from 1 to {MAX_PARTITIONS}")
+        if self.wait_replicas < 0:
+            raise SettingsError(_env("wait_replicas"), "must be 0 or more")
         if self.promote_batch > 10000:
             raise SettingsError(_env("promote_batch"), "at most 10000")
         if self.retry_max < self.retry_base:

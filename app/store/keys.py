@@ -1,12 +1,16 @@
-"""The one place that spells Redis keys, channels and ZooKeeper paths.
+"""The one place that spells Redis keys, channels and ZooKeeper paths, and the one
+place that decides which partition a message lives in.
 
-Every key carries a hash tag, ``{<prefix>}``, so all keys one Lua script
-touches live in one Redis Cluster slot. The prefix namespaces a deployment (or
-a test): two prefixes never share a key or a ZooKeeper path.
+Every key carries a hash tag, so all keys one Lua script touches live in one
+Redis Cluster slot: ``{<prefix>}`` with one partition (``EAT_PARTITIONS=1``, the
+keyspace of every release before partitions), ``{<prefix>:<p>}`` for partition
+``p`` of several. The prefix namespaces a deployment (or a test): two prefixes
+never share a key or a ZooKeeper path.
 """
 
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass
 
 from app.settings import Settings
@@ -36,15 +40,42 @@ class LegacyLists:
         return cls(settings.legacy_delayed, settings.legacy_queue, settings.legacy_in_flight)
 
 
+def partition_of(uuid: bytes, count: int) -> int:
+    """The partition of a message: CRC-32 of its uuid's 16 bytes, modulo the count.
+
+    Fixed forever (a re-posted uuid must meet its own record, whichever process
+    routes it), so never Python's salted ``hash()``; hashing every byte spreads
+    uuids whose low bytes repeat (v1's node id, v7's ordered time) as well as
+    random ones.
+    """
+    return zlib.crc32(uuid) % count if count > 1 else 0
+
+
+def keyspaces(prefix: str, count: int) -> list[Keyspace]:
+    """The keyspace of each partition, in partition order."""
+    if count == 1:
+        return [Keyspace(prefix)]
+    return [Keyspace(prefix, p) for p in range(count)]
+
+
 @dataclass(frozen=True, slots=True)
 class Keyspace:
-    """Names derived from one prefix."""
+    """Names derived from one prefix, for one partition (None: the only one)."""
 
     prefix: str
+    partition: int | None = None
 
     @property
     def tag(self) -> str:
-        return "{" + self.prefix + "}"
+        if self.partition is None:
+            return "{" + self.prefix + "}"
+        return "{" + f"{self.prefix}:{self.partition}" + "}"
+
+    @property
+    def partition_count(self) -> str:
+        """STRING: the EAT_PARTITIONS this prefix's data was written with (all partitions
+        share it: it is spelled from the prefix alone). Absent before the first start."""
+        return "{" + self.prefix + "}:partitions"
 
     @property
     def delayed(self) -> str:

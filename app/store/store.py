@@ -137,12 +137,19 @@ def parse_entry(entry_id: bytes | str, fields: list | dict) -> Delivery:
 class Store:
     """Every state change of a message, each one Lua script call."""
 
-    def __init__(self, client: StoreRedis, settings: Settings, identifier: str = "") -> None:
+    def __init__(
+        self,
+        client: StoreRedis,
+        settings: Settings,
+        identifier: str = "",
+        partition: int | None = None,
+    ) -> None:
         """``client`` comes from ``connect`` (``read`` needs its raw XREADGROUP replies);
-        ``identifier`` names the scheduler in the leader record its promote calls write."""
+        ``identifier`` names the scheduler in the leader record its promote calls write;
+        ``partition`` is the one this store works on (None: the only one)."""
         self.client = client
         self.settings = settings
-        self.keys = Keyspace(settings.prefix)
+        self.keys = Keyspace(settings.prefix, partition)
         self.identifier = identifier
         self.scripts = Scripts.register(client)
 

@@ -66,6 +66,10 @@ GOOD_VALUES = {
     "EAT_API_URL": ("https://eat.example:8443", "https://eat.example:8443"),
     "EAT_LEGACY_BRIDGE": (" False ", False),
     "EAT_LEGACY_HTTP": ("yes", True),
+    "EAT_REDIS_CLUSTER": ("true", "true"),
+    "EAT_PARTITIONS": ("16", 16),
+    "EAT_WAIT_REPLICAS": ("1", 1),
+    "EAT_WAIT_TIMEOUT_MS": ("250", 250),
     "EAT_LEGACY_QUEUE": ("OldQueue", "OldQueue"),
     "EAT_LEGACY_DELAYED": ("LegacyDelayed", "LegacyDelayed"),
     "EAT_LEGACY_IN_FLIGHT": ("LegacyInFlight", "LegacyInFlight"),
@@ -125,6 +129,8 @@ def test_ipv6_zookeeper_host_is_accepted():
         ({"EAT_PROMOTE_BATCH": "10001"}, "EAT_PROMOTE_BATCH"),
         ({"EAT_API_TOKEN": "short"}, "EAT_API_TOKEN"),
         ({"EAT_HEALTH_PORT": "70000"}, "EAT_HEALTH_PORT"),
+        ({"EAT_PARTITIONS": "1025"}, "EAT_PARTITIONS"),
+        ({"EAT_REDIS_CLUSTER": "maybe"}, "EAT_REDIS_CLUSTER"),
         ({"EAT_ZK_AUTH": "no-colon"}, "EAT_ZK_AUTH"),
         ({"EAT_REDIS_CA_FILE": "/etc/hostname"}, "EAT_REDIS_CA_FILE"),
         (
@@ -168,6 +174,9 @@ def test_non_numeric_or_non_finite_seconds_are_named(variable: str, raw: str):
 def test_zero_or_negative_number_is_named(variable: str, raw: str):
     if variable == "EAT_HEALTH_PORT" and raw == "0":
         assert Settings.from_env({variable: raw}).health_port == 0  # 0 means "off"
+        return
+    if variable == "EAT_WAIT_REPLICAS" and raw == "0":
+        assert Settings.from_env({variable: raw}).wait_replicas == 0  # 0: the master's word
         return
     environ = {variable: raw}
     if variable == "EAT_RETRY_MAX":
