@@ -17,10 +17,10 @@ is retried as before. Reads are retried whatever happened.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, cast
 
 import redis.asyncio as aioredis
-from redis.asyncio.client import Pipeline
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -33,7 +33,8 @@ from app.settings import Settings
 # report differently): retried after a lost reply like any read. Everything else is a
 # change. XREADGROUP is here although it delivers: entries a lost reply delivered stay
 # pending for this consumer and are reclaimed after the visibility timeout (late, not
-# lost); XGROUP CREATE is idempotent (BUSYGROUP means done).
+# lost); XGROUP CREATE is idempotent (BUSYGROUP means done). The connection's own
+# set-up (HELLO, AUTH, SELECT, CLIENT, READONLY, ASKING) and subscriptions are safe too.
 SAFE_TO_RETRY = frozenset(
     {
         "PING", "TIME", "INFO", "CONFIG", "SCRIPT", "TYPE", "EXISTS", "GET", "SCAN",
@@ -41,6 +42,10 @@ SAFE_TO_RETRY = frozenset(
         "ZCARD", "ZRANGE", "ZRANGEBYSCORE", "LLEN", "LRANGE",
         "XLEN", "XRANGE", "XREVRANGE", "XINFO", "XINFO GROUPS", "XINFO CONSUMERS",
         "XPENDING", "XREADGROUP", "XGROUP CREATE",
+        "HELLO", "AUTH", "SELECT", "CLIENT", "CLIENT SETNAME", "CLIENT SETINFO",
+        "READONLY", "ASKING", "CLUSTER", "COMMAND",
+        "SUBSCRIBE", "UNSUBSCRIBE", "PSUBSCRIBE", "PUNSUBSCRIBE", "SSUBSCRIBE",
+        "SUNSUBSCRIBE",
     }
 )  # fmt: skip
 _LOST = (RedisConnectionError, RedisTimeoutError, OSError)
@@ -56,41 +61,68 @@ def _changes(command_name: object) -> bool:
     return name.upper() not in SAFE_TO_RETRY
 
 
+class _NoBlindResend:
+    """Connection mixin: a change whose reply is lost raises :class:`OutcomeUnknown`.
+
+    It works where every client path meets: the connection. ``pack_command`` and
+    ``pack_commands`` note whether the request changes data; ``send_packed_command``
+    takes that note before anything else it sends (a health-check PING, the
+    connection's set-up) can overwrite it, and arms it once the request is written;
+    ``read_response`` turns a lost reply into OutcomeUnknown while it is armed, after
+    closing the connection so that a late reply cannot answer a later command.
+    OutcomeUnknown is not an error redis-py's retry catches, so nothing is re-sent.
+    A single command that failed while being sent was not applied (Redis runs no
+    half-received command) and is retried as before; a pipeline runs its commands
+    as they arrive, so a failed send of one that changes data is unknown too.
+    """
+
+    _next_request: tuple[bool, bool] = (False, False)  # (changes data, pipelined)
+    _change_sent = False
+
+    def pack_command(self, *args: Any) -> Any:
+        self._next_request = (_changes(args[0]), False)
+        return super().pack_command(*args)  # type: ignore[misc]
+
+    def pack_commands(self, commands: Any) -> Any:
+        commands = list(commands)
+        self._next_request = (any(_changes(args[0]) for args in commands), True)
+        return super().pack_commands(commands)  # type: ignore[misc]
+
+    async def send_packed_command(self, command: Any, check_health: bool = True) -> None:
+        changes, pipelined = self._next_request
+        self._change_sent = False
+        try:
+            await super().send_packed_command(command, check_health)  # type: ignore[misc]
+        except _LOST as exc:
+            if changes and pipelined:
+                raise OutcomeUnknown(f"pipeline not sent whole ({type(exc).__name__})") from exc
+            raise
+        self._change_sent = changes
+
+    async def read_response(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return await super().read_response(*args, **kwargs)  # type: ignore[misc]
+        except _LOST as exc:
+            if not self._change_sent:
+                raise
+            self._change_sent = False
+            await self.disconnect()  # type: ignore[attr-defined]
+            raise OutcomeUnknown(f"reply lost ({type(exc).__name__})") from exc
+
+
+@functools.cache
+def guarded(connection_class: type) -> type:
+    """``connection_class`` (plain, TLS or Unix socket) with :class:`_NoBlindResend`."""
+    return type(f"Guarded{connection_class.__name__}", (_NoBlindResend, connection_class), {})
+
+
 def _raw_reply(response, **_options):
     return response
 
 
-class StorePipeline(Pipeline):
-    """A pipeline that does not re-send changes whose replies were lost.
-
-    Pipelined commands run as they arrive, so even a failed send may have applied
-    some of them: once any command in it changes data, a lost reply means
-    :class:`OutcomeUnknown`. The connection is closed first, so no late reply can be
-    read as the answer to a later command.
-    """
-
-    async def _execute_pipeline(self, connection, commands, raise_on_error):
-        try:
-            return await super()._execute_pipeline(connection, commands, raise_on_error)
-        except _LOST as exc:
-            raise await _unknown_if_changed(connection, commands, exc) from exc
-
-    async def _execute_transaction(self, connection, commands, raise_on_error):
-        try:
-            return await super()._execute_transaction(connection, commands, raise_on_error)
-        except _LOST as exc:
-            raise await _unknown_if_changed(connection, commands, exc) from exc
-
-
-async def _unknown_if_changed(connection, commands, exc: BaseException) -> BaseException:
-    if not any(_changes(args[0]) for args, _options in commands):
-        return exc  # reads only: redis-py's retry may send them again
-    await connection.disconnect()
-    return OutcomeUnknown(f"pipeline reply lost ({type(exc).__name__}): outcome unknown")
-
-
 class StoreRedis(aioredis.Redis):
-    """An asyncio Redis client whose XREADGROUP replies come back as Redis sent them.
+    """An asyncio Redis client whose changes are never re-sent blindly (see the module)
+    and whose XREADGROUP replies come back as Redis sent them.
 
     redis-py turns every entry of a read into a dict; ``app.store.store.parse_entry``
     reads the raw field list at half the cost per message (the worker's hot path).
@@ -100,22 +132,8 @@ class StoreRedis(aioredis.Redis):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.set_response_callback("XREADGROUP", _raw_reply)
-
-    def pipeline(self, transaction: bool = True, shard_hint: str | None = None) -> StorePipeline:
-        return StorePipeline(self.connection_pool, self.response_callbacks, transaction, shard_hint)
-
-    async def _send_command_parse_response(self, conn, command_name, *args, **options):
-        if not _changes(command_name):
-            return await super()._send_command_parse_response(conn, command_name, *args, **options)
-        # A failure here (connecting, writing) left nothing applied: redis-py retries it.
-        await conn.send_command(*args)
-        try:
-            return await self.parse_response(conn, command_name, **options)
-        except _LOST as exc:
-            # Sent, no reply: close the connection (a late reply must not answer the next
-            # command) and say so instead of running the change a second time.
-            await conn.disconnect()
-            raise OutcomeUnknown(f"{command_name} reply lost ({type(exc).__name__})") from exc
+        pool = self.connection_pool
+        pool.connection_class = guarded(pool.connection_class)
 
 
 def connect(settings: Settings, **kwargs: Any) -> StoreRedis:
