@@ -40,6 +40,7 @@ from typing import Any
 import pytest
 import redis
 
+from app.ops.cluster import RedisCluster
 from tests.servers import (
     RedisServer,
     ZooKeeperServer,
@@ -220,3 +221,35 @@ def redis_client(redis_url: str, prefix: str) -> Iterator[redis.Redis]:
                     client.unlink(*batch)
         finally:
             client.close()
+
+
+@pytest.fixture(scope="session")
+def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisCluster]:
+    """A real 3-master Redis Cluster on loopback for the session (local processes
+    always: ``redis-cli --cluster create`` needs the nodes' own addresses)."""
+    cluster = RedisCluster(tmp_path_factory.mktemp("redis-cluster"), masters=3).start()
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture
+def cluster_url(redis_cluster: RedisCluster, prefix: str) -> Iterator[str]:
+    """The cluster's seed URL; afterwards every key of the test's prefix is deleted from
+    every master."""
+    try:
+        yield redis_cluster.url
+    finally:
+        for node in redis_cluster.nodes:
+            if not node.running:
+                continue
+            with (
+                redis.Redis(port=node.port) as client,
+                contextlib.suppress(redis.exceptions.RedisError),
+            ):
+                if client.info("replication")["role"] != "master":
+                    continue
+                keys = list(client.scan_iter(match=f"*{prefix}*", count=1000))
+                for key in keys:  # one by one: a cluster refuses a multi-slot UNLINK
+                    client.unlink(key)

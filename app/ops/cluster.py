@@ -134,9 +134,7 @@ class RedisCluster:
         self.replicas = replicas
         chosen = list(ports) if ports is not None else cluster_ports(count)
         self.nodes = [
-            self.node_class(
-                self.base_dir / f"node-{port}", port, node_timeout_ms=node_timeout_ms
-            )
+            self.node_class(self.base_dir / f"node-{port}", port, node_timeout_ms=node_timeout_ms)
             for port in chosen
         ]
 

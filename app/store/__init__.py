@@ -4,7 +4,7 @@ Redis client that calls them. No HTTP, no CLI, no policy about when to call what
 Callers import from here; the modules inside import each other directly.
 """
 
-from app.store.client import OutcomeUnknown, StoreRedis, connect
+from app.store.client import OutcomeUnknown, StoreCluster, StoreRedis, connect, open_client
 from app.store.store import (
     LEADER_TTL_MS,
     Accepted,
@@ -26,8 +26,10 @@ __all__ = [
     "QueueStats",
     "StorageFormatError",
     "Store",
+    "StoreCluster",
     "StoreRedis",
     "connect",
     "encode_epoch",
+    "open_client",
     "parse_entry",
 ]

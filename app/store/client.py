@@ -21,6 +21,7 @@ import functools
 from typing import Any, cast
 
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -136,6 +137,24 @@ class StoreRedis(aioredis.Redis):
         pool.connection_class = guarded(pool.connection_class)
 
 
+class StoreCluster(RedisCluster):
+    """:class:`StoreRedis` for a Redis Cluster: the same guarded connections (on every
+    node it learns about, now and after a failover) and raw XREADGROUP replies. Every
+    script a store sends touches one partition's keys, so one slot: the cluster client
+    routes it to that slot's master, follows MOVED and ASK during a reshard, and loads a
+    script on a node that answers NOSCRIPT (a restarted master, a promoted replica)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.set_response_callback("XREADGROUP", _raw_reply)
+        # Nodes discovered later are built from these kwargs; the seeds exist already.
+        self.connection_kwargs["connection_class"] = guarded(
+            self.connection_kwargs["connection_class"]
+        )
+        for node in self.startup_nodes:
+            node.connection_class = guarded(node.connection_class)
+
+
 def connect(settings: Settings, **kwargs: Any) -> StoreRedis:
     """A client that returns bytes.
 
@@ -155,3 +174,30 @@ def connect(settings: Settings, **kwargs: Any) -> StoreRedis:
     return cast(
         StoreRedis, StoreRedis.from_url(settings.redis_url, decode_responses=False, **kwargs)
     )
+
+
+async def open_client(settings: Settings, **kwargs: Any) -> StoreRedis | StoreCluster:
+    """A connected client for ``settings``: a cluster client when EAT_REDIS_CLUSTER says
+    so, or (``auto``) when the server at EAT_REDIS_URL reports ``cluster_enabled:1``.
+
+    Raises a RedisError (or OSError) when Redis cannot be reached to find out: the
+    caller retries, as it does for every start-up check.
+    """
+    cluster = settings.redis_cluster == "true"
+    if settings.redis_cluster == "auto":
+        probe = connect(settings, **kwargs)
+        try:
+            cluster = (await probe.info("cluster")).get("cluster_enabled") == 1
+        finally:
+            await probe.aclose()
+    if not cluster:
+        return connect(settings, **kwargs)
+    kwargs.setdefault("socket_connect_timeout", 1.0)
+    kwargs.setdefault("socket_timeout", 5.0)
+    if settings.redis_ca_file:
+        kwargs.setdefault("ssl_ca_certs", settings.redis_ca_file)
+    client = StoreCluster.from_url(settings.redis_url, decode_responses=False, **kwargs)
+    # Before any concurrent use: concurrent first commands race the slot map
+    # (redis-py #3935: intermittent NoScript and IndexError).
+    await client.initialize()
+    return client
