@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import copy
 import functools
+import json
+import re
 import shutil
 import subprocess
 from collections.abc import Iterator
@@ -143,3 +145,86 @@ def manifest_errors(document: dict[str, Any], version: str = KUBERNETES_VERSION)
         errors += _builtin_errors(probe, version)
     name = f"{key[1]} {document.get('metadata', {}).get('name')}"
     return [f"{name}: {error}" for error in errors]
+
+
+# ---------------------------------------------------------------------------
+# What the monitoring the chart ships queries
+
+DASHBOARD = CHART / "dashboards" / "echo-at-time.json"
+
+# Grafana's variables, as a query sees them once Grafana substituted them.
+GRAFANA_VARIABLES = {
+    "$__rate_interval": "1m",
+    "$__interval": "30s",
+    "$__range": "1h",
+    "$namespace": "ns",
+    "$release": "eat-echo-at-time",
+}
+
+_STRING = re.compile(r'"(?:[^"\\]|\\.)*"|\'(?:[^\'\\]|\\.)*\'|`[^`]*`')
+_GROUPING = re.compile(r"\b(?:by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)")
+_IDENTIFIER = re.compile(r"(?<![\w.$:])([a-zA-Z_:][a-zA-Z0-9_:]*)(?![\w:])(?!\s*\()")
+_KEYWORDS = {"and", "or", "unless", "bool", "offset", "inf", "nan", "by", "without", "on"}
+
+
+def promql_metric_names(expr: str) -> set[str]:
+    """The metric names a PromQL expression selects (not functions, labels or keywords)."""
+    text = _STRING.sub('""', expr)
+    text = re.sub(r"\{[^}]*\}", " ", text)  # label matchers, their strings already blanked
+    text = re.sub(r"\[[^\]]*\]", " ", text)  # range and subquery windows
+    text = _GROUPING.sub(" ", text)
+    return {name for name in _IDENTIFIER.findall(text) if name.lower() not in _KEYWORDS}
+
+
+def dashboard() -> dict[str, Any]:
+    return json.loads(DASHBOARD.read_text(encoding="utf-8"))
+
+
+def dashboard_queries(document: dict[str, Any] | None = None) -> dict[str, list[str]]:
+    """Panel title -> the PromQL of each of its targets."""
+    document = dashboard() if document is None else document
+    return {
+        panel["title"]: [target["expr"] for target in panel.get("targets", [])]
+        for panel in document["panels"]
+        if panel["type"] != "row"
+    }
+
+
+def with_grafana_variables(expr: str) -> str:
+    for name in sorted(GRAFANA_VARIABLES, key=len, reverse=True):
+        expr = expr.replace(name, GRAFANA_VARIABLES[name])
+    return expr
+
+
+def alert_expressions(*settings: str) -> dict[str, str]:
+    """Alert name -> expression, as the chart renders them with prometheusRule on."""
+    extra: tuple[str, ...] = ("--set", "prometheusRule.enabled=true")
+    for setting in settings:
+        extra += ("--set", setting)
+    (rule,) = kinds(render(extra=extra))["PrometheusRule"]
+    return {r["alert"]: r["expr"] for group in rule["spec"]["groups"] for r in group["rules"]}
+
+
+# Metrics the alerts read that no echo-at-time process exports, and where they come from.
+EXTERNAL_METRICS = {"kube_pod_container_status_restarts_total": "kube-state-metrics"}
+
+
+def exposed_names(exposition: str) -> set[str]:
+    """Every series name a Prometheus text exposition offers: its samples' names, and for
+    a family with no sample yet (a labelled metric no label set was used on), the names
+    its declared type gives."""
+    suffixes = {
+        "counter": ("_total", "_created"),
+        "histogram": ("_bucket", "_count", "_sum", "_created"),
+        "gauge": ("",),
+        "summary": ("", "_count", "_sum", "_created"),
+    }
+    names = set()
+    for line in exposition.splitlines():
+        if line.startswith("# TYPE "):
+            _, _, family, kind = line.split(" ", 3)
+            base = family.removesuffix("_total") if kind == "counter" else family
+            names |= {base + suffix for suffix in suffixes.get(kind, ("",))}
+        elif line and not line.startswith("#"):
+            names.add(re.split(r"[{ ]", line, maxsplit=1)[0])
+    return names

@@ -158,3 +158,21 @@ def test_chart_icon_is_the_repositorys_own_svg() -> None:
     assert chart["icon"].startswith(prefix)
     icon = CHART.parents[1] / chart["icon"].removeprefix(prefix)
     assert icon.suffix == ".svg" and "<svg" in icon.read_text(encoding="utf-8")
+
+
+def test_notes_say_how_to_reach_the_api_the_dashboard_and_the_runbook() -> None:
+    monitoring = CHART / "examples" / "monitoring.yaml"
+    result = helm("install", "eat", str(CHART), "--namespace", "ns", "--dry-run=client")
+    notes = result.stdout.split("NOTES:", 1)[1]
+    assert "port-forward service/eat-echo-at-time-api 8080:8080" in notes
+    assert "grafanaDashboard.enabled=true" in notes
+    args = ("--dry-run=client", "--values", str(monitoring))
+    notes = helm("install", "eat", str(CHART), "--namespace", "ns", *args).stdout
+    notes = notes.split("NOTES:", 1)[1]
+    assert 'ConfigMap "eat-echo-at-time-dashboard"' in notes
+    assert "http://localhost:3000/d/echo-at-time" in notes
+    runbook = yaml.safe_load(monitoring.read_text())["prometheusRule"]["runbookUrl"]
+    assert runbook in notes
+    balancer = ("--dry-run=client", "--set", "api.service.type=LoadBalancer")
+    notes = helm("install", "eat", str(CHART), "--namespace", "ns", *balancer).stdout
+    assert "status.loadBalancer.ingress" in notes
