@@ -113,7 +113,9 @@ def promtool() -> None:
             # No package lists yet (a fresh machine): read them, then try again.
             sudo = [] if os.geteuid() == 0 else ["sudo"]
             subprocess.run([*sudo, "apt-get", "update", "-qq"], check=True)
-            subprocess.run(download, cwd=scratch, check=True, capture_output=True)
+            retry = subprocess.run(download, cwd=scratch, capture_output=True, text=True)
+            if retry.returncode != 0:
+                sys.exit(f"tools: apt-get download {PROMTOOL_PACKAGE} failed: {retry.stderr}")
         (deb,) = Path(scratch).glob("*.deb")
         files = subprocess.run(
             ["dpkg-deb", "--fsys-tarfile", str(deb)], check=True, capture_output=True
