@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import httpx
+import pytest
 
 from tests.chart import (
     EXTERNAL_METRICS,
@@ -25,6 +26,8 @@ from tests.chart import (
 from tests.e2e.harness import Cluster, now_ms
 from tests.servers import free_port
 from tests.wait import wait_until
+
+pytestmark = pytest.mark.e2e
 
 
 def test_every_metric_the_dashboard_and_the_alerts_read_is_exported_by_a_running_process(
