@@ -199,6 +199,7 @@ def with_grafana_variables(expr: str) -> str:
 def alert_expressions(*settings: str) -> dict[str, str]:
     """Alert name -> expression, as the chart renders them with prometheusRule on."""
     extra: tuple[str, ...] = ("--set", "prometheusRule.enabled=true")
+    extra += ("--set", "serviceMonitor.enabled=true")
     for setting in settings:
         extra += ("--set", setting)
     (rule,) = kinds(render(extra=extra))["PrometheusRule"]

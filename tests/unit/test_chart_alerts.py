@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.chart import CHART, ROOT, kinds, render, tool
+from tests.chart import CHART, ROOT, helm, kinds, render, tool
 from tests.unit.test_docs import anchors as runbook_anchors
 
 RUNBOOK = ROOT / "docs" / "runbook.md"
@@ -39,6 +39,7 @@ def series(name: str, labels: dict[str, str], values: str) -> dict[str, str]:
 
 def rule_groups(*settings: str) -> list[dict[str, Any]]:
     extra: tuple[str, ...] = ("--set", "prometheusRule.enabled=true")
+    extra += ("--set", "serviceMonitor.enabled=true")
     for setting in settings:
         extra += ("--set", setting)
     (rule,) = kinds(render(extra=extra, namespace=NAMESPACE))["PrometheusRule"]
@@ -169,6 +170,17 @@ def test_thresholds_selector_and_labels_are_values() -> None:
     assert rules["EchoAtTimeNoLeader"]["annotations"]["runbook_url"] == (
         "https://wiki.example/runbook#echoattimenoleader"
     )
+
+
+def test_rules_without_a_way_to_find_the_releases_series_are_refused() -> None:
+    """No ServiceMonitor and no selector: no series would match, and NoLeader would fire."""
+    result = helm(
+        "template", "eat", str(CHART), "--set", "prometheusRule.enabled=true", check=False
+    )
+    assert result.returncode != 0
+    assert "prometheusRule.selector" in result.stderr
+    selector = ("--set", 'prometheusRule.selector=job="eat"')
+    helm("template", "eat", str(CHART), "--set", "prometheusRule.enabled=true", *selector)
 
 
 def test_rules_only_pick_this_releases_series(groups: list[dict[str, Any]]) -> None:
