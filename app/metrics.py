@@ -193,6 +193,18 @@ PENDING = Gauge(
 )
 DEAD = Gauge("eat_dead_messages", "Entries in the dead stream.", registry=REGISTRY)
 CONSUMERS = Gauge("eat_consumers", "Consumers in the workers group.", registry=REGISTRY)
+OLDEST_OVERDUE = Gauge(
+    "eat_oldest_overdue_seconds",
+    "How long the earliest due message has waited in the delayed set, 0 when none is due.",
+    registry=REGISTRY,
+)
+# Only consumers that hold entries: the group keeps every consumer name it ever saw.
+CONSUMER_PENDING = Gauge(
+    "eat_consumer_pending",
+    "Entries delivered to a consumer and not yet acknowledged, per consumer holding any.",
+    ["consumer"],
+    registry=REGISTRY,
+)
 # The api's per-request metrics: updated on its event loop only.
 HTTP_REQUESTS = LoopCounter(
     "eat_http_requests",
@@ -207,15 +219,32 @@ HTTP_DURATION = LoopHistogram(
 )
 
 
+class ConsumerFigures(Protocol):
+    @property
+    def name(self) -> str: ...
+    @property
+    def pending(self) -> int: ...
+
+
 class QueueFigures(Protocol):
     """What the queue gauges show (``app.store.QueueStats`` has these)."""
 
-    delayed: int
-    stream_length: int
-    lag: int
-    pending: int
-    dead: int
-    consumers: int
+    @property
+    def delayed(self) -> int: ...
+    @property
+    def stream_length(self) -> int: ...
+    @property
+    def lag(self) -> int: ...
+    @property
+    def pending(self) -> int: ...
+    @property
+    def dead(self) -> int: ...
+    @property
+    def consumers(self) -> int: ...
+    @property
+    def oldest_overdue_ms(self) -> int | None: ...
+    @property
+    def members(self) -> Sequence[ConsumerFigures]: ...
 
 
 def set_queue_gauges(figures: QueueFigures) -> None:
@@ -225,6 +254,13 @@ def set_queue_gauges(figures: QueueFigures) -> None:
     PENDING.set(figures.pending)
     DEAD.set(figures.dead)
     CONSUMERS.set(figures.consumers)
+    OLDEST_OVERDUE.set((figures.oldest_overdue_ms or 0) / 1000)
+    # A consumer that holds nothing any more (it acknowledged, or was reclaimed from)
+    # drops out of the exposition instead of staying at 0 for ever.
+    CONSUMER_PENDING.clear()
+    for member in figures.members:
+        if member.pending:
+            CONSUMER_PENDING.labels(member.name).set(member.pending)
 
 
 def exposition() -> tuple[bytes, str]:

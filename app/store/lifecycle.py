@@ -17,9 +17,15 @@ from redis.commands.core import AsyncScript
 
 from app.model import NewMessage, Record, State
 from app.store.codec import STREAM_ID, uuid_key, uuid_text_or_none
-from app.store.keys import CONSUMER_GROUP
 from app.store.scripts import source
-from app.store.store import Accepted, Store, queue_figures, queue_figures_reads
+from app.store.store import (
+    QUEUE_FIGURES_READS,
+    Accepted,
+    ConsumerFigures,
+    Store,
+    queue_figures,
+    queue_figures_reads,
+)
 
 # Dead entries one replay/delete script call examines: bounds the time it blocks Redis.
 DEAD_BATCH = 200
@@ -49,13 +55,6 @@ class DeadEntry:
     attempts: int | None
     reason: str | None
     dead_at: int | None
-
-
-@dataclass(frozen=True, slots=True)
-class ConsumerFigures:
-    name: str
-    pending: int
-    idle_ms: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -245,38 +244,19 @@ class Lifecycle:
         k = self.keys
         async with self.client.pipeline(transaction=False) as pipe:
             queue_figures_reads(pipe, k)
-            pipe.xinfo_consumers(k.stream, CONSUMER_GROUP)
             pipe.hgetall(k.leader)
-            pipe.zrange(k.delayed, 0, 0, withscores=True)
-            pipe.time()
             replies = await pipe.execute(raise_on_error=False)
         figures = queue_figures(replies)
-        consumers, leader, first, now = replies[4:]
-        members = []
-        # XINFO fails while the stream or group does not exist yet: no workers.
-        if isinstance(consumers, list):
-            for c in consumers:
-                name = c.get("name", b"")
-                members.append(
-                    ConsumerFigures(
-                        name=name.decode() if isinstance(name, bytes) else str(name),
-                        pending=int(c.get("pending", 0)),
-                        idle_ms=int(c.get("idle", 0)),
-                    )
-                )
-        now_ms = now[0] * 1000 + now[1] // 1000
-        overdue = None
-        if first and first[0][1] <= now_ms:
-            overdue = now_ms - int(first[0][1])
+        leader = replies[QUEUE_FIGURES_READS]
         return QueueReport(
             delayed=figures.delayed,
             stream_length=figures.stream_length,
             pending=figures.pending,
             lag=figures.lag,
             dead=figures.dead,
-            consumers=members,
+            consumers=list(figures.members),
             leader=_leader(leader),
-            oldest_overdue_ms=overdue,
+            oldest_overdue_ms=figures.oldest_overdue_ms,
         )
 
 

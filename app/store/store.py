@@ -52,6 +52,15 @@ class Promoted:
 
 
 @dataclass(frozen=True, slots=True)
+class ConsumerFigures:
+    """One consumer of the workers group, as XINFO CONSUMERS reports it."""
+
+    name: str
+    pending: int
+    idle_ms: int
+
+
+@dataclass(frozen=True, slots=True)
 class QueueStats:
     """Cluster-wide figures, read in one pipeline."""
 
@@ -61,6 +70,10 @@ class QueueStats:
     lag: int
     consumers: int
     dead: int
+    # How long the earliest message of the delayed set has been due (Redis' clock);
+    # None when none is due. Promotion keeps this near 0 while a leader works.
+    oldest_overdue_ms: int | None = None
+    members: tuple[ConsumerFigures, ...] = ()
 
 
 @dataclass(slots=True)
@@ -79,18 +92,25 @@ class Delivery:
 _FIELD_ORDER = (b"u", b"m", b"r", b"a")
 
 
+QUEUE_FIGURES_READS = 7
+
+
 def queue_figures_reads(pipe, keys: Keyspace) -> None:
-    """Queue on ``pipe`` the four reads :func:`queue_figures` makes QueueStats of."""
+    """Queue on ``pipe`` the QUEUE_FIGURES_READS reads :func:`queue_figures` makes
+    QueueStats of."""
     pipe.zcard(keys.delayed)
     pipe.xlen(keys.stream)
     pipe.xlen(keys.dead)
     pipe.xinfo_groups(keys.stream)
+    pipe.xinfo_consumers(keys.stream, CONSUMER_GROUP)
+    pipe.zrange(keys.delayed, 0, 0, withscores=True)
+    pipe.time()
 
 
 def queue_figures(replies: list) -> QueueStats:
     """QueueStats from the replies to :func:`queue_figures_reads` (``raise_on_error=False``:
     XINFO fails while the stream or its group does not exist yet, which means zeros)."""
-    delayed, length, dead, groups = replies[:4]
+    delayed, length, dead, groups, members, first, now = replies[:QUEUE_FIGURES_READS]
     pending = consumers = 0
     if isinstance(groups, list):
         for info in groups:  # redis-py parses each group into a dict with str keys
@@ -107,7 +127,33 @@ def queue_figures(replies: list) -> QueueStats:
         lag=max(0, length - pending),
         consumers=consumers,
         dead=dead if isinstance(dead, int) else 0,
+        oldest_overdue_ms=_overdue_ms(first, now),
+        members=_consumer_figures(members),
     )
+
+
+def _overdue_ms(first: list | Exception, now: list | Exception) -> int | None:
+    if not first or isinstance(first, Exception) or isinstance(now, Exception):
+        return None
+    now_ms = int(now[0]) * 1000 + int(now[1]) // 1000
+    due = int(first[0][1])
+    return now_ms - due if due <= now_ms else None
+
+
+def _consumer_figures(members: list | Exception) -> tuple[ConsumerFigures, ...]:
+    if not isinstance(members, list):  # no stream or group yet: no consumers
+        return ()
+    figures = []
+    for c in members:  # redis-py parses each consumer into a dict with str keys
+        name = c.get("name", b"")
+        figures.append(
+            ConsumerFigures(
+                name=name.decode() if isinstance(name, bytes) else str(name),
+                pending=int(c.get("pending", 0)),
+                idle_ms=int(c.get("idle", 0)),
+            )
+        )
+    return tuple(figures)
 
 
 def parse_entry(entry_id: bytes | str, fields: list | dict) -> Delivery:

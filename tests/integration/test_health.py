@@ -16,6 +16,7 @@ from app.http.app import create_app
 from app.settings import Settings
 from app.store import Store, connect
 from app.store.keys import Keyspace
+from tests.integration.test_scripts import redis_now_ms, wait_for_redis_time
 from tests.servers import free_port
 
 with warnings.catch_warnings():
@@ -149,3 +150,35 @@ def test_metrics_report_pending_and_lag_of_the_workers_group(
     assert metric(text, "eat_stream_pending") == 1
     assert metric(text, "eat_stream_lag") == 2
     assert metric(text, "eat_consumers") == 1
+
+
+def test_metrics_report_how_long_the_oldest_due_message_has_waited_unpromoted(
+    client: TestClient, redis_client: redis.Redis
+) -> None:
+    assert metric(client.get("/metrics").text, "eat_oldest_overdue_seconds") == 0
+    post(client, TOKEN, runAt=redis_now_ms(redis_client) + 60_000)  # not due: still 0
+    assert metric(client.get("/metrics").text, "eat_oldest_overdue_seconds") == 0
+    due_at = redis_now_ms(redis_client) + 20
+    post(client, TOKEN, runAt=due_at)  # delayed, then due; no leader promotes it
+    wait_for_redis_time(redis_client, due_at + 100)
+    waited = metric(client.get("/metrics").text, "eat_oldest_overdue_seconds")
+    assert 0.1 <= waited <= (redis_now_ms(redis_client) - due_at) / 1000
+
+
+def test_metrics_report_what_each_consumer_holds_and_leave_out_those_holding_nothing(
+    client: TestClient, redis_client: redis.Redis, prefix: str
+) -> None:
+    for _ in range(4):
+        post(client, TOKEN, runAt=1)
+    stream = Keyspace(prefix).stream
+    redis_client.xgroup_create(stream, "workers", id="0")
+    redis_client.xreadgroup("workers", "w1", {stream: ">"}, count=2)
+    [[_, [(held, _)]]] = redis_client.xreadgroup("workers", "w2", {stream: ">"}, count=1)
+    text = client.get("/metrics").text
+    assert metric(text, 'eat_consumer_pending{consumer="w1"}') == 2
+    assert metric(text, 'eat_consumer_pending{consumer="w2"}') == 1
+    redis_client.xack(stream, "workers", held)
+    text = client.get("/metrics").text
+    assert metric(text, 'eat_consumer_pending{consumer="w1"}') == 2
+    assert 'consumer="w2"' not in text, "a consumer holding nothing drops out"
+    assert metric(text, "eat_consumers") == 2

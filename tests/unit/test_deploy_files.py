@@ -8,8 +8,10 @@ keyspace for the stream and consumer-group names. values.yaml and the example
 values files are validated against values.schema.json with jsonschema, the way
 Helm validates them (defaults coalesced with the overrides first).
 
-When a ``helm`` binary is on PATH, ``helm lint`` and ``helm template`` also run
-and the rendered manifests are checked; otherwise those tests skip.
+``helm lint`` and ``helm template`` run with the pinned helm that
+``scripts/bootstrap`` installs (``tests/chart.py``), and the rendered manifests
+are checked here for what the code expects; ``test_chart_manifests.py`` checks
+them against the Kubernetes and CRD schemas.
 """
 
 from __future__ import annotations
@@ -19,8 +21,6 @@ import dataclasses
 import json
 import re
 import shlex
-import shutil
-import subprocess
 import tomllib
 from collections.abc import Iterator
 from pathlib import Path
@@ -32,15 +32,14 @@ import yaml
 
 from app.settings import Settings, SettingsError
 from app.store.keys import CONSUMER_GROUP, Keyspace
+from tests.chart import CHART, EXAMPLES, helm, kinds, render
 from tests.known import EAT_NAME, assert_known_command, assert_known_settings
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCKERFILE = ROOT / "Dockerfile"
 DOCKERIGNORE = ROOT / ".dockerignore"
 COMPOSE = ROOT / "docker-compose.yml"
-CHART = ROOT / "charts" / "echo-at-time"
 TEMPLATES = CHART / "templates"
-EXAMPLES = sorted((CHART / "examples").glob("*.yaml"))
 DEPLOYMENTS = {
     "api": TEMPLATES / "api-deployment.yaml",
     "scheduler": TEMPLATES / "scheduler-deployment.yaml",
@@ -48,9 +47,6 @@ DEPLOYMENTS = {
 }
 
 TEMPLATE_ACTION = re.compile(r"\{\{.*?\}\}")
-
-needs_helm = pytest.mark.skipif(shutil.which("helm") is None, reason="helm binary not on PATH")
-
 
 # ---------------------------------------------------------------------------
 # helpers
@@ -525,30 +521,7 @@ def test_other_templates_use_the_expected_apis() -> None:
 
 
 # ---------------------------------------------------------------------------
-# With a helm binary: lint and render
-
-
-def helm(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    helm_binary = shutil.which("helm")
-    assert helm_binary is not None
-    return subprocess.run(
-        [helm_binary, *args], capture_output=True, text=True, timeout=120, check=check
-    )
-
-
-def render(*values_files: Path, extra: tuple[str, ...] = ()) -> list[dict[str, Any]]:
-    args = ["template", "eat", str(CHART), "--namespace", "ns"]
-    for path in values_files:
-        args += ["--values", str(path)]
-    result = helm(*args, *extra)
-    return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
-
-
-def kinds(documents: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
-    by_kind: dict[str, list[dict[str, Any]]] = {}
-    for document in documents:
-        by_kind.setdefault(document["kind"], []).append(document)
-    return by_kind
+# helm lint and helm template (the pinned helm)
 
 
 def merged_values(*values_files: Path) -> dict[str, Any]:
@@ -591,7 +564,6 @@ def check_deployments(documents: list[dict[str, Any]], values: dict[str, Any]) -
                 assert "e+" not in entry["value"], f"{variable}={entry['value']}"
 
 
-@needs_helm
 @pytest.mark.parametrize("example", [None, *EXAMPLES], ids=lambda p: p.name if p else "defaults")
 def test_helm_lint(example: Path | None) -> None:
     args = ["lint", str(CHART), "--strict"]
@@ -601,7 +573,6 @@ def test_helm_lint(example: Path | None) -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-@needs_helm
 def test_helm_template_defaults() -> None:
     documents = render()
     by_kind = kinds(documents)
@@ -619,7 +590,6 @@ def test_helm_template_defaults() -> None:
     assert set(secret["stringData"]) == {"redis-url"}
 
 
-@needs_helm
 def test_helm_template_keda_example() -> None:
     example = CHART / "examples" / "keda.yaml"
     values = merged_values(example)
@@ -647,7 +617,6 @@ def test_helm_template_keda_example() -> None:
     assert all(e["path"] == "/metrics" for e in monitor["spec"]["endpoints"])
 
 
-@needs_helm
 def test_helm_template_production_example() -> None:
     example = CHART / "examples" / "production.yaml"
     values = merged_values(example)
@@ -659,7 +628,6 @@ def test_helm_template_production_example() -> None:
     assert "ServiceMonitor" in by_kind
 
 
-@needs_helm
 @pytest.mark.parametrize(
     "overrides",
     [

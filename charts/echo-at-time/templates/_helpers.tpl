@@ -240,3 +240,15 @@ checksum/secret: {{ include (print .Template.BasePath "/secret.yaml") . | sha256
 {{- fail (printf "terminationGracePeriodSeconds (%v) must be larger than config.visibilityTimeout (%v): a worker drains for up to the visibility timeout on SIGTERM" .Values.terminationGracePeriodSeconds .Values.config.visibilityTimeout) }}
 {{- end }}
 {{- end }}
+
+{{/*
+PromQL label matchers for this release's series: prometheusRule.selector, else those
+the chart's ServiceMonitor makes (its job label is the name of the Service scraped).
+*/}}
+{{- define "echo-at-time.metricSelector" -}}
+{{- if .Values.prometheusRule.selector }}
+{{- .Values.prometheusRule.selector }}
+{{- else }}
+{{- printf "namespace=%q,job=~%q" .Release.Namespace (printf "%s-(api|scheduler-metrics|worker-metrics)" (include "echo-at-time.fullname" . | trunc 52 | trimSuffix "-")) }}
+{{- end }}
+{{- end }}
