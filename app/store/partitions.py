@@ -22,7 +22,7 @@ from app.model import NewMessage
 from app.settings import Settings
 from app.store.codec import uuid_key
 from app.store.keys import Keyspace, partition_of
-from app.store.store import Accepted, QueueStats, StorageFormatError, Store
+from app.store.store import Accepted, ConsumerFigures, QueueStats, StorageFormatError, Store
 
 
 class PartitionCountError(StorageFormatError):
@@ -92,6 +92,21 @@ class Partitions:
     async def queue_stats(self) -> QueueStats:
         """The figures of every partition, summed."""
         each = await asyncio.gather(*(store.queue_stats() for store in self.stores))
+        if len(each) == 1:
+            return each[0]
+        overdue = [s.oldest_overdue_ms for s in each if s.oldest_overdue_ms is not None]
+        # A worker is a consumer in every partition's group: one row per name.
+        members: dict[str, ConsumerFigures] = {}
+        for figures in each:
+            for m in figures.members:
+                seen = members.get(m.name)
+                members[m.name] = (
+                    m
+                    if seen is None
+                    else ConsumerFigures(
+                        m.name, seen.pending + m.pending, min(seen.idle_ms, m.idle_ms)
+                    )
+                )
         return QueueStats(
             delayed=sum(s.delayed for s in each),
             stream_length=sum(s.stream_length for s in each),
@@ -99,6 +114,8 @@ class Partitions:
             lag=sum(s.lag for s in each),
             consumers=max((s.consumers for s in each), default=0),
             dead=sum(s.dead for s in each),
+            oldest_overdue_ms=max(overdue, default=None),
+            members=tuple(members.values()),
         )
 
 
