@@ -111,6 +111,10 @@ class Worker:
         self._ack_wanted = asyncio.Event()
         self._stopping = asyncio.Event()
         self._draining = False  # set once no handler can add to the ack queue any more
+        # Set once the entries delivered to this name before a restart were read: the reclaim
+        # loop waits for it, or what it claims for this name would be read back as our own
+        # pending entries and handled a second time.
+        self._own_read = asyncio.Event()
         self._supervisor = Supervisor("worker", self._stopping)
 
     def stop(self) -> None:
@@ -169,6 +173,8 @@ class Worker:
             )
         except Stopped:
             return
+        finally:
+            self._own_read.set()
         await self._dispatch(await self._still_ours(own, asked))
         await self._read_loop()
 
@@ -372,6 +378,7 @@ class Worker:
 
     async def _reclaim_loop(self) -> None:
         interval = min(max(self.settings.visibility_timeout / 2, 0.05), 5.0)
+        await self._own_read.wait()
         cursor = "0-0"
         while not self._stopping.is_set():
             asked = time.monotonic()

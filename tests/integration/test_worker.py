@@ -555,6 +555,8 @@ def test_a_worker_whose_loop_dies_stops_reading_raises_and_another_worker_takes_
                     lambda: live.stats.acked == 5, "reclaimed and acked", DEADLINE
                 )
             assert await states(store, uuids) == [State.DELIVERED] * 5
+            # Each once: what its reclaim loop claimed is not read back as its own pending.
+            assert live.stats.handled == 5
             echoed = [line["uuid"] for line in read_lines(path)]
             assert sorted(set(echoed)) == sorted(uuids)
 
