@@ -14,6 +14,10 @@ the delivery counts as failed with the reason ``timeout`` (retried with backoff,
 then dead-lettered) and its slot and claim are released. Inline handlers (echo)
 never block, so they are not timed.
 
+A lost stream or consumer group (``NOGROUP``: a DEL, an eviction, a Redis restarted
+without its data) is made anew, at id ``0``, by whichever loop meets it first, so the
+worker carries on by itself (see ``Store.ensure_group``).
+
 Shape: the read, acknowledge, reclaim and extend loops run under a
 :class:`~app.supervise.Supervisor`; one that dies stops the worker (it reads no
 more, finishes and acknowledges what it holds) and ``run()`` raises
@@ -34,7 +38,7 @@ from redis.exceptions import RedisError
 from app import metrics
 from app.backoff import Backoff, Stopped, describe, until_done
 from app.log import get_logger
-from app.store import Delivery, Store
+from app.store import Delivery, Store, group_missing
 from app.supervise import Supervisor
 from workers.handlers import Handler, is_async
 from workers.retry import backoff_seconds
@@ -162,15 +166,40 @@ class Worker:
                 died=supervisor.failed is not None,
             )
 
+    async def _regroup(self, exc: BaseException, during: str) -> bool:
+        """On NOGROUP (the stream or its group was lost), make the group anew; whether it did.
+
+        Every loop meets it (read, reclaim, extend, the own pending read); whichever does
+        first makes the group, the others find it there (BUSYGROUP is success).
+        """
+        if not group_missing(exc):
+            return False
+        log.warning(
+            "consumer group missing, making it anew",
+            worker=self.consumer,
+            during=during,
+            error=describe(exc),
+        )
+        try:
+            await self.store.ensure_group()
+        except (RedisError, OSError) as err:
+            log.warning("could not make the consumer group", error=describe(err))
+            return False
+        return True
+
+    async def _own_pending(self) -> list[Delivery]:
+        try:
+            return await self.store.read(self.consumer, 10_000, None, own_pending=True)
+        except (RedisError, OSError) as exc:
+            if await self._regroup(exc, "reading own pending entries"):
+                return []  # a new group holds nothing of ours
+            raise
+
     async def _consume(self) -> None:
         """Entries delivered to this name before a restart first, then new ones."""
         asked = time.monotonic()
         try:
-            own = await until_done(
-                lambda: self.store.read(self.consumer, 10_000, None, own_pending=True),
-                self._stopping,
-                "reading own pending entries",
-            )
+            own = await until_done(self._own_pending, self._stopping, "reading own pending entries")
         except Stopped:
             return
         finally:
@@ -190,6 +219,8 @@ class Worker:
                     self.consumer, min(free, self.settings.read_count), BLOCK_MS
                 )
             except (RedisError, OSError) as exc:
+                if await self._regroup(exc, "read"):
+                    continue
                 log.warning("read failed", worker=self.consumer, error=describe(exc))
                 await backoff.wait(self._stopping)
                 continue
@@ -214,7 +245,8 @@ class Worker:
         for delivery in deliveries:
             try:
                 renewed = await self.store.extend(self.consumer, [delivery.id])
-            except (RedisError, OSError):
+            except (RedisError, OSError) as exc:
+                log.warning("claim check failed", uuid=delivery.uuid, error=describe(exc))
                 renewed = 0
             if renewed:
                 kept.append(delivery)
@@ -338,7 +370,7 @@ class Worker:
             outcome, attempts = await self.store.fail(delivery, int(delay * 1000), reason)
         except (RedisError, OSError) as err:
             # Still pending: another worker reclaims it after the visibility timeout.
-            log.error("could not record failure", uuid=delivery.uuid, error=type(err).__name__)
+            log.error("could not record failure", uuid=delivery.uuid, error=describe(err))
             return
         if outcome == "dead":
             self.stats.dead += 1
@@ -388,7 +420,8 @@ class Worker:
                     self.consumer, cursor, min(free, self.settings.read_count)
                 )
             except (RedisError, OSError) as exc:
-                log.warning("reclaim failed", error=describe(exc))
+                if not await self._regroup(exc, "reclaim"):
+                    log.warning("reclaim failed", error=describe(exc))
                 await self._sleep(interval)
                 continue
             self.stats.dead += dead
@@ -418,7 +451,8 @@ class Worker:
             try:
                 await self.store.extend(self.consumer, ids)
             except (RedisError, OSError) as exc:
-                log.warning("claim renewal failed", error=describe(exc))
+                if not await self._regroup(exc, "claim renewal"):
+                    log.warning("claim renewal failed", error=describe(exc))
 
     async def _sleep(self, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):

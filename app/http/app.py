@@ -16,6 +16,7 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
 
+from app.backoff import describe
 from app.health import health_routes
 from app.http import openapi
 from app.http.answers import RequestMetrics, error
@@ -129,7 +130,7 @@ def create_app(settings: Settings | None = None) -> ApiApp:
             try:
                 await asyncio.wait_for(app.state.store.check_format(), FORMAT_CHECK_S)
             except (RedisError, OSError, TimeoutError) as exc:
-                log.warning("storage format not checked", error=type(exc).__name__)
+                log.warning("storage format not checked", error=describe(exc))
             yield
         finally:
             await client.aclose()

@@ -14,6 +14,7 @@ from app.store.store import (
     StorageFormatError,
     Store,
     encode_epoch,
+    group_missing,
     parse_entry,
 )
 
@@ -28,5 +29,6 @@ __all__ = [
     "StoreRedis",
     "connect",
     "encode_epoch",
+    "group_missing",
     "parse_entry",
 ]

@@ -31,6 +31,12 @@ def encode_epoch(epoch: int) -> str:
     return f"{epoch:0{EPOCH_WIDTH}d}"
 
 
+def group_missing(exc: BaseException) -> bool:
+    """Whether Redis answered NOGROUP: the stream or its consumer group is gone (a DEL, an
+    eviction, a Redis restarted without its data). A worker makes the group anew."""
+    return isinstance(exc, ResponseError) and str(exc).startswith("NOGROUP")
+
+
 class StorageFormatError(RuntimeError):
     """Redis holds this prefix's data in a format this release does not read."""
 
@@ -217,7 +223,14 @@ class Store:
         return Promoted(moved=moved, now_ms=now_ms, next_due_ms=None if next_due < 0 else next_due)
 
     async def ensure_group(self) -> None:
-        """Create the stream and its consumer group; BUSYGROUP means it exists, which is success."""
+        """Create the stream and its consumer group; BUSYGROUP means it exists, which is success.
+
+        The group starts at "0", not "$": when it is made anew after a loss (the stream
+        deleted or evicted, Redis restarted empty), the stream may already hold entries
+        added since (messages accepted due, or promoted, meanwhile). "$" would never deliver
+        those, and the ack script's trim would later delete them as done. Acknowledged
+        entries are deleted, so "0" delivers only work not yet done.
+        """
         try:
             await self.client.xgroup_create(self.keys.stream, CONSUMER_GROUP, id="0", mkstream=True)
         except ResponseError as exc:
@@ -244,6 +257,7 @@ class Store:
         return out
 
     async def ack(self, deliveries: list[Delivery]) -> int:
+        """Acknowledge handled deliveries; how many records were marked delivered."""
         if not deliveries:
             return 0
         k = self.keys
