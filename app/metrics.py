@@ -163,6 +163,12 @@ DEAD_LETTERED = Counter(
 RECLAIMED = Counter(
     "eat_messages_reclaimed", "Entries taken over from dead or stalled workers.", registry=REGISTRY
 )
+QUARANTINED = Counter(
+    "eat_quarantined",
+    "Records, stream entries and sorted-set members that could not be decoded, moved to the "
+    "dead stream (reason 'corrupt ...').",
+    registry=REGISTRY,
+)
 PROMOTE_REFUSED = Counter(
     "eat_promote_refused",
     "Promote calls refused because a newer leader epoch was stored (zombie leader).",

@@ -8,6 +8,7 @@ from app.store.client import StoreRedis, connect
 from app.store.store import (
     LEADER_TTL_MS,
     Accepted,
+    CorruptEntry,
     Delivery,
     Promoted,
     QueueStats,
@@ -21,6 +22,7 @@ from app.store.store import (
 __all__ = [
     "LEADER_TTL_MS",
     "Accepted",
+    "CorruptEntry",
     "Delivery",
     "Promoted",
     "QueueStats",

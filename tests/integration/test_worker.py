@@ -647,3 +647,27 @@ def test_the_own_pending_read_on_a_lost_group_makes_it_anew_and_finds_nothing_of
             assert [g["name"] for g in groups] == [CONSUMER_GROUP.encode()]
 
     asyncio.run(scenario())
+
+
+def test_a_worker_quarantines_an_entry_it_cannot_decode_and_neither_dies_nor_stops(
+    settings, echo_out
+) -> None:
+    """Raising on it would kill the read loop, and the process, at every restart alike."""
+    path, fd = echo_out
+
+    async def scenario() -> None:
+        async with open_store(settings) as store:
+            before = await accept_due(store, 2, "before")
+            await store.client.xadd(store.keys.stream, {"u": b"\x01" * 16, "m": "x", "r": "soon"})
+            after = await accept_due(store, 2, "after")
+            worker = Worker(store, make_echo("w1", fd), "w1")
+            async with running_worker(worker) as task:
+                await async_wait_until(lambda: worker.stats.acked == 4, "acked", DEADLINE)
+                assert not task.done()
+            assert [line["uuid"] for line in read_lines(path)] == before + after
+            [(_id, fields)] = await store.client.xrange(store.keys.dead)
+            assert fields[b"reason"].startswith(b"corrupt stream entry")
+            assert await store.client.xlen(store.keys.stream) == 0
+            assert await pending_count(store) == 0
+
+    asyncio.run(scenario())
