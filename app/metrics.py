@@ -189,6 +189,13 @@ EPOCH = Gauge(
     "Epoch of this scheduler's leadership, 0 when not leading.",
     registry=REGISTRY,
 )
+EVICTING_POLICY = Gauge(
+    "eat_redis_evicting_policy",
+    "Redis' maxmemory-policy (label; 'unknown' when Redis will not say): 1 when it may evict "
+    "this service's data (allkeys-*), else 0.",
+    ["policy"],
+    registry=REGISTRY,
+)
 DELAYED = Gauge("eat_delayed_messages", "Messages in the delayed sorted set.", registry=REGISTRY)
 STREAM_LENGTH = Gauge(
     "eat_stream_length", "Entries in the stream (not yet acknowledged).", registry=REGISTRY
@@ -231,6 +238,12 @@ def set_queue_gauges(figures: QueueFigures) -> None:
     PENDING.set(figures.pending)
     DEAD.set(figures.dead)
     CONSUMERS.set(figures.consumers)
+
+
+def set_memory_policy(policy: str, evicting: bool) -> None:
+    """One series: the policy last read."""
+    EVICTING_POLICY.clear()
+    EVICTING_POLICY.labels(policy).set(1 if evicting else 0)
 
 
 def exposition() -> tuple[bytes, str]:

@@ -18,7 +18,8 @@ A lost stream or consumer group (``NOGROUP``: a DEL, an eviction, a Redis restar
 without its data) is made anew, at id ``0``, by whichever loop meets it first, so the
 worker carries on by itself (see ``Store.ensure_group``).
 
-Shape: the read, acknowledge, reclaim and extend loops run under a
+Shape: the read, acknowledge, reclaim and extend loops, and the periodic check of
+Redis' maxmemory-policy (:mod:`app.store.memory`), run under a
 :class:`~app.supervise.Supervisor`; one that dies stops the worker (it reads no
 more, finishes and acknowledges what it holds) and ``run()`` raises
 :class:`~app.supervise.TaskDied`, so the process exits non-zero and is restarted.
@@ -39,6 +40,7 @@ from app import metrics
 from app.backoff import Backoff, Stopped, describe, until_done
 from app.log import get_logger
 from app.store import Delivery, Store, group_missing
+from app.store.memory import MemoryPolicy
 from app.supervise import Supervisor
 from workers.handlers import Handler, is_async
 from workers.retry import backoff_seconds
@@ -85,6 +87,9 @@ class Worker:
     :param concurrency: most handlers running at once in this process.
     :param handler_timeout: seconds a (non-inline) handler may run before its delivery
         counts as failed with the reason ``timeout``.
+    :param memory_policy: the check of Redis' maxmemory-policy (default: from the store's
+        settings): at start, refusing an evicting one (EvictingPolicyError goes up from
+        :meth:`run`), then periodically as one of the supervised loops.
     """
 
     def __init__(
@@ -94,6 +99,7 @@ class Worker:
         consumer: str,
         concurrency: int = 1,
         handler_timeout: float = DEFAULT_HANDLER_TIMEOUT,
+        memory_policy: MemoryPolicy | None = None,
     ) -> None:
         if concurrency < 1:
             raise ValueError("concurrency must be at least 1")
@@ -105,6 +111,9 @@ class Worker:
         self.consumer = consumer
         self.concurrency = concurrency
         self.handler_timeout = handler_timeout
+        self.memory_policy = memory_policy or MemoryPolicy(
+            store.client, self.settings.allow_eviction, self.settings.memory_policy_interval
+        )
         self.stats = WorkerStats()
         self._inline = bool(getattr(handler, "inline", False))
         self._async = is_async(handler)
@@ -127,16 +136,19 @@ class Worker:
         self._ack_wanted.set()
 
     async def run(self) -> None:
-        """Until :meth:`stop`; raises TaskDied if one of its loops died (it stops first)."""
+        """Until :meth:`stop`; raises TaskDied if one of its loops died (it stops first),
+        StorageFormatError or EvictingPolicyError if it must not start at all."""
         stop = self._stopping
         try:
             await until_done(self.store.check_format, stop, "storage format check")
+            await until_done(self.memory_policy.require, stop, "maxmemory-policy check")
             await until_done(self.store.ensure_group, stop, "consumer group")
         except Stopped:
             return
         supervisor = self._supervisor
         supervisor.spawn(self._ack_loop(), "ack")
         supervisor.spawn(self._extend_loop(), "extend")
+        supervisor.spawn(self.memory_policy.watch(stop), "memory-policy")
         # The two loops that hand out work: both end before the ack queue is drained.
         feeders = {
             supervisor.spawn(self._reclaim_loop(), "reclaim"),

@@ -65,6 +65,8 @@ GOOD_VALUES = {
     "EAT_REDIS_CA_FILE": ("", ""),
     "EAT_API_URL": ("https://eat.example:8443", "https://eat.example:8443"),
     "EAT_LEGACY_BRIDGE": (" False ", False),
+    "EAT_ALLOW_EVICTION": ("yes", True),
+    "EAT_MEMORY_POLICY_INTERVAL": ("2.5", 2.5),
     "EAT_LEGACY_QUEUE": ("OldQueue", "OldQueue"),
     "EAT_LEGACY_DELAYED": ("LegacyDelayed", "LegacyDelayed"),
     "EAT_LEGACY_IN_FLIGHT": ("LegacyInFlight", "LegacyInFlight"),
