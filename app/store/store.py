@@ -16,7 +16,7 @@ from app.log import get_logger
 from app.model import NewMessage, Record
 from app.settings import Settings
 from app.store.client import StoreRedis
-from app.store.codec import FORMAT, SEQ_BYTES, UUID_BYTES, decode_record, uuid_key, uuid_text
+from app.store.codec import FORMAT, UUID_BYTES, decode_record, uuid_key, uuid_text
 from app.store.keys import CONSUMER_GROUP, Keyspace
 from app.store.scripts import Scripts
 
@@ -90,6 +90,9 @@ class Delivery:
 
 
 _FIELD_ORDER = (b"u", b"m", b"r", b"a")
+# Storage format 1: a uuid as its canonical text; a sorted-set member, 12 hex digits first.
+_UUID_TEXT = 36
+_FORMAT_1_SEQ = 12
 _PROBLEM_BYTES = 200  # of what was wrong with an entry, kept in its quarantine entry
 
 
@@ -230,8 +233,11 @@ class Store:
 
         Format 1 (text uuids, msgpack records, a retention sorted set) read as
         format 2 would be misread: its sorted-set members name no record, and the
-        promote script would drop them. One sample of each key tells: a format-2
-        uuid is 16 bytes wherever it is stored.
+        promote script would drop them. One sample of each key tells: format 1 kept
+        a uuid as its 36-character text wherever it stored one (a member was 12 hex
+        digits of sequence and the uuid). A sample of another odd shape is not
+        format 1 but one damaged item, which the scripts quarantine when they meet
+        it: refusing to start on it would only make every restart refuse again.
         """
         k = self.keys
         async with self.client.pipeline(transaction=False) as pipe:
@@ -241,9 +247,9 @@ class Store:
             pipe.type(k.retention)
             first, field, entry, retention = await pipe.execute()
         old = (
-            (first and len(first[0]) != SEQ_BYTES + UUID_BYTES)
-            or (field is not None and len(field) != UUID_BYTES)
-            or (entry and len(entry[0][1].get(b"u", b"")) != UUID_BYTES)
+            (first and len(first[0]) == _FORMAT_1_SEQ + _UUID_TEXT)
+            or (field is not None and len(field) == _UUID_TEXT)
+            or (entry and len(entry[0][1].get(b"u", b"")) == _UUID_TEXT)
             or retention in (b"zset", "zset")
         )
         if old:

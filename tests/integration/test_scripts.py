@@ -897,6 +897,20 @@ def test_check_format_refuses_data_of_format_1(h, r, ks, kind):
         assert snapshot(r, ks) == before  # read only
 
 
+DAMAGED_DATA = {
+    "delayed member": lambda r, ks: r.zadd(ks.delayed, {b"short": 1}),
+    "record field": lambda r, ks: r.hset(ks.messages, b"odd field", b"x"),
+    "stream entry": lambda r, ks: r.xadd(ks.stream, {"u": b"\x01" * 15, "m": "x"}),
+}
+
+
+@pytest.mark.parametrize("kind", DAMAGED_DATA)
+def test_check_format_starts_on_one_damaged_item_which_is_not_format_1(h, r, ks, kind):
+    """Refusing would make every restart refuse again; the scripts quarantine it instead."""
+    DAMAGED_DATA[kind](r, ks)
+    h.run(h.store().check_format())
+
+
 # --- the client ------------------------------------------------------------------------------
 
 
