@@ -113,17 +113,19 @@ def main(argv: list[str] | None = None) -> int:
         return run_api(settings, args.host, args.port)
     if args.command == "scheduler":
         from app.store import StorageFormatError
+        from app.store.memory import EvictingPolicyError
         from election.scheduler import run_scheduler
 
         try:
             _run_async(run_scheduler(settings))
-        except StorageFormatError as exc:
+        except (StorageFormatError, EvictingPolicyError) as exc:
             return _fail(str(exc))
         except TaskDied as exc:
             return _died(exc)
         return 0
     if args.command == "worker":
         from app.store import StorageFormatError
+        from app.store.memory import EvictingPolicyError
         from workers.handlers import HandlerSpecError
         from workers.process import run_worker
 
@@ -140,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
                     handler_timeout=args.handler_timeout,
                 )
             )
-        except (HandlerSpecError, StorageFormatError) as exc:
+        except (HandlerSpecError, StorageFormatError, EvictingPolicyError) as exc:
             return _fail(str(exc))
         except TaskDied as exc:
             return _died(exc)
@@ -167,8 +169,9 @@ def run_api(settings: Settings, host: str, port: int) -> int:
 
     from app.http.app import create_app
 
+    app = create_app(settings)
     config = uvicorn.Config(
-        create_app(settings),
+        app,
         host=host,
         port=port,
         loop="uvloop",
@@ -184,7 +187,16 @@ def run_api(settings: Settings, host: str, port: int) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: None)
     log.info("api listening", host=host, port=port)
-    server.run()
+    try:
+        server.run()
+    except SystemExit:  # uvicorn's exit code 3 when the start-up (lifespan) failed
+        if getattr(app.state, "refused", None) is None:
+            raise
+    # A start-up check refused this Redis (StorageFormatError, EvictingPolicyError): exit 2
+    # naming why, as the scheduler and the worker do.
+    refused = getattr(app.state, "refused", None)
+    if refused is not None:
+        return _fail(str(refused))
     return 0 if server.started else 1
 
 

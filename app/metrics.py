@@ -163,6 +163,12 @@ DEAD_LETTERED = Counter(
 RECLAIMED = Counter(
     "eat_messages_reclaimed", "Entries taken over from dead or stalled workers.", registry=REGISTRY
 )
+QUARANTINED = Counter(
+    "eat_quarantined",
+    "Records, stream entries and sorted-set members that could not be decoded, moved to the "
+    "dead stream (reason 'corrupt ...').",
+    registry=REGISTRY,
+)
 PROMOTE_REFUSED = Counter(
     "eat_promote_refused",
     "Promote calls refused because a newer leader epoch was stored (zombie leader).",
@@ -181,6 +187,13 @@ LEADER = Gauge("eat_leader", "1 while this scheduler leads and may promote.", re
 EPOCH = Gauge(
     "eat_leader_epoch",
     "Epoch of this scheduler's leadership, 0 when not leading.",
+    registry=REGISTRY,
+)
+EVICTING_POLICY = Gauge(
+    "eat_redis_evicting_policy",
+    "Redis' maxmemory-policy (label; 'unknown' when Redis will not say): 1 when it may evict "
+    "this service's data (allkeys-*), else 0.",
+    ["policy"],
     registry=REGISTRY,
 )
 DELAYED = Gauge("eat_delayed_messages", "Messages in the delayed sorted set.", registry=REGISTRY)
@@ -261,6 +274,12 @@ def set_queue_gauges(figures: QueueFigures) -> None:
     for member in figures.members:
         if member.pending:
             CONSUMER_PENDING.labels(member.name).set(member.pending)
+
+
+def set_memory_policy(policy: str, evicting: bool) -> None:
+    """One series: the policy last read."""
+    EVICTING_POLICY.clear()
+    EVICTING_POLICY.labels(policy).set(1 if evicting else 0)
 
 
 def exposition() -> tuple[bytes, str]:

@@ -189,6 +189,18 @@ class Settings:
         default=100000,
         metadata={"doc": "Approximate cap on the dead-letter stream's length."},
     )
+    allow_eviction: bool = field(
+        default=False,
+        metadata={
+            "doc": "`true` lets every process run on a Redis whose maxmemory-policy may evict "
+            "this service's keys (allkeys-*), where accepted messages can vanish; otherwise "
+            "such a process refuses to start (exit 2), and one that finds it later is not ready."
+        },
+    )
+    memory_policy_interval: float = field(
+        default=30.0,
+        metadata={"doc": "Seconds between two checks of Redis' maxmemory-policy by each process."},
+    )
     api_token: str = field(
         default="",
         repr=False,
@@ -311,7 +323,7 @@ class Settings:
             if isinstance(value, float) and not math.isfinite(value):
                 raise SettingsError(_env(f.name), "must be a finite number")
         _positive(self, "zk_session_timeout", "visibility_timeout", "retry_base", "retry_max")
-        _positive(self, "handler_timeout")
+        _positive(self, "handler_timeout", "memory_policy_interval")
         _positive(self, "max_deliveries", "max_message_bytes", "promote_batch", "read_count")
         _positive(self, "dead_maxlen", "retention", "max_batch_bytes", "wait_timeout_ms")
         if self.redis_cluster not in ("auto", "true", "false"):

@@ -1,7 +1,8 @@
 """The scheduler process: join the election; while leading, promote (and bridge the
 legacy lists).
 
-Its loops (promoter, wake-up listener, legacy bridge) run under one
+Its loops (promoter, wake-up listener, legacy bridge, the periodic check of Redis'
+maxmemory-policy) run under one
 :class:`~app.supervise.Supervisor`: if one of them dies, the process leaves the
 election at once (deleting its node, so another scheduler leads without waiting
 for the session to expire) and :func:`run_scheduler` raises
@@ -22,6 +23,7 @@ from app.log import get_logger
 from app.settings import Settings
 from app.store import Store, connect
 from app.store.keys import LegacyLists
+from app.store.memory import MemoryPolicy
 from app.supervise import Supervisor
 from election.bridge import LegacyBridge
 from election.gate import LeadershipGate, Role
@@ -40,8 +42,9 @@ def default_identifier() -> str:
 async def run_scheduler(settings: Settings, identifier: str | None = None) -> None:
     """Run until SIGTERM/SIGINT; a leader hands over by deleting its election node.
 
-    StorageFormatError (data this release would misread) and TaskDied (a loop
-    died) go up: the caller exits non-zero.
+    StorageFormatError (data this release would misread), EvictingPolicyError (a Redis
+    that may evict this service's data) and TaskDied (a loop died) go up: the caller
+    exits non-zero.
     """
     identifier = identifier or default_identifier()
     loop = asyncio.get_running_loop()
@@ -52,17 +55,25 @@ async def run_scheduler(settings: Settings, identifier: str | None = None) -> No
     client = connect(settings)
     try:
         store = Store(client, settings, identifier=identifier)
+        memory_policy = MemoryPolicy(
+            client, settings.allow_eviction, settings.memory_policy_interval
+        )
         try:
             await until_done(store.check_format, stop, "storage format check")
+            await until_done(memory_policy.require, stop, "maxmemory-policy check")
         except Stopped:
             return
-        await _lead_while_elected(settings, store, identifier, stop)
+        await _lead_while_elected(settings, store, memory_policy, identifier, stop)
     finally:
         await client.aclose()
 
 
 async def _lead_while_elected(
-    settings: Settings, store: Store, identifier: str, stop: asyncio.Event
+    settings: Settings,
+    store: Store,
+    memory_policy: MemoryPolicy,
+    identifier: str,
+    stop: asyncio.Event,
 ) -> None:
     loop = asyncio.get_running_loop()
     gate = LeadershipGate()
@@ -89,7 +100,11 @@ async def _lead_while_elected(
     )
 
     async def ready() -> dict[str, bool]:
-        return {"redis": await store.answers(), "zookeeper": election.client.connected}
+        return {
+            "redis": await store.answers(),
+            "zookeeper": election.client.connected,
+            "memory_policy": memory_policy.ready,
+        }
 
     log.info("scheduler starting", identifier=identifier, path=store.keys.zk_election)
     supervisor = Supervisor("scheduler", stop)
@@ -101,11 +116,13 @@ async def _lead_while_elected(
         )
         supervisor.spawn(promoter.run(), "promoter")
         supervisor.spawn(listen_for_wakeups(store, promoter), "wakeups")
+        supervisor.spawn(memory_policy.watch(stop), "memory-policy")
         if bridge is not None:
             supervisor.spawn(bridge.run(), "legacy-bridge")
         await supervisor.wait()
     finally:
         log.info("scheduler stopping", identifier=identifier)
+        stop.set()  # for the loops that end on it (a loop that died got here without it)
         promoter.stop()
         if bridge is not None:
             bridge.stop()

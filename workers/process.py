@@ -48,7 +48,8 @@ async def run_worker(
     *,
     handler_timeout: float | None = None,
 ) -> None:
-    """Run one worker until SIGTERM/SIGINT; TaskDied goes up when one of its loops died."""
+    """Run one worker until SIGTERM/SIGINT; TaskDied goes up when one of its loops died,
+    StorageFormatError or EvictingPolicyError when it must not start."""
     consumer = consumer or default_consumer_name()
     list_name = check_list_name(settings, handler_spec, list_name)
     # The list handler shares the worker's client; it asks for it on first use.
@@ -69,7 +70,7 @@ async def run_worker(
     store = worker.store
 
     async def ready() -> dict[str, bool]:
-        return {"redis": await store.answers()}
+        return {"redis": await store.answers(), "memory_policy": worker.memory_policy.ready}
 
     health = await maybe_start(settings.health_host, settings.health_port, ready, store.queue_stats)
     try:

@@ -14,7 +14,12 @@ the delivery counts as failed with the reason ``timeout`` (retried with backoff,
 then dead-lettered) and its slot and claim are released. Inline handlers (echo)
 never block, so they are not timed.
 
-Shape: the read, acknowledge, reclaim and extend loops run under a
+A lost stream or consumer group (``NOGROUP``: a DEL, an eviction, a Redis restarted
+without its data) is made anew, at id ``0``, by whichever loop meets it first, so the
+worker carries on by itself (see ``Store.ensure_group``).
+
+Shape: the read, acknowledge, reclaim and extend loops, and the periodic check of
+Redis' maxmemory-policy (:mod:`app.store.memory`), run under a
 :class:`~app.supervise.Supervisor`; one that dies stops the worker (it reads no
 more, finishes and acknowledges what it holds) and ``run()`` raises
 :class:`~app.supervise.TaskDied`, so the process exits non-zero and is restarted.
@@ -34,7 +39,8 @@ from redis.exceptions import RedisError
 from app import metrics
 from app.backoff import Backoff, Stopped, describe, until_done
 from app.log import get_logger
-from app.store import Delivery, Store
+from app.store import Delivery, Store, group_missing
+from app.store.memory import MemoryPolicy
 from app.supervise import Supervisor
 from workers.handlers import Handler, is_async
 from workers.retry import backoff_seconds
@@ -81,6 +87,9 @@ class Worker:
     :param concurrency: most handlers running at once in this process.
     :param handler_timeout: seconds a (non-inline) handler may run before its delivery
         counts as failed with the reason ``timeout``.
+    :param memory_policy: the check of Redis' maxmemory-policy (default: from the store's
+        settings): at start, refusing an evicting one (EvictingPolicyError goes up from
+        :meth:`run`), then periodically as one of the supervised loops.
     """
 
     def __init__(
@@ -90,6 +99,7 @@ class Worker:
         consumer: str,
         concurrency: int = 1,
         handler_timeout: float = DEFAULT_HANDLER_TIMEOUT,
+        memory_policy: MemoryPolicy | None = None,
     ) -> None:
         if concurrency < 1:
             raise ValueError("concurrency must be at least 1")
@@ -101,6 +111,9 @@ class Worker:
         self.consumer = consumer
         self.concurrency = concurrency
         self.handler_timeout = handler_timeout
+        self.memory_policy = memory_policy or MemoryPolicy(
+            store.client, self.settings.allow_eviction, self.settings.memory_policy_interval
+        )
         self.stats = WorkerStats()
         self._inline = bool(getattr(handler, "inline", False))
         self._async = is_async(handler)
@@ -111,6 +124,10 @@ class Worker:
         self._ack_wanted = asyncio.Event()
         self._stopping = asyncio.Event()
         self._draining = False  # set once no handler can add to the ack queue any more
+        # Set once the entries delivered to this name before a restart were read: the reclaim
+        # loop waits for it, or what it claims for this name would be read back as our own
+        # pending entries and handled a second time.
+        self._own_read = asyncio.Event()
         self._supervisor = Supervisor("worker", self._stopping)
 
     def stop(self) -> None:
@@ -119,16 +136,19 @@ class Worker:
         self._ack_wanted.set()
 
     async def run(self) -> None:
-        """Until :meth:`stop`; raises TaskDied if one of its loops died (it stops first)."""
+        """Until :meth:`stop`; raises TaskDied if one of its loops died (it stops first),
+        StorageFormatError or EvictingPolicyError if it must not start at all."""
         stop = self._stopping
         try:
             await until_done(self.store.check_format, stop, "storage format check")
+            await until_done(self.memory_policy.require, stop, "maxmemory-policy check")
             await until_done(self.store.ensure_group, stop, "consumer group")
         except Stopped:
             return
         supervisor = self._supervisor
         supervisor.spawn(self._ack_loop(), "ack")
         supervisor.spawn(self._extend_loop(), "extend")
+        supervisor.spawn(self.memory_policy.watch(stop), "memory-policy")
         # The two loops that hand out work: both end before the ack queue is drained.
         feeders = {
             supervisor.spawn(self._reclaim_loop(), "reclaim"),
@@ -158,17 +178,44 @@ class Worker:
                 died=supervisor.failed is not None,
             )
 
+    async def _regroup(self, exc: BaseException, during: str) -> bool:
+        """On NOGROUP (the stream or its group was lost), make the group anew; whether it did.
+
+        Every loop meets it (read, reclaim, extend, the own pending read); whichever does
+        first makes the group, the others find it there (BUSYGROUP is success).
+        """
+        if not group_missing(exc):
+            return False
+        log.warning(
+            "consumer group missing, making it anew",
+            worker=self.consumer,
+            during=during,
+            error=describe(exc),
+        )
+        try:
+            await self.store.ensure_group()
+        except (RedisError, OSError) as err:
+            log.warning("could not make the consumer group", error=describe(err))
+            return False
+        return True
+
+    async def _own_pending(self) -> list[Delivery]:
+        try:
+            return await self.store.read(self.consumer, 10_000, None, own_pending=True)
+        except (RedisError, OSError) as exc:
+            if await self._regroup(exc, "reading own pending entries"):
+                return []  # a new group holds nothing of ours
+            raise
+
     async def _consume(self) -> None:
         """Entries delivered to this name before a restart first, then new ones."""
         asked = time.monotonic()
         try:
-            own = await until_done(
-                lambda: self.store.read(self.consumer, 10_000, None, own_pending=True),
-                self._stopping,
-                "reading own pending entries",
-            )
+            own = await until_done(self._own_pending, self._stopping, "reading own pending entries")
         except Stopped:
             return
+        finally:
+            self._own_read.set()
         await self._dispatch(await self._still_ours(own, asked))
         await self._read_loop()
 
@@ -184,6 +231,8 @@ class Worker:
                     self.consumer, min(free, self.settings.read_count), BLOCK_MS
                 )
             except (RedisError, OSError) as exc:
+                if await self._regroup(exc, "read"):
+                    continue
                 log.warning("read failed", worker=self.consumer, error=describe(exc))
                 await backoff.wait(self._stopping)
                 continue
@@ -208,7 +257,8 @@ class Worker:
         for delivery in deliveries:
             try:
                 renewed = await self.store.extend(self.consumer, [delivery.id])
-            except (RedisError, OSError):
+            except (RedisError, OSError) as exc:
+                log.warning("claim check failed", uuid=delivery.uuid, error=describe(exc))
                 renewed = 0
             if renewed:
                 kept.append(delivery)
@@ -332,7 +382,7 @@ class Worker:
             outcome, attempts = await self.store.fail(delivery, int(delay * 1000), reason)
         except (RedisError, OSError) as err:
             # Still pending: another worker reclaims it after the visibility timeout.
-            log.error("could not record failure", uuid=delivery.uuid, error=type(err).__name__)
+            log.error("could not record failure", uuid=delivery.uuid, error=describe(err))
             return
         if outcome == "dead":
             self.stats.dead += 1
@@ -372,6 +422,7 @@ class Worker:
 
     async def _reclaim_loop(self) -> None:
         interval = min(max(self.settings.visibility_timeout / 2, 0.05), 5.0)
+        await self._own_read.wait()
         cursor = "0-0"
         while not self._stopping.is_set():
             asked = time.monotonic()
@@ -381,7 +432,8 @@ class Worker:
                     self.consumer, cursor, min(free, self.settings.read_count)
                 )
             except (RedisError, OSError) as exc:
-                log.warning("reclaim failed", error=describe(exc))
+                if not await self._regroup(exc, "reclaim"):
+                    log.warning("reclaim failed", error=describe(exc))
                 await self._sleep(interval)
                 continue
             self.stats.dead += dead
@@ -411,7 +463,8 @@ class Worker:
             try:
                 await self.store.extend(self.consumer, ids)
             except (RedisError, OSError) as exc:
-                log.warning("claim renewal failed", error=describe(exc))
+                if not await self._regroup(exc, "claim renewal"):
+                    log.warning("claim renewal failed", error=describe(exc))
 
     async def _sleep(self, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):

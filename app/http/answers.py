@@ -22,6 +22,7 @@ from starlette.requests import ClientDisconnect
 from starlette.responses import Response
 
 from app import metrics
+from app.backoff import describe
 from app.log import get_logger
 from app.model import InvalidInput
 from app.store import OutcomeUnknown
@@ -82,11 +83,11 @@ def failure_answer(exc: BaseException, what: str, retry: str) -> Answer | None:
         log.warning("redis reply lost, outcome unknown", during=what)
         return error_answer(503, f"outcome unknown: storage may have applied the request; {retry}")
     if isinstance(exc, RedisConnectionError | RedisTimeoutError | OSError):
-        log.warning("redis unavailable", during=what)
+        log.warning("redis unavailable", during=what, error=describe(exc))
         return error_answer(503, f"storage unavailable, {retry}")
     if isinstance(exc, RedisError):
         # Redis answered with an error (OOM, LOADING, READONLY, ...): nothing was written.
-        log.error("redis refused", during=what, error=str(exc)[:200])
+        log.error("redis refused", during=what, error=describe(exc))
         return error_answer(503, f"storage refused the request, {retry}")
     return None
 

@@ -16,6 +16,7 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
 
+from app.backoff import describe
 from app.health import health_routes
 from app.http import openapi
 from app.http.answers import RequestMetrics, error
@@ -27,8 +28,9 @@ from app.http.routes import lifecycle_routes
 from app.http.wire import Health, LegacySaved, Ready, Saved, SaveMessageBody
 from app.log import get_logger
 from app.settings import Settings
-from app.store import Store, connect
+from app.store import StorageFormatError, Store, connect
 from app.store.lifecycle import Lifecycle
+from app.store.memory import EvictingPolicyError, MemoryPolicy
 
 log = get_logger("api")
 
@@ -44,8 +46,15 @@ HEALTH_DOCS = {
         secured=False,
     ),
     "/readyz": Doc(
-        "Readiness: 200 only while Redis answers",
-        {200: Reply("Ready.", Ready), 503: Reply("Redis does not answer.", Ready)},
+        "Readiness: 200 only while Redis answers and its maxmemory-policy cannot evict",
+        {
+            200: Reply("Ready.", Ready),
+            503: Reply(
+                "Redis does not answer, or its maxmemory-policy may evict this service's "
+                "data (and EAT_ALLOW_EVICTION is not set).",
+                Ready,
+            ),
+        },
         tag="operations",
         secured=False,
     ),
@@ -56,6 +65,13 @@ HEALTH_DOCS = {
         secured=False,
     ),
 }
+
+
+def _watch_ended(task: asyncio.Task) -> None:
+    """The api's periodic maxmemory-policy check ends only at shutdown; anything else is a
+    bug, logged here, and the api answers not ready from then on."""
+    if not task.cancelled() and task.exception() is not None:
+        log.error("maxmemory-policy check died", exc_info=task.exception())
 
 
 class HttpMetrics:
@@ -138,15 +154,39 @@ def create_app(settings: Settings | None = None) -> ApiApp:
         app.state.store = Store(client, settings)
         app.state.batcher = ingest.batcher = AcceptBatcher(app.state.store)
         app.state.lifecycle = Lifecycle(app.state.store)
+        memory_policy = app.state.memory_policy = MemoryPolicy(
+            client, settings.allow_eviction, settings.memory_policy_interval
+        )
+        stopping = asyncio.Event()
+        watch: asyncio.Task | None = None
         try:
-            # Refuse to start on data of another storage format (StorageFormatError ends
-            # the start-up); an api must still start while Redis is down: that only warns.
-            try:
-                await asyncio.wait_for(app.state.store.check_format(), FORMAT_CHECK_S)
-            except (RedisError, OSError, TimeoutError) as exc:
-                log.warning("storage format not checked", error=type(exc).__name__)
+            # Refuse to start on data of another storage format or on a Redis that may evict
+            # it (StorageFormatError, EvictingPolicyError end the start-up; `app.state.refused`
+            # tells run_api to exit 2); an api must still start while Redis is down: that
+            # only warns, and the periodic check reads the policy once Redis answers.
+            for check, what in (
+                (app.state.store.check_format, "storage format"),
+                (memory_policy.require, "maxmemory-policy"),
+            ):
+                try:
+                    await asyncio.wait_for(check(), FORMAT_CHECK_S)
+                except (RedisError, OSError, TimeoutError) as exc:
+                    log.warning(f"{what} not checked", error=describe(exc))
+                except (StorageFormatError, EvictingPolicyError) as exc:
+                    app.state.refused = exc
+                    raise
+            watch = app.state.memory_policy_watch = asyncio.create_task(
+                memory_policy.watch(stopping), name="memory-policy"
+            )
+            watch.add_done_callback(_watch_ended)
             yield
         finally:
+            stopping.set()
+            if watch is not None:
+                await asyncio.wait({watch}, timeout=FORMAT_CHECK_S)
+                watch.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await watch  # an exception was logged when it ended
             await client.aclose()
 
     app_ref: list[Starlette] = []
@@ -155,7 +195,13 @@ def create_app(settings: Settings | None = None) -> ApiApp:
         return app_ref[0].state.store
 
     async def ready() -> dict[str, bool]:
-        return {"redis": await store_of().answers()}
+        state = app_ref[0].state
+        # A check that died (a bug: it is logged) must not leave the api looking ready.
+        watching = not state.memory_policy_watch.done()
+        return {
+            "redis": await store_of().answers(),
+            "memory_policy": state.memory_policy.ready and watching,
+        }
 
     async def not_found(request: Request, exc: Exception) -> Response:
         return error(404, "not found")

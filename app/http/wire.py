@@ -238,3 +238,4 @@ class Health(msgspec.Struct):
 class Ready(msgspec.Struct):
     status: Literal["ok", "unavailable"]
     redis: bool
+    memory_policy: bool  # false: Redis' maxmemory-policy may evict this service's data

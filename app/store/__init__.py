@@ -8,18 +8,21 @@ from app.store.client import OutcomeUnknown, StoreCluster, StoreRedis, connect, 
 from app.store.store import (
     LEADER_TTL_MS,
     Accepted,
+    CorruptEntry,
     Delivery,
     Promoted,
     QueueStats,
     StorageFormatError,
     Store,
     encode_epoch,
+    group_missing,
     parse_entry,
 )
 
 __all__ = [
     "LEADER_TTL_MS",
     "Accepted",
+    "CorruptEntry",
     "Delivery",
     "OutcomeUnknown",
     "Promoted",
@@ -30,6 +33,7 @@ __all__ = [
     "StoreRedis",
     "connect",
     "encode_epoch",
+    "group_missing",
     "open_client",
     "parse_entry",
 ]

@@ -119,8 +119,25 @@ def encode_record(
     return b"".join(out)
 
 
+class CorruptRecord(ValueError):
+    """A stored record that is not of this format (written by hand, or damaged): the scripts
+    quarantine such a record when they meet it (``app/store/lua/_record.lua``)."""
+
+    def __init__(self, uuid: str, problem: str) -> None:
+        super().__init__(f"the record of {uuid} cannot be decoded: {problem}")
+        self.uuid = uuid
+
+
 def decode_record(uuid: str, packed: bytes) -> Record:
-    """Inverse of the scripts' ``rec_encode`` (``app/lua/_record.lua``)."""
+    """Inverse of the scripts' ``rec_encode`` (``app/lua/_record.lua``); CorruptRecord when
+    ``packed`` is not a record."""
+    try:
+        return _decode_record(uuid, packed)
+    except (struct.error, KeyError, IndexError, UnicodeDecodeError) as exc:
+        raise CorruptRecord(uuid, f"{type(exc).__name__}: {exc}") from None
+
+
+def _decode_record(uuid: str, packed: bytes) -> Record:
     code, attempts, run_at, accepted, first, n = _HEAD.unpack_from(packed)
     accepted_at = _u48(accepted)
     pos = _HEAD.size

@@ -16,7 +16,7 @@ from typing import Literal
 from redis.commands.core import AsyncScript
 
 from app.model import NewMessage, Record, State
-from app.store.codec import STREAM_ID, uuid_key, uuid_text_or_none
+from app.store.codec import STREAM_ID, CorruptRecord, uuid_key, uuid_text_or_none
 from app.store.scripts import source
 from app.store.store import (
     QUEUE_FIGURES_READS,
@@ -110,6 +110,7 @@ def parse_dead(entry_id: bytes, fields: dict[bytes, bytes]) -> DeadEntry:
 
 
 def _outcome(reply: list) -> Outcome:
+    """The reply of cancel or reschedule; a third element counts a quarantined record."""
     kind = reply[0].decode()
     if kind == "missing":
         return Outcome("missing")
@@ -140,17 +141,26 @@ class Lifecycle:
     async def cancel(self, uuid: str) -> Outcome:
         k = self.keys
         reply = await self._cancel(
-            keys=[k.messages, k.delayed, k.retention],
-            args=[uuid_key(uuid), int(self.settings.retention * 1000)],
+            keys=[k.messages, k.delayed, k.retention, k.dead],
+            args=[uuid_key(uuid), self._keep_ms, self.settings.dead_maxlen],
         )
-        return _outcome(reply)
+        return self._changed(reply, "cancel")
 
     async def reschedule(self, uuid: str, run_at: int) -> Outcome:
         k = self.keys
         reply = await self._reschedule(
-            keys=[k.messages, k.delayed, k.stream, k.sequence],
-            args=[uuid_key(uuid), run_at, k.wake_channel],
+            keys=[k.messages, k.delayed, k.stream, k.sequence, k.dead, k.retention],
+            args=[uuid_key(uuid), run_at, k.wake_channel, self.settings.dead_maxlen, self._keep_ms],
         )
+        return self._changed(reply, "reschedule")
+
+    @property
+    def _keep_ms(self) -> int:
+        return int(self.settings.retention * 1000)
+
+    def _changed(self, reply: list, during: str) -> Outcome:
+        if len(reply) > 2:
+            self.store.report_quarantined(during, int(reply[2]))
         return _outcome(reply)
 
     async def accept_many(self, msgs: list[NewMessage]) -> list[Accepted]:
@@ -169,10 +179,12 @@ class Lifecycle:
 
     async def _replay_range(self, start: str, end: str, count: int, uuid: str) -> _Scan:
         k = self.keys
-        replayed, examined, last, blocked = await self._replay(
+        replayed, examined, last, blocked, quarantined = await self._replay(
             keys=[k.messages, k.dead, k.stream],
-            args=[start, end, count, uuid_key(uuid) if uuid else ""],
+            args=[start, end, count, uuid_key(uuid) if uuid else "", self.settings.dead_maxlen],
         )
+        if quarantined:
+            self.store.report_quarantined("replay", int(quarantined))
         return _Scan(int(replayed), int(examined), last.decode(), blocked.decode())
 
     async def _drop_range(self, start: str, end: str, count: int, uuid: str) -> _Scan:
@@ -184,7 +196,10 @@ class Lifecycle:
     async def _by_uuid(self, uuid: str, step) -> _Scan:
         """Apply ``step`` (replay or drop) to the dead entry of ``uuid``: first at the id its
         record keeps, else scanning the whole dead stream, DEAD_BATCH entries per call."""
-        record = await self.store.record(uuid)
+        try:
+            record = await self.store.record(uuid)
+        except CorruptRecord:
+            record = None  # the script quarantines it; the scan finds the entry
         if record is not None and record.state is State.DEAD and STREAM_ID.match(record.ref or ""):
             found = await step(record.ref, record.ref, 1, uuid)
             if found.changed or found.blocked:

@@ -13,7 +13,7 @@ from importlib import resources
 
 from redis.commands.core import AsyncScript
 
-NAMES = ("accept", "promote", "ack", "fail", "reclaim", "extend")
+NAMES = ("accept", "promote", "ack", "fail", "reclaim", "extend", "quarantine")
 
 
 def _read(name: str) -> str:
@@ -37,6 +37,7 @@ class Scripts:
     fail: AsyncScript
     reclaim: AsyncScript
     extend: AsyncScript
+    quarantine: AsyncScript
 
     @classmethod
     def register(cls, client) -> Scripts:  # client: redis.asyncio.Redis

@@ -11,12 +11,16 @@ from dataclasses import dataclass
 import msgspec
 from redis.exceptions import RedisError, ResponseError
 
+from app import metrics
+from app.log import get_logger
 from app.model import NewMessage, Record
 from app.settings import Settings
 from app.store.client import StoreRedis
-from app.store.codec import FORMAT, SEQ_BYTES, UUID_BYTES, decode_record, uuid_key, uuid_text
+from app.store.codec import FORMAT, UUID_BYTES, decode_record, uuid_key, uuid_text
 from app.store.keys import CONSUMER_GROUP, Keyspace
 from app.store.scripts import Scripts
+
+log = get_logger("store")
 
 EPOCH_WIDTH = 20  # digits: a 64-bit ZooKeeper zxid fits, and padded strings compare like numbers
 PURGE_PER_ACK = 100
@@ -31,6 +35,12 @@ def encode_epoch(epoch: int) -> str:
     return f"{epoch:0{EPOCH_WIDTH}d}"
 
 
+def group_missing(exc: BaseException) -> bool:
+    """Whether Redis answered NOGROUP: the stream or its consumer group is gone (a DEL, an
+    eviction, a Redis restarted without its data). A worker makes the group anew."""
+    return isinstance(exc, ResponseError) and str(exc).startswith("NOGROUP")
+
+
 class StorageFormatError(RuntimeError):
     """Redis holds this prefix's data in a format this release does not read."""
 
@@ -43,12 +53,15 @@ class Accepted(msgspec.Struct, frozen=True, gc=False):
 
 @dataclass(frozen=True, slots=True)
 class Promoted:
-    """Result of one promote call. ``refused_by`` is set when a newer epoch is stored."""
+    """Result of one promote call. ``refused_by`` is set when a newer epoch is stored;
+    ``quarantined`` counts the due members moved aside instead (records or members that
+    could not be decoded)."""
 
     moved: int = 0
     now_ms: int = 0
     next_due_ms: int | None = None
     refused_by: int | None = None
+    quarantined: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,6 +103,20 @@ class Delivery:
 
 
 _FIELD_ORDER = (b"u", b"m", b"r", b"a")
+# Storage format 1: a uuid as its canonical text; a sorted-set member, 12 hex digits first.
+_UUID_TEXT = 36
+_FORMAT_1_SEQ = 12
+_PROBLEM_BYTES = 200  # of what was wrong with an entry, kept in its quarantine entry
+
+
+class CorruptEntry(ValueError):
+    """A stream entry that cannot be made a delivery: ``Store.read`` and ``Store.reclaim``
+    quarantine it (``app/store/lua/quarantine.lua``) instead of handing it out."""
+
+    def __init__(self, entry_id: str, problem: str) -> None:
+        super().__init__(f"stream entry {entry_id} cannot be decoded: {problem}")
+        self.entry_id = entry_id
+        self.problem = problem
 
 
 QUEUE_FIGURES_READS = 7
@@ -157,9 +184,17 @@ def _consumer_figures(members: list | Exception) -> tuple[ConsumerFigures, ...]:
 
 
 def parse_entry(entry_id: bytes | str, fields: list | dict) -> Delivery:
-    if isinstance(fields, list):
-        if len(fields) == 8 and tuple(fields[::2]) == _FIELD_ORDER:
-            # The scripts write every entry in this order: no dict needed.
+    """A stream entry (raw XREADGROUP or XAUTOCLAIM fields) as a Delivery; CorruptEntry
+    when it is not one (a field missing, a uuid not of 16 bytes, runAt or attempts not an
+    integer, a body not UTF-8)."""
+    if (
+        isinstance(fields, list)
+        and len(fields) == 8
+        and tuple(fields[::2]) == _FIELD_ORDER
+        and len(fields[1]) == UUID_BYTES
+    ):
+        # The scripts write every entry in this order: no dict needed.
+        try:
             return Delivery(
                 id=entry_id.decode() if isinstance(entry_id, bytes) else entry_id,
                 uuid=uuid_text(fields[1]),
@@ -168,16 +203,55 @@ def parse_entry(entry_id: bytes | str, fields: list | dict) -> Delivery:
                 run_at=int(fields[5]),
                 attempts=int(fields[7]),
             )
+        except ValueError:  # UnicodeDecodeError included; the slow path names the field
+            pass
+    return _parse_checked(entry_id.decode() if isinstance(entry_id, bytes) else entry_id, fields)
+
+
+def _parse_checked(entry_id: str, fields: list | dict) -> Delivery:
+    """parse_entry for an entry not in the scripts' shape: each field checked, by name."""
+    if isinstance(fields, list):
+        if len(fields) % 2:
+            raise CorruptEntry(entry_id, "an odd number of field names and values")
         fields = dict(zip(fields[::2], fields[1::2], strict=True))
-    key = fields[b"u"]
+    key = fields.get(b"u")
+    if not isinstance(key, bytes) or len(key) != UUID_BYTES:
+        raise CorruptEntry(entry_id, "u is not a uuid's 16 bytes")
+    body = fields.get(b"m")
+    if not isinstance(body, bytes):
+        raise CorruptEntry(entry_id, "m (the body) is missing")
+    try:
+        message = body.decode("utf-8", "surrogatepass")
+    except UnicodeDecodeError:
+        raise CorruptEntry(entry_id, "m (the body) is not UTF-8") from None
+    numbers = []
+    for name in (b"r", b"a"):
+        try:
+            numbers.append(int(fields[name]))
+        except (KeyError, ValueError, TypeError):
+            raise CorruptEntry(entry_id, f"{name.decode()} is not an integer") from None
     return Delivery(
-        id=entry_id.decode() if isinstance(entry_id, bytes) else entry_id,
+        id=entry_id,
         uuid=uuid_text(key),
         key=key,
-        message=fields[b"m"].decode("utf-8", "surrogatepass"),
-        run_at=int(fields[b"r"]),
-        attempts=int(fields[b"a"]),
+        message=message,
+        run_at=numbers[0],
+        attempts=numbers[1],
     )
+
+
+def parse_entries(entries) -> tuple[list[Delivery], list[CorruptEntry]]:
+    """parse_entry of each ``(id, fields)``: the deliveries, and the entries that are none.
+    An entry without fields (deleted since it was delivered) is neither: nothing to do."""
+    out: list[Delivery] = []
+    corrupt: list[CorruptEntry] = []
+    for entry_id, fields in entries:
+        if fields:
+            try:
+                out.append(parse_entry(entry_id, fields))
+            except CorruptEntry as bad:
+                corrupt.append(bad)
+    return out, corrupt
 
 
 class Store:
@@ -212,8 +286,11 @@ class Store:
 
         Format 1 (text uuids, msgpack records, a retention sorted set) read as
         format 2 would be misread: its sorted-set members name no record, and the
-        promote script would drop them. One sample of each key tells: a format-2
-        uuid is 16 bytes wherever it is stored.
+        promote script would drop them. One sample of each key tells: format 1 kept
+        a uuid as its 36-character text wherever it stored one (a member was 12 hex
+        digits of sequence and the uuid). A sample of another odd shape is not
+        format 1 but one damaged item, which the scripts quarantine when they meet
+        it: refusing to start on it would only make every restart refuse again.
         """
         k = self.keys
         async with self.client.pipeline(transaction=False) as pipe:
@@ -223,9 +300,9 @@ class Store:
             pipe.type(k.retention)
             first, field, entry, retention = await pipe.execute()
         old = (
-            (first and len(first[0]) != SEQ_BYTES + UUID_BYTES)
-            or (field is not None and len(field) != UUID_BYTES)
-            or (entry and len(entry[0][1].get(b"u", b"")) != UUID_BYTES)
+            (first and len(first[0]) == _FORMAT_1_SEQ + _UUID_TEXT)
+            or (field is not None and len(field) == _UUID_TEXT)
+            or (entry and len(entry[0][1].get(b"u", b"")) == _UUID_TEXT)
             or retention in (b"zset", "zset")
         )
         if old:
@@ -242,12 +319,14 @@ class Store:
     async def accept_many(self, msgs: list[NewMessage]) -> list[Accepted]:
         """Accept messages in one script call (one round trip), in order."""
         k = self.keys
-        args: list[object] = [k.wake_channel]
+        args: list[object] = [k.wake_channel, self.settings.dead_maxlen, self._keep_ms]
         for msg in msgs:
             args += [uuid_key(msg.uuid), msg.message.encode("utf-8"), msg.run_at]
         flat = await self.scripts.accept(
-            keys=[k.messages, k.delayed, k.stream, k.sequence], args=args
+            keys=[k.messages, k.delayed, k.stream, k.sequence, k.dead, k.retention], args=args
         )
+        if len(flat) % 3:
+            self.report_quarantined("accept", flat.pop())
         return [
             Accepted(created=bool(flat[i]), state=flat[i + 1].decode(), run_at=int(flat[i + 2]))
             for i in range(0, len(flat), 3)
@@ -256,21 +335,37 @@ class Store:
     async def promote(self, epoch: int, limit: int | None = None) -> Promoted:
         k = self.keys
         reply = await self.scripts.promote(
-            keys=[k.delayed, k.messages, k.stream, k.epoch, k.leader],
+            keys=[k.delayed, k.messages, k.stream, k.epoch, k.leader, k.dead, k.retention],
             args=[
                 encode_epoch(epoch),
                 limit or self.settings.promote_batch,
                 self.identifier,
                 LEADER_TTL_MS,
+                self.settings.dead_maxlen,
+                self._keep_ms,
             ],
         )
         if reply[0] == -1:
             return Promoted(refused_by=int(reply[1]))
-        moved, now_ms, next_due = reply
-        return Promoted(moved=moved, now_ms=now_ms, next_due_ms=None if next_due < 0 else next_due)
+        moved, now_ms, next_due, quarantined = reply
+        if quarantined:
+            self.report_quarantined("promote", quarantined)
+        return Promoted(
+            moved=moved,
+            now_ms=now_ms,
+            next_due_ms=None if next_due < 0 else next_due,
+            quarantined=quarantined,
+        )
 
     async def ensure_group(self) -> None:
-        """Create the stream and its consumer group; BUSYGROUP means it exists, which is success."""
+        """Create the stream and its consumer group; BUSYGROUP means it exists, which is success.
+
+        The group starts at "0", not "$": when it is made anew after a loss (the stream
+        deleted or evicted, Redis restarted empty), the stream may already hold entries
+        added since (messages accepted due, or promoted, meanwhile). "$" would never deliver
+        those, and the ack script's trim would later delete them as done. Acknowledged
+        entries are deleted, so "0" delivers only work not yet done.
+        """
         try:
             await self.client.xgroup_create(self.keys.stream, CONSUMER_GROUP, id="0", mkstream=True)
         except ResponseError as exc:
@@ -292,26 +387,68 @@ class Store:
         streams = reply.values() if isinstance(reply, dict) else [e for _s, e in reply or []]
         out: list[Delivery] = []
         for entries in streams:
-            # An own-pending entry deleted meanwhile comes back with no fields: nothing to do.
-            out.extend(parse_entry(eid, fields) for eid, fields in entries if fields)
+            deliveries, corrupt = parse_entries(entries)
+            out.extend(deliveries)
+            if corrupt:
+                await self.quarantine(corrupt, "read")
         return out
 
+    async def quarantine(self, corrupt: list[CorruptEntry], during: str) -> int:
+        """Move stream entries that cannot be decoded to the dead stream; how many moved.
+
+        Until this succeeds they stay pending (a Redis error goes up to the caller), and
+        whoever meets them next, here or in reclaim, quarantines them.
+        """
+        k = self.keys
+        args: list[object] = [CONSUMER_GROUP, self.settings.dead_maxlen, self._keep_ms]
+        for bad in corrupt:
+            args += [bad.entry_id, bad.problem[:_PROBLEM_BYTES]]
+        moved = await self.scripts.quarantine(
+            keys=[k.stream, k.messages, k.dead, k.retention], args=args
+        )
+        self.report_quarantined(during, moved, problems=[bad.problem for bad in corrupt[:5]])
+        return int(moved)
+
+    @property
+    def _keep_ms(self) -> int:
+        return int(self.settings.retention * 1000)
+
+    def report_quarantined(self, during: str, count: int, **detail: object) -> None:
+        """Count and report what a script moved to the dead stream as undecodable."""
+        if count:
+            metrics.QUARANTINED.inc(count)
+            log.warning(
+                "quarantined data that could not be decoded",
+                during=during,
+                count=count,
+                dead_stream=self.keys.dead,
+                **detail,
+            )
+
     async def ack(self, deliveries: list[Delivery]) -> int:
+        """Acknowledge handled deliveries; how many records were marked delivered."""
         if not deliveries:
             return 0
         k = self.keys
         args: list[object] = [
             CONSUMER_GROUP,
-            int(self.settings.retention * 1000),
+            self._keep_ms,
             PURGE_PER_ACK,
+            self.settings.dead_maxlen,
         ]
         for d in deliveries:
             args += [d.id, d.key]
-        return await self.scripts.ack(keys=[k.stream, k.messages, k.retention], args=args)
+        delivered, quarantined = await self.scripts.ack(
+            keys=[k.stream, k.messages, k.retention, k.dead], args=args
+        )
+        if quarantined:
+            self.report_quarantined("ack", quarantined)
+        return delivered
 
     async def fail(self, delivery: Delivery, delay_ms: int, reason: str) -> tuple[str, int]:
+        """Retry or dead-letter a delivery; (outcome, attempts), outcome as fail.lua says."""
         k = self.keys
-        outcome, attempts = await self.scripts.fail(
+        outcome, attempts, quarantined = await self.scripts.fail(
             keys=[k.stream, k.messages, k.delayed, k.dead, k.sequence, k.retention],
             args=[
                 CONSUMER_GROUP,
@@ -321,16 +458,18 @@ class Store:
                 reason[:1000],
                 self.settings.dead_maxlen,
                 k.wake_channel,
-                int(self.settings.retention * 1000),
+                self._keep_ms,
             ],
         )
+        if quarantined:
+            self.report_quarantined("fail", quarantined)
         return outcome.decode(), int(attempts)
 
     async def reclaim(
         self, consumer: str, cursor: str, count: int
     ) -> tuple[str, list[Delivery], int]:
         k = self.keys
-        next_cursor, flat, dead = await self.scripts.reclaim(
+        next_cursor, flat, dead, quarantined = await self.scripts.reclaim(
             keys=[k.stream, k.messages, k.dead, k.retention],
             args=[
                 CONSUMER_GROUP,
@@ -340,10 +479,14 @@ class Store:
                 count,
                 self.settings.max_deliveries,
                 self.settings.dead_maxlen,
-                int(self.settings.retention * 1000),
+                self._keep_ms,
             ],
         )
-        claimed = [parse_entry(flat[i], flat[i + 1]) for i in range(0, len(flat), 2)]
+        if quarantined:
+            self.report_quarantined("reclaim", quarantined)
+        claimed, corrupt = parse_entries(zip(flat[::2], flat[1::2], strict=True))
+        if corrupt:
+            await self.quarantine(corrupt, "reclaim")
         return next_cursor.decode(), claimed, int(dead)
 
     async def extend(self, consumer: str, ids: list[str]) -> int:
@@ -359,5 +502,7 @@ class Store:
             return queue_figures(await pipe.execute(raise_on_error=False))
 
     async def record(self, uuid: str) -> Record | None:
+        """The record of ``uuid``, None when there is none; CorruptRecord when it cannot be
+        decoded (the next script that meets it quarantines it)."""
         packed = await self.client.hget(self.keys.messages, uuid_key(uuid))
         return None if packed is None else decode_record(uuid, packed)

@@ -5,7 +5,9 @@ Inputs are facts recorded outside the service: what the load generator was told
 what each scheduler logged, and when the test injected each fault
 (:class:`Timeline`). Figures per scenario:
 
-* **lost**: answered 2xx, never echoed.
+* **lost**: answered 2xx, never echoed. A scenario that makes Redis itself lose data
+  (the stream deleted, Redis restarted empty) says which messages that took, with the
+  reason: those are **accounted for**, not lost; any other is lost.
 * **duplicated**: echoed more than once. Each duplicate is *explained* when one
   of its echoes came from a worker process that was then killed or paused, and
   was written before that fault: the one way the design allows a second run (a
@@ -110,6 +112,8 @@ class Report:
     longest_gap_s: float
     leader_changes: int
     refused: int
+    # Accepted, never echoed, and known to have gone with data Redis lost: uuid -> reason.
+    accounted: dict[str, str] = field(default_factory=dict)
 
     @property
     def p50(self) -> float:
@@ -135,7 +139,18 @@ class Report:
             f"p99 {self.p99} max {self.max_lateness} ms, without leader {self.no_leader_s:.2f} s "
             f"(longest {self.longest_gap_s:.2f} s, {self.leader_changes} acquisitions), "
             f"refused {self.refused}"
+            + (
+                f", accounted for (lost with Redis' data) {self.accounted_by_reason()}"
+                if self.accounted
+                else ""
+            )
         )
+
+    def accounted_by_reason(self) -> dict[str, int]:
+        counts: dict[str, int] = defaultdict(int)
+        for reason in self.accounted.values():
+            counts[reason] += 1
+        return dict(counts)
 
 
 def echoes_of(cluster: Cluster, event: str = "echo") -> list[Echo]:
@@ -233,9 +248,16 @@ def analyze(
     start: float,
     end: float,
     exclude: set[str] | None = None,
+    accounted: Mapping[str, str] | None = None,
 ) -> Report:
-    """Figures for the messages in ``posts`` (minus ``exclude``, e.g. poison messages)."""
+    """Figures for the messages in ``posts`` (minus ``exclude``, e.g. poison messages).
+
+    ``accounted`` maps the uuids a scenario knows went with data Redis lost to the reason
+    (the first that applies): those of them never echoed are reported as accounted for,
+    not as lost.
+    """
     exclude = exclude or set()
+    accounted = accounted or {}
     posts = [p for p in posts if p.uuid not in exclude]
     by_uuid = {p.uuid: p for p in posts}
     accepted = {p.uuid for p in posts if p.accepted}
@@ -280,11 +302,12 @@ def analyze(
             earlier.append(post.seq)
 
     no_leader, longest, acquisitions = leader_gaps(cluster, timeline, start, end)
+    never_echoed = accepted - per_uuid.keys()
     return Report(
         posted=len(posts),
         accepted=len(accepted),
         echoed=len(per_uuid),
-        lost=sorted(accepted - per_uuid.keys()),
+        lost=sorted(never_echoed - accounted.keys()),
         duplicated=duplicated,
         unexplained_duplicates=unexplained,
         early=[e for e in echoes if e.handled_at < e.run_at],
@@ -297,6 +320,7 @@ def analyze(
         longest_gap_s=longest,
         leader_changes=acquisitions,
         refused=refusals(cluster),
+        accounted={u: accounted[u] for u in sorted(never_echoed & accounted.keys())},
     )
 
 

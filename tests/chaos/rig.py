@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import sys
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -28,7 +29,7 @@ from typing import Any
 import redis
 from kazoo.client import KazooClient
 
-from app.store.codec import uuid_text
+from app.store.codec import member_uuid, uuid_text
 from app.store.keys import CONSUMER_GROUP, Keyspace
 from tests.chaos.checker import Report, Timeline, analyze
 from tests.chaos.load import LoadGenerator
@@ -240,7 +241,13 @@ class ChaosEnv:
             max(0.0, last_due - time.time()) + after_last_due,
         )
 
-    def analyze(self, load: LoadGenerator, start: float, exclude: set[str] | None = None) -> Report:
+    def analyze(
+        self,
+        load: LoadGenerator,
+        start: float,
+        exclude: set[str] | None = None,
+        accounted: Mapping[str, str] | None = None,
+    ) -> Report:
         assert self.cluster is not None
         return analyze(
             self.cluster,
@@ -249,6 +256,7 @@ class ChaosEnv:
             start=start,
             end=time.time(),
             exclude=exclude,
+            accounted=accounted,
         )
 
     # -- Redis-side views ------------------------------------------------------------------
@@ -371,6 +379,38 @@ class Faults:
         time.sleep(down_for)
         self.env.redis_server.restart()
         self.timeline.record("start", "redis")
+
+    def delete_stream(self) -> set[str]:
+        """DEL the stream (as an operator or an eviction would) under load; returns the
+        uuids of the entries it held, read in the same MULTI, so exactly what went."""
+        keys = self.env.keys
+        with self.env.redis.pipeline(transaction=True) as pipe:
+            pipe.xrange(keys.stream)
+            pipe.delete(keys.stream)
+            entries, _ = pipe.execute()
+        self.timeline.record("stream-deleted", "redis", entries=len(entries))
+        return {uuid_text(fields[b"u"]) for _id, fields in entries}
+
+    def restart_redis_empty(self, down_for: float) -> set[str]:
+        """kill -9 Redis and start it again without its data (its AOF files deleted), as a
+        Redis without persistence restarts; returns the uuids of the messages it held (the
+        sorted set and the stream), read while every write was paused just before the kill."""
+        server, keys = self.env.redis_server, self.env.keys
+        client = self.env.redis
+        client.execute_command("CLIENT", "PAUSE", "10000", "WRITE")
+        members = client.zrange(keys.delayed, 0, -1)
+        entries = client.xrange(keys.stream)
+        server.kill()
+        self.timeline.record("kill", "redis", data="lost")
+        for path in server.data_dir.iterdir():
+            if path.name == "appendonlydir":
+                shutil.rmtree(path)
+            elif path.suffix in (".aof", ".rdb"):
+                path.unlink()
+        time.sleep(down_for)
+        server.restart()
+        self.timeline.record("start", "redis", data="none")
+        return {member_uuid(m) for m in members} | {uuid_text(f[b"u"]) for _i, f in entries}
 
     # -- ZooKeeper ------------------------------------------------------------------------
 

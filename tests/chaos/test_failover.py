@@ -725,3 +725,62 @@ def test_a_worker_whose_ack_loop_dies_exits_non_zero_and_what_it_held_is_handled
     record_scenario("13 worker ack loop dies x2 (exit 1)", report)
 
     assert_core(report, load, duplicates_allowed=True)
+
+
+# -- 14 --------------------------------------------------------------------------------
+
+
+IN_DELETED_STREAM = "in the deleted stream"
+IN_LOST_DATA = "in the data of the Redis restarted empty"
+
+
+def test_redis_losing_its_stream_then_all_its_data_under_load_is_survived_and_the_loss_counted(
+    chaos: ChaosEnv, faults: Faults, record_scenario: Record
+) -> None:
+    """What Redis loses is lost (docs/guarantees.md, "When Redis loses data"); the service
+    must carry on by itself, with no process restarted by hand: the stream deleted under
+    load (workers meet NOGROUP and make the group anew at "0"), then Redis killed and
+    started again empty, as one without persistence would. Every accepted message is
+    echoed, or was in the deleted stream, or in the data Redis lost; nothing else."""
+    cluster = chaos.start_cluster()
+    load = chaos.load(MESSAGES, DURATION).start()
+    start = time.time()
+    at(load, 3.0)
+    # Healthy workers keep the stream nearly empty: frozen for a moment, they let due
+    # messages wait in it, so that deleting it takes some.
+    for worker in cluster.workers:
+        faults.pause(worker)
+    time.sleep(1.0)
+    in_stream = faults.delete_stream()
+    for worker in cluster.workers:
+        faults.resume(worker)
+    at(load, 8.0)
+    in_data = faults.restart_redis_empty(down_for=1.0)
+    accounted = dict.fromkeys(in_data, IN_LOST_DATA) | dict.fromkeys(in_stream, IN_DELETED_STREAM)
+    chaos.settle(load, exclude=set(accounted))
+    report = chaos.analyze(load, start, accounted=accounted)
+    counts = report.accounted_by_reason()
+    record_scenario(
+        f"14 stream DEL, Redis empty ({counts.get(IN_DELETED_STREAM, 0)}+"
+        f"{counts.get(IN_LOST_DATA, 0)} gone)",
+        report,
+    )
+
+    assert_core(report, load)
+    assert report.inversions == 0, report.inversion_examples
+    assert counts.get(IN_DELETED_STREAM) and counts.get(IN_LOST_DATA), (
+        f"a fault took no message: the case was not exercised ({counts})"
+    )
+    assert all(proc.running for proc in cluster.history), "a process died"
+    remade = [
+        line
+        for proc in cluster.workers
+        for line in proc.log_lines()
+        if line.get("event") == "consumer group missing, making it anew"
+    ]
+    assert remade and all(line["error"].startswith("ResponseError: NOGROUP") for line in remade)
+    # Accepted after the restart: every one echoed (nothing of theirs was lost).
+    restarted = next(e.at for e in chaos.timeline.of("start") if e.target == "redis")
+    later = [p for p in load.snapshot() if p.accepted and (p.answered_at or 0) > restarted]
+    assert later and not {p.uuid for p in later} & set(report.accounted)
+    print(f"gone with Redis' data: {counts}; accepted after the restart: {len(later)}")

@@ -70,7 +70,7 @@ def test_api_with_the_token_accepts(client: TestClient) -> None:
 
 def test_health_and_metrics_stay_open_when_a_token_is_set(client: TestClient) -> None:
     assert client.get("/healthz").status_code == 200
-    assert client.get("/readyz").json() == {"status": "ok", "redis": True}
+    assert client.get("/readyz").json() == {"status": "ok", "redis": True, "memory_policy": True}
     assert client.get("/metrics").status_code == 200
 
 

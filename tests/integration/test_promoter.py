@@ -18,7 +18,7 @@ import pytest
 from app.model import NewMessage, State
 from app.settings import Settings
 from app.store import Store
-from app.store.codec import uuid_text
+from app.store.codec import uuid_key, uuid_text
 from app.store.keys import CONSUMER_GROUP
 from election.gate import LeadershipGate, Role
 from election.promoter import Promoter, listen_for_wakeups
@@ -232,5 +232,29 @@ def test_closing_the_gate_stops_promotion_and_reopening_resumes_it(settings, red
             assert (await store.record(held)).state is State.QUEUED
             groups = redis_client.xinfo_groups(store.keys.stream)
             assert [g["name"] for g in groups] == [CONSUMER_GROUP.encode()]
+
+    asyncio.run(scenario())
+
+
+def test_a_corrupt_record_does_not_stop_the_promoter_and_every_message_behind_it_is_promoted(
+    settings, redis_client
+) -> None:
+    async def scenario() -> None:
+        async with open_store(settings) as store:
+            await store.ensure_group()
+            run_at = now_ms() + 100
+            uuids = [await accept(store, run_at, f"m{i}") for i in range(3)]
+            await store.client.hset(store.keys.messages, uuid_key(uuids[0]), b"\x00bad")
+            gate = LeadershipGate()
+            gate.set_role(Role.LEADER, 1)
+            promoter = Promoter(store, gate, max_idle=0.1)
+            async with running(promoter.run()):
+                await async_wait_until(
+                    lambda: redis_client.xlen(store.keys.stream) == 2, "the others promoted", 3.0
+                )
+                assert promoter.stats.errors == 0
+                promoter.stop()
+            assert await stream_uuids(store) == uuids[1:]
+            assert (await store.record(uuids[0])).state is State.DEAD
 
     asyncio.run(scenario())

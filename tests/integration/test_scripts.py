@@ -455,6 +455,65 @@ def test_ack_of_nothing_is_a_no_op(h, r, ks):
     assert h.run(h.store().ack([])) == 0
 
 
+# --- a lost stream or consumer group ---------------------------------------------------------
+
+
+def test_ack_after_the_stream_was_deleted_marks_the_handled_messages_delivered(h, r, ks):
+    """Their entries went with the stream, but their handlers ran: delivered is the truth,
+    and the records must not stay queued at an entry that no longer exists."""
+    store = h.store()
+    h.run(store.ensure_group())
+    msgs = [new(f"m{i}", run_at=1) for i in range(3)]
+    h.run(store.accept_many(msgs))
+    deliveries = h.run(store.read("w", 10, None))
+    r.delete(ks.stream)
+    assert h.run(store.ack(deliveries)) == 3
+    for msg in msgs:
+        record = h.run(store.record(msg.uuid))
+        assert record is not None and record.state is State.DELIVERED
+    assert set(retained(r, ks)) == {m.uuid for m in msgs}
+    assert not r.exists(ks.stream)
+
+
+def test_ack_of_entries_read_before_the_group_was_made_anew_deletes_only_them(h, r, ks):
+    """The group is destroyed and made anew at "0" while a worker holds entries: its ack
+    must delete exactly those (so the new group does not run them again) and must not trim
+    the entries the new group has yet to deliver, which the old trim took for done."""
+    store = h.store()
+    h.run(store.ensure_group())
+    msgs = [new(f"m{i}", run_at=1) for i in range(4)]
+    h.run(store.accept_many(msgs))
+    held = h.run(store.read("old", 3, None))
+    r.xgroup_destroy(ks.stream, CONSUMER_GROUP)
+    h.run(store.ensure_group())
+    assert h.run(store.ack([held[2]])) == 1
+    assert stream_uuids(r, ks.stream) == [msgs[i].uuid for i in (0, 1, 3)]
+    again = h.run(store.read("new", 10, None))
+    assert [d.uuid for d in again] == [msgs[i].uuid for i in (0, 1, 3)]
+    record = h.run(store.record(msgs[2].uuid))
+    assert record is not None and record.state is State.DELIVERED
+
+
+def test_reads_and_scripts_meeting_a_lost_group_raise_nogroup_which_group_missing_names(h, r, ks):
+    from app.store import group_missing
+
+    store = h.store()
+    h.run(store.ensure_group())
+    r.delete(ks.stream)
+    calls = {
+        "read": lambda: store.read("w", 10, None),
+        "own pending": lambda: store.read("w", 10, None, own_pending=True),
+        "reclaim": lambda: store.reclaim("w", "0-0", 10),
+        "extend": lambda: store.extend("w", ["1-1"]),
+    }
+    for name, call in calls.items():
+        with pytest.raises(redis.ResponseError) as caught:
+            h.run(call())
+        assert group_missing(caught.value), name
+    assert not group_missing(redis.ResponseError("ERR something else"))
+    assert not group_missing(redis.ConnectionError("NOGROUP lookalike"))
+
+
 # --- fail ------------------------------------------------------------------------------------
 
 
@@ -836,6 +895,20 @@ def test_check_format_refuses_data_of_format_1(h, r, ks, kind):
         h.run(h.store().check_format())
     if before is not None:
         assert snapshot(r, ks) == before  # read only
+
+
+DAMAGED_DATA = {
+    "delayed member": lambda r, ks: r.zadd(ks.delayed, {b"short": 1}),
+    "record field": lambda r, ks: r.hset(ks.messages, b"odd field", b"x"),
+    "stream entry": lambda r, ks: r.xadd(ks.stream, {"u": b"\x01" * 15, "m": "x"}),
+}
+
+
+@pytest.mark.parametrize("kind", DAMAGED_DATA)
+def test_check_format_starts_on_one_damaged_item_which_is_not_format_1(h, r, ks, kind):
+    """Refusing would make every restart refuse again; the scripts quarantine it instead."""
+    DAMAGED_DATA[kind](r, ks)
+    h.run(h.store().check_format())
 
 
 # --- the client ------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+from structlog.testing import capture_logs
 
 from app.model import NewMessage, State
 from app.settings import Settings
@@ -555,6 +556,8 @@ def test_a_worker_whose_loop_dies_stops_reading_raises_and_another_worker_takes_
                     lambda: live.stats.acked == 5, "reclaimed and acked", DEADLINE
                 )
             assert await states(store, uuids) == [State.DELIVERED] * 5
+            # Each once: what its reclaim loop claimed is not read back as its own pending.
+            assert live.stats.handled == 5
             echoed = [line["uuid"] for line in read_lines(path)]
             assert sorted(set(echoed)) == sorted(uuids)
 
@@ -570,3 +573,101 @@ class _StoreWith:
 
     def __getattr__(self, name: str):
         return self._replaced.get(name) or getattr(self._store, name)
+
+
+# --- a lost stream or consumer group --------------------------------------------------------
+
+
+def missing_group_lines(logs: list[dict]) -> list[dict]:
+    return [line for line in logs if line["event"] == "consumer group missing, making it anew"]
+
+
+def test_a_worker_makes_its_group_anew_when_the_stream_is_deleted_and_handles_what_comes_after(
+    settings, echo_out
+) -> None:
+    path, fd = echo_out
+
+    async def scenario() -> None:
+        async with open_store(settings) as store:
+            before = await accept_due(store, 3, "before")
+            worker = Worker(store, make_echo("w1", fd), "w1")
+            with capture_logs() as logs:
+                async with running_worker(worker):
+                    await async_wait_until(lambda: worker.stats.acked == 3, "acked", DEADLINE)
+                    await store.client.delete(store.keys.stream)
+                    # Accepted due after the loss: the XADD makes a stream without a group.
+                    after = await accept_due(store, 3, "after")
+                    await async_wait_until(
+                        lambda: worker.stats.acked == 6, "the messages after the loss", DEADLINE
+                    )
+            assert [line["uuid"] for line in read_lines(path)] == before + after
+            assert await states(store, after) == [State.DELIVERED] * 3
+            missing = missing_group_lines(logs)
+            assert missing, "the worker never said it made the group anew"
+            # With Redis' own message, not only the exception's type.
+            assert missing[0]["error"].startswith("ResponseError: NOGROUP")
+
+    asyncio.run(scenario())
+
+
+def test_a_worker_whose_group_was_destroyed_makes_it_anew_at_0_and_runs_what_was_waiting(
+    settings, echo_out
+) -> None:
+    """Made at "$", the new group would never deliver the entries already in the stream."""
+    path, fd = echo_out
+
+    async def scenario() -> None:
+        async with open_store(settings) as store:
+            worker = Worker(store, make_echo("w1", fd), "w1")
+            async with running_worker(worker):
+                await async_wait_until(
+                    lambda: worker._supervisor._tasks, "the worker's loops", DEADLINE
+                )
+                await store.client.xgroup_destroy(store.keys.stream, CONSUMER_GROUP)
+                waiting = await accept_due(store, 4)
+                await async_wait_until(lambda: worker.stats.acked == 4, "acked", DEADLINE)
+            assert [line["uuid"] for line in read_lines(path)] == waiting
+            assert await store.client.xlen(store.keys.stream) == 0
+
+    asyncio.run(scenario())
+
+
+def test_the_own_pending_read_on_a_lost_group_makes_it_anew_and_finds_nothing_of_ours(
+    settings, echo_out
+) -> None:
+    _path, fd = echo_out
+
+    async def scenario() -> None:
+        async with open_store(settings) as store:
+            await store.ensure_group()
+            await store.client.delete(store.keys.stream)
+            worker = Worker(store, make_echo("w1", fd), "w1")
+            assert await worker._own_pending() == []
+            groups = await store.client.xinfo_groups(store.keys.stream)
+            assert [g["name"] for g in groups] == [CONSUMER_GROUP.encode()]
+
+    asyncio.run(scenario())
+
+
+def test_a_worker_quarantines_an_entry_it_cannot_decode_and_neither_dies_nor_stops(
+    settings, echo_out
+) -> None:
+    """Raising on it would kill the read loop, and the process, at every restart alike."""
+    path, fd = echo_out
+
+    async def scenario() -> None:
+        async with open_store(settings) as store:
+            before = await accept_due(store, 2, "before")
+            await store.client.xadd(store.keys.stream, {"u": b"\x01" * 16, "m": "x", "r": "soon"})
+            after = await accept_due(store, 2, "after")
+            worker = Worker(store, make_echo("w1", fd), "w1")
+            async with running_worker(worker) as task:
+                await async_wait_until(lambda: worker.stats.acked == 4, "acked", DEADLINE)
+                assert not task.done()
+            assert [line["uuid"] for line in read_lines(path)] == before + after
+            [(_id, fields)] = await store.client.xrange(store.keys.dead)
+            assert fields[b"reason"].startswith(b"corrupt stream entry")
+            assert await store.client.xlen(store.keys.stream) == 0
+            assert await pending_count(store) == 0
+
+    asyncio.run(scenario())

@@ -70,6 +70,8 @@ GOOD_VALUES = {
     "EAT_PARTITIONS": ("16", 16),
     "EAT_WAIT_REPLICAS": ("1", 1),
     "EAT_WAIT_TIMEOUT_MS": ("250", 250),
+    "EAT_ALLOW_EVICTION": ("yes", True),
+    "EAT_MEMORY_POLICY_INTERVAL": ("2.5", 2.5),
     "EAT_LEGACY_QUEUE": ("OldQueue", "OldQueue"),
     "EAT_LEGACY_DELAYED": ("LegacyDelayed", "LegacyDelayed"),
     "EAT_LEGACY_IN_FLIGHT": ("LegacyInFlight", "LegacyInFlight"),

@@ -12,34 +12,51 @@ KEYS[1] messages  HASH    uuid -> record (format in _record.lua)
 KEYS[2] delayed   ZSET    member <6-byte seq><uuid>, score runAt ms
 KEYS[3] stream    STREAM  due messages: u uuid, m body, r runAt, a attempts
 KEYS[4] seq       STRING  acceptance counter (tie-breaker for equal runAt)
+KEYS[5] dead      STREAM  where quarantined data goes
+KEYS[6] retention LIST    see _record.lua
 ARGV[1] channel   string  wake channel; published to when a new message becomes the earliest
-ARGV[2+3i..4+3i]  per message:
+ARGV[2] deadlen   integer approximate cap on the dead stream
+ARGV[3] keep      integer retention window for a dead record, ms
+ARGV[4+3i..6+3i]  per message:
           uuid    bytes   the uuid's 16 bytes
           body    string  the message
           runAt   integer epoch milliseconds
 
+A duplicate whose stored record cannot be decoded is quarantined (see _record.lua): the
+uuid stays taken, and the message is dead.
+
 Returns a flat list, three entries per message, in argument order:
   created  1 when accepted now, 0 when the uuid already existed
   state    "queued" (in the stream) or "scheduled" (in the sorted set), or the stored state
-  runAt    integer ms (the stored one for a duplicate)
+  runAt    integer ms (the stored one for a duplicate; 0 for one just quarantined)
+followed, only when something was quarantined, by how many were.
 ]]
 local now = now_ms()
-local count = (#ARGV - 1) / 3
+local count = (#ARGV - 3) / 3
 local uuids = {}
 for i = 1, count do
-  uuids[i] = ARGV[3 * i - 1]
+  uuids[i] = ARGV[3 * i + 1]
 end
 local stored = hmget_all(KEYS[1], uuids)
 local out, records, later, seen = {}, {}, {}, {}
+local quarantined = 0
 
 for i = 1, count do
-  local uuid, body, run_at_arg = uuids[i], ARGV[3 * i], ARGV[3 * i + 1]
+  local uuid, body, run_at_arg = uuids[i], ARGV[3 * i + 2], ARGV[3 * i + 3]
   local packed = stored[i]
   local first = seen[uuid]
-  if packed then
+  if packed and rec_valid(packed) then
     out[#out + 1] = 0
     out[#out + 1] = STATE_NAMES[string.sub(packed, 1, 1)]
     out[#out + 1] = struct.unpack('>I6', packed, 4)
+  elseif packed and not first then
+    local q = {dead = KEYS[5], deadlen = ARGV[2], retention = KEYS[6], keep = tonumber(ARGV[3])}
+    rec_quarantine(q, KEYS[1], uuid, packed, now)
+    quarantined = quarantined + 1
+    seen[uuid] = #out + 1  -- the same uuid again in this call answers as this one
+    out[#out + 1] = 0
+    out[#out + 1] = 'dead'
+    out[#out + 1] = 0
   elseif first then
     out[#out + 1] = 0
     out[#out + 1] = out[first + 1]
@@ -68,7 +85,7 @@ local members, earliest = {}, nil
 if #later > 0 then
   local seq_base = redis.call('INCRBY', KEYS[4], #later) - #later
   for j, i in ipairs(later) do
-    local uuid, body, run_at_arg = uuids[i], ARGV[3 * i], ARGV[3 * i + 1]
+    local uuid, body, run_at_arg = uuids[i], ARGV[3 * i + 2], ARGV[3 * i + 3]
     local run_at = tonumber(run_at_arg)
     local seq = struct.pack('>I6', seq_base + j)
     local member = seq .. uuid
@@ -86,5 +103,8 @@ call_spread('HSET', KEYS[1], records)
 
 if earliest and redis.call('ZRANGE', KEYS[2], 0, 0)[1] == earliest[2] then
   redis.call('PUBLISH', ARGV[1], earliest[3])
+end
+if quarantined > 0 then
+  out[#out + 1] = quarantined
 end
 return out

@@ -11,15 +11,21 @@ KEYS[1] messages  HASH    uuid -> record (format in _record.lua)
 KEYS[2] delayed   ZSET    member <6-byte seq><uuid>, score runAt ms
 KEYS[3] stream    STREAM  due messages
 KEYS[4] seq       STRING  acceptance counter
+KEYS[5] dead      STREAM  where quarantined data goes
+KEYS[6] retention LIST    see _record.lua
 ARGV[1] uuid      bytes   the uuid's 16 bytes
 ARGV[2] runAt     integer the new epoch milliseconds
 ARGV[3] channel   string  wake channel
+ARGV[4] deadlen   integer approximate cap on the dead stream
+ARGV[5] keep      integer retention window for a dead record, ms
 
 Returns {state, runAt}        "queued", "scheduled" or "retrying"; the new runAt
      or {"missing"}           no record for the uuid
      or {"conflict", state}   not in the sorted set: queued, delivered, dead or cancelled
+     or {"conflict", "dead", 1}  its record could not be decoded and was quarantined
 ]]
-local rec, refused = take_waiting(KEYS[1], KEYS[2], ARGV[1])
+local q = {dead = KEYS[5], deadlen = ARGV[4], retention = KEYS[6], keep = tonumber(ARGV[5])}
+local rec, refused = take_waiting(KEYS[1], KEYS[2], ARGV[1], q)
 if not rec then
   return refused
 end
