@@ -29,7 +29,7 @@ the kernel does not reset the connection before the client has read it. A
 request already answered (the app may answer before reading a body) is closed
 without a second answer.
 
-States of a connection (``_phase``)::
+States of a connection (``phase``)::
 
     DONE --first byte of a request--> HEAD --head parsed--> BODY --body read--> DONE
     HEAD, BODY or DONE --refused (431, 408, 503) or evicted--> CLOSING
@@ -71,7 +71,7 @@ RESERVED_FDS = 128
 
 HEAD, BODY, DONE, CLOSING = range(4)
 # What a request line adds to its target ("DELETE " ... " HTTP/1.1\r\n"), and the blank line.
-HEAD_LINE_OVERHEAD = b"DELETE  HTTP/1.1\r\n\r\n"
+HEAD_LINE_OVERHEAD = len(b"DELETE  HTTP/1.1\r\n\r\n")
 
 
 class _Refused(Exception):
@@ -232,7 +232,6 @@ class LimitedProtocol(HttpToolsProtocol):
         self.since = 0.0  # when the current phase began (loop time)
         self.number = 0  # in the order connections were made
         self._head_bytes = 0
-        self._large_read = False
         self._linger_left = 0
         self._linger: asyncio.TimerHandle | None = None
 
@@ -258,19 +257,26 @@ class LimitedProtocol(HttpToolsProtocol):
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
-        if self.phase >= DONE:
-            if self.phase == CLOSING:
-                self._drop(data)
-                return
+        # Bytes of the head so far, counted per read before parsing: httptools keeps an
+        # unfinished header in its own buffer, so a callback's count would come too late.
+        # A read that finishes one request and starts the next leaves the phase DONE: that
+        # head counts from its next read.
+        phase = self.phase
+        if phase == DONE:
             self.phase = HEAD
             self.since = self.loop.time()
-            self._head_bytes = 0
-        # Only a read this large can finish a head over the limit: on_headers_complete
-        # then measures the head it parsed.
-        self._large_read = self._head_bytes + len(data) > self.max_header_bytes
+            self._head_bytes = len(data)
+        elif phase == HEAD:
+            self._head_bytes += len(data)
+        elif phase == CLOSING:
+            self._drop(data)
+            return
         # uvicorn's data_received, except that a refusal from a parser callback (which
         # raises to stop the parser) is not answered a second time with a 400.
-        self._unset_keepalive_if_required()
+        keep_alive = self.timeout_keep_alive_task
+        if keep_alive is not None:
+            keep_alive.cancel()
+            self.timeout_keep_alive_task = None
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError:
@@ -285,17 +291,17 @@ class LimitedProtocol(HttpToolsProtocol):
                 self.handle_websocket_upgrade()
             else:
                 self._unsupported_upgrade_warning()
-        # Still in the head after this read: count it all. httptools keeps an unfinished
-        # header in its own buffer, so a callback's count would come too late. A read that
-        # also finished a request leaves the phase DONE and is not counted (the next one is).
-        if self.phase == HEAD:
-            self._head_bytes += len(data)
-            if self._head_bytes > self.max_header_bytes and not self.transport.is_closing():
-                self.guard.closed_header_too_large.inc()
-                self.refuse(self.guard.too_large)
+        if (
+            self.phase == HEAD
+            and self._head_bytes > self.max_header_bytes
+            and not self.transport.is_closing()
+        ):
+            self.guard.closed_header_too_large.inc()
+            self.refuse(self.guard.too_large)
 
     def on_headers_complete(self) -> None:
-        if self._large_read and self._head_size() > self.max_header_bytes:
+        # Only when the reads of this head were that large can the head be: measure it.
+        if self._head_bytes > self.max_header_bytes and self._head_size() > self.max_header_bytes:
             self.guard.closed_header_too_large.inc()
             self.refuse(self.guard.too_large)
             raise _Refused  # stops the parser: nothing of this request reaches the app
@@ -305,7 +311,7 @@ class LimitedProtocol(HttpToolsProtocol):
 
     def _head_size(self) -> int:
         """The parsed head's size: request line and header lines, as received less spaces."""
-        size = len(self.url) + len(HEAD_LINE_OVERHEAD)
+        size = len(self.url) + HEAD_LINE_OVERHEAD
         for name, value in self.headers:
             size += len(name) + len(value) + 4  # ": " and CRLF
         return size
