@@ -168,16 +168,15 @@ def run_api(settings: Settings, host: str, port: int) -> int:
     import uvicorn
 
     from app.http.app import create_app
+    from app.httpserver import HttpLimits, fit_open_files, server_config
 
     app = create_app(settings)
-    config = uvicorn.Config(
+    config = server_config(
         app,
-        host=host,
-        port=port,
+        host,
+        port,
+        fit_open_files(HttpLimits.of(settings)),
         loop="uvloop",
-        http="httptools",
-        log_config=None,
-        access_log=False,
         lifespan="on",
         timeout_graceful_shutdown=20,
     )

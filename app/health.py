@@ -20,6 +20,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from app import metrics
+from app.httpserver import HttpLimits, server_config
 
 ReadyCheck = Callable[[], Awaitable[dict[str, bool]]]
 # The queue's figures (``Store.queue_stats``), read when /metrics is scraped.
@@ -62,11 +63,16 @@ class _Server(uvicorn.Server):
 class HealthServer:
     """Serves the health routes on ``host:port`` inside the running event loop."""
 
-    def __init__(self, host: str, port: int, ready: ReadyCheck, figures: QueueFigures) -> None:
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        ready: ReadyCheck,
+        figures: QueueFigures,
+        limits: HttpLimits | None = None,
+    ) -> None:
         app = Starlette(routes=health_routes(ready, figures))
-        config = uvicorn.Config(
-            app, host=host, port=port, log_config=None, access_log=False, lifespan="off"
-        )
+        config = server_config(app, host, port, limits or HttpLimits(), lifespan="off")
         self._server = _Server(config)
         self._task: asyncio.Task | None = None
 
@@ -86,11 +92,16 @@ class HealthServer:
 
 
 async def maybe_start(
-    host: str, port: int, ready: ReadyCheck, figures: QueueFigures
+    host: str,
+    port: int,
+    ready: ReadyCheck,
+    figures: QueueFigures,
+    limits: HttpLimits | None = None,
 ) -> HealthServer | None:
-    """The health server of a scheduler or worker, started; None when ``port`` is 0 (off)."""
+    """The health server of a scheduler or worker, started; None when ``port`` is 0 (off).
+    ``limits`` bound what its clients may take (the defaults when None)."""
     if not port:
         return None
-    server = HealthServer(host, port, ready, figures)
+    server = HealthServer(host, port, ready, figures, limits)
     await server.start()
     return server

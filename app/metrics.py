@@ -231,6 +231,14 @@ HTTP_DURATION = LoopHistogram(
     buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
 )
 
+# Connections an HTTP server closed on its own (app.httpserver), on its event loop only.
+HTTP_CONNECTIONS_CLOSED = LoopCounter(
+    "eat_http_connections_closed",
+    "Connections the HTTP server closed by a limit: header_too_large (431), header_timeout "
+    "and body_timeout (408), evicted (idlest, at the connection cap), over_limit (503).",
+    ["reason"],
+)
+
 
 class ConsumerFigures(Protocol):
     @property

@@ -163,6 +163,42 @@ class Settings:
             "bytes; a larger one is refused with 413."
         },
     )
+    http_max_header_bytes: int = field(
+        default=65536,
+        metadata={
+            "doc": "Largest request head (request line and headers) an HTTP server reads, in "
+            "bytes; a larger one is answered 431 and the connection closed."
+        },
+    )
+    http_header_timeout: float = field(
+        default=10.0,
+        metadata={
+            "doc": "Seconds a request head may take to arrive after its first byte; a slower "
+            "one is answered 408 and the connection closed."
+        },
+    )
+    http_body_timeout: float = field(
+        default=30.0,
+        metadata={
+            "doc": "Seconds a request body may take to arrive after its head; a slower one is "
+            "answered 408 and the connection closed."
+        },
+    )
+    http_idle_timeout: float = field(
+        default=5.0,
+        metadata={
+            "doc": "Seconds a connection may carry no request (a new one, or one kept alive "
+            "after a response) before the server closes it."
+        },
+    )
+    http_max_connections: int = field(
+        default=1000,
+        metadata={
+            "doc": "Open connections per HTTP server. Past it a new connection closes the one "
+            "idle longest, or is answered 503 when every one is busy. Lowered to fit the "
+            "process' open files limit."
+        },
+    )
     retention: float = field(
         default=86400.0,
         metadata={
@@ -332,6 +368,11 @@ class Settings:
             raise SettingsError(_env("partitions"), f"from 1 to {MAX_PARTITIONS}")
         if self.wait_replicas < 0:
             raise SettingsError(_env("wait_replicas"), "must be 0 or more")
+        _positive(self, "http_header_timeout", "http_body_timeout", "http_idle_timeout")
+        _positive(self, "http_max_connections")
+        # A browser's or a proxy's ordinary head (cookies, forwarded-for) takes a few KiB.
+        if self.http_max_header_bytes < 1024:
+            raise SettingsError(_env("http_max_header_bytes"), "at least 1024")
         if self.promote_batch > 10000:
             raise SettingsError(_env("promote_batch"), "at most 10000")
         if self.retry_max < self.retry_base:

@@ -19,6 +19,7 @@ import socket
 from app import metrics
 from app.backoff import Stopped, until_done
 from app.health import maybe_start
+from app.httpserver import HttpLimits
 from app.log import get_logger
 from app.settings import Settings
 from app.store import Store, connect
@@ -112,7 +113,11 @@ async def _lead_while_elected(
     health = None
     try:
         health = await maybe_start(
-            settings.health_host, settings.health_port, ready, store.queue_stats
+            settings.health_host,
+            settings.health_port,
+            ready,
+            store.queue_stats,
+            HttpLimits.of(settings),
         )
         supervisor.spawn(promoter.run(), "promoter")
         supervisor.spawn(listen_for_wakeups(store, promoter), "wakeups")

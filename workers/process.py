@@ -8,6 +8,7 @@ import signal
 import socket
 
 from app.health import maybe_start
+from app.httpserver import HttpLimits
 from app.settings import Settings
 from app.store import Store, connect
 from app.store.keys import LegacyLists
@@ -72,7 +73,10 @@ async def run_worker(
     async def ready() -> dict[str, bool]:
         return {"redis": await store.answers(), "memory_policy": worker.memory_policy.ready}
 
-    health = await maybe_start(settings.health_host, settings.health_port, ready, store.queue_stats)
+    limits = HttpLimits.of(settings)
+    health = await maybe_start(
+        settings.health_host, settings.health_port, ready, store.queue_stats, limits
+    )
     try:
         await worker.run()
     finally:
