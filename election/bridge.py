@@ -32,10 +32,12 @@ What may happen twice, and what not:
   at once (a paused old leader waking up next to the new one) are safe too:
   ``LMOVE`` hands each item to one of them, and a re-drive of the other's
   in-flight item is a duplicate. No Redis lock is needed.
-- A malformed item (bad JSON, a missing or wrong field, a value the API would
-  refuse) goes to the dead stream with the reason and its original bytes
+- A malformed item (bad JSON, JSON nested too deeply, a missing or wrong field,
+  a value the API would refuse), or one that reading fails on for any other
+  reason, goes to the dead stream with the reason and its original bytes
   (``raw``), and leaves ``QueueDead``; it never blocks the bridge. A bridge
   that dies between those two steps dead-letters it a second time on re-drive.
+  Only Redis errors are retried.
 - An item re-driven from ``QueueDead`` no longer says which list it came from:
   it is accepted at its own ``runAt`` (an item pushed onto ``Queue`` with a
   future ``runAt`` then waits for that time).
@@ -76,6 +78,7 @@ DEFAULT_BATCH = 100  # most items moved from each list per round
 POLL_MIN = 0.005  # seconds: first idle poll interval once the lists are empty
 POLL_MAX = 0.1  # seconds: longest idle poll interval (the legacy latency bound)
 RAW_KEEP = 70_000  # bytes of a malformed item kept in its dead entry
+NESTED_TOO_DEEPLY = "malformed JSON: nested too deeply"
 
 
 class LegacyItem(msgspec.Struct, frozen=True):
@@ -121,6 +124,9 @@ def parse_item(raw: bytes, max_message_bytes: int) -> NewMessage:
         raise _malformed(raw, f"invalid legacy item: {exc}", max_message_bytes) from None
     except (msgspec.DecodeError, UnicodeDecodeError) as exc:
         raise _malformed(raw, f"malformed JSON: {exc}", max_message_bytes) from None
+    except RecursionError:
+        # msgspec, like json, stops at Python's recursion limit (even inside ignored fields).
+        raise _malformed(raw, NESTED_TOO_DEEPLY, max_message_bytes) from None
     uuid = item.uuid if item.uuid is not None else legacy_uuid(raw)
     try:
         return validate(
@@ -130,11 +136,28 @@ def parse_item(raw: bytes, max_message_bytes: int) -> NewMessage:
         raise _malformed(raw, f"invalid {exc.field}: {exc.error}", max_message_bytes) from None
 
 
+def read_item(raw: bytes, max_message_bytes: int) -> NewMessage | MalformedItem:
+    """:func:`parse_item`, with whatever else it raises (a bug) as a MalformedItem too.
+
+    An item the bridge cannot read, for any reason, must leave the lists: re-driven by
+    every next leader, an exception would end each one's bridge in turn.
+    """
+    try:
+        return parse_item(raw, max_message_bytes)
+    except MalformedItem as bad:
+        return bad
+    except Exception as exc:
+        # The reason goes with the item to the dead stream; the log gets the type only.
+        log.error("legacy item unreadable", error=type(exc).__name__)
+        reason = f"unreadable legacy item: {describe(exc)}"
+        return MalformedItem(reason[:1000], legacy_uuid(raw), None, None)
+
+
 def _malformed(raw: bytes, reason: str, max_message_bytes: int) -> MalformedItem:
     """What can be salvaged from a bad item: its uuid if canonical, message and runAt if valid."""
     try:
         obj = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
         obj = None
     if not isinstance(obj, dict):
         obj = {}
@@ -277,10 +300,9 @@ class LegacyBridge(WakeableLoop):
         """Accept (or dead-letter) each in-flight item, then remove them from the list."""
         limit = self.store.settings.max_message_bytes
         for raw, due_now in items:
-            try:
-                msg = parse_item(raw, limit)
-            except MalformedItem as bad:
-                await self._dead_letter(raw, bad, now_ms)
+            msg = read_item(raw, limit)
+            if isinstance(msg, MalformedItem):
+                await self._dead_letter(raw, msg, now_ms)
                 continue
             if due_now and msg.run_at > now_ms:
                 # Queue means "run now"; now_ms is Redis' clock, read before the move.

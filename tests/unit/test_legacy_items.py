@@ -97,6 +97,36 @@ def test_a_malformed_item_keeps_what_can_be_read_of_it_for_the_dead_stream() -> 
     assert info.value.uuid == legacy_uuid(raw(message="m", runAt=7, uuid="bad"))
 
 
+DEEP = 5000  # far past Python's recursion limit, which both msgspec and json obey
+
+
+def nested(depth: int = DEEP) -> bytes:
+    return b"[" * depth + b"]" * depth
+
+
+@pytest.mark.parametrize(
+    ("item", "reason"),
+    [
+        pytest.param(
+            b'{"message": "m", "runAt": 5, "extra": ' + nested() + b"}",
+            "nested too deeply",
+            id="unknown-field",
+        ),
+        pytest.param(b'{"message": ' + nested() + b', "runAt": 5}', "Expected `str`", id="message"),
+        pytest.param(b'{"message": "m", "runAt": ' + nested() + b"}", "Expected `int`", id="runAt"),
+        pytest.param(nested(), "Expected `object`", id="whole-item"),
+        pytest.param(b'{"a": ' * DEEP + b"1" + b"}" * DEEP, "nested too deeply", id="objects"),
+    ],
+)
+def test_an_item_nested_too_deeply_is_malformed_not_a_crash(item: bytes, reason: str) -> None:
+    # Before: RecursionError from the decoder or from the salvage step, which killed the bridge.
+    with pytest.raises(MalformedItem) as info:
+        parse_item(item, LIMIT)
+    assert reason in info.value.reason
+    assert info.value.uuid == legacy_uuid(item)
+    assert (info.value.message, info.value.run_at) == (None, None)
+
+
 # -- names -------------------------------------------------------------------------------
 
 
