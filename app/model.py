@@ -25,6 +25,7 @@ _CANONICAL_UUID = re.compile(
 _PATH_FIELD = re.compile(r"at `\$\.(\w+)")
 _MISSING = re.compile(r"missing required field `(\w+)`")
 _UNKNOWN = re.compile(r"unknown field `([^`]*)`")
+NESTED_TOO_DEEPLY = "malformed JSON: nested too deeply"
 
 
 class State(enum.StrEnum):
@@ -92,6 +93,9 @@ def decode_json(body: bytes, decoder: msgspec.json.Decoder) -> Any:
     except (msgspec.DecodeError, UnicodeDecodeError) as exc:
         # msgspec raises UnicodeDecodeError for invalid UTF-8 inside a JSON string.
         raise InvalidInput(f"malformed JSON: {exc}", None, status=400) from None
+    except RecursionError:
+        # msgspec stops at Python's recursion limit (a value it skips or keeps raw included).
+        raise InvalidInput(NESTED_TOO_DEEPLY, None, status=400) from None
 
 
 def parse_save_message(body: bytes, max_message_bytes: int) -> NewMessage:

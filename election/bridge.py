@@ -62,7 +62,15 @@ from redis.exceptions import RedisError
 
 from app.backoff import Backoff, describe
 from app.log import get_logger
-from app.model import RUN_AT_MAX, RUN_AT_MIN, InvalidInput, NewMessage, SaveMessage, validate
+from app.model import (
+    NESTED_TOO_DEEPLY,
+    RUN_AT_MAX,
+    RUN_AT_MIN,
+    InvalidInput,
+    NewMessage,
+    SaveMessage,
+    validate,
+)
 from app.store import Store
 from app.store.codec import uuid_key
 from app.store.keys import LegacyLists
@@ -78,7 +86,6 @@ DEFAULT_BATCH = 100  # most items moved from each list per round
 POLL_MIN = 0.005  # seconds: first idle poll interval once the lists are empty
 POLL_MAX = 0.1  # seconds: longest idle poll interval (the legacy latency bound)
 RAW_KEEP = 70_000  # bytes of a malformed item kept in its dead entry
-NESTED_TOO_DEEPLY = "malformed JSON: nested too deeply"
 
 
 class LegacyItem(msgspec.Struct, frozen=True):
