@@ -68,7 +68,9 @@ from app.model import (
     RUN_AT_MIN,
     InvalidInput,
     NewMessage,
+    RepeatedKeys,
     SaveMessage,
+    field_names,
     validate,
 )
 from app.store import Store
@@ -97,6 +99,7 @@ class LegacyItem(msgspec.Struct, frozen=True):
 
 
 _decoder = msgspec.json.Decoder(LegacyItem)
+_repeated = RepeatedKeys(field_names(LegacyItem))
 
 
 def legacy_uuid(raw: bytes) -> str:
@@ -134,6 +137,14 @@ def parse_item(raw: bytes, max_message_bytes: int) -> NewMessage:
     except RecursionError:
         # msgspec, like json, stops at Python's recursion limit (even inside ignored fields).
         raise _malformed(raw, NESTED_TOO_DEEPLY, max_message_bytes) from None
+    try:
+        repeated = _repeated.find(raw)
+    except InvalidInput as exc:
+        raise _malformed(raw, exc.error, max_message_bytes) from None
+    if repeated is not None:
+        # Which of its values counts is the very thing readers disagree on: keep none.
+        reason = f"repeated key: {repeated}"
+        raise _malformed(raw, reason, max_message_bytes, distrust=repeated) from None
     uuid = item.uuid if item.uuid is not None else legacy_uuid(raw)
     try:
         return validate(
@@ -160,14 +171,18 @@ def read_item(raw: bytes, max_message_bytes: int) -> NewMessage | MalformedItem:
         return MalformedItem(reason[:1000], legacy_uuid(raw), None, None)
 
 
-def _malformed(raw: bytes, reason: str, max_message_bytes: int) -> MalformedItem:
-    """What can be salvaged from a bad item: its uuid if canonical, message and runAt if valid."""
+def _malformed(
+    raw: bytes, reason: str, max_message_bytes: int, distrust: str | None = None
+) -> MalformedItem:
+    """What can be salvaged from a bad item: its uuid if canonical, message and runAt if
+    valid, except the field ``distrust``."""
     try:
         obj = json.loads(raw)
     except (ValueError, UnicodeDecodeError, RecursionError):
         obj = None
     if not isinstance(obj, dict):
         obj = {}
+    obj.pop(distrust, None)
     uuid = obj.get("uuid")
     try:
         if not isinstance(uuid, str):

@@ -61,7 +61,13 @@ from app.http.wire import (
     Stats,
 )
 from app.log import get_logger
-from app.model import InvalidInput, decode_json, normalize_uuid, parse_save_message
+from app.model import (
+    BodyDecoder,
+    InvalidInput,
+    field_names,
+    normalize_uuid,
+    parse_save_message,
+)
 from app.settings import Settings
 from app.store.codec import STREAM_ID
 from app.store.lifecycle import Lifecycle, Outcome
@@ -70,8 +76,8 @@ log = get_logger("api")
 
 Handler = Callable[[Request, Lifecycle], Awaitable[Response]]
 
-_reschedule_decoder = msgspec.json.Decoder(Reschedule)
-_bulk_decoder = msgspec.json.Decoder(list[msgspec.Raw] | BulkEnvelope)
+_reschedule_decoder = BodyDecoder(Reschedule)
+_bulk_decoder = BodyDecoder(list[msgspec.Raw] | BulkEnvelope, field_names(BulkEnvelope))
 
 
 def respond(value: msgspec.Struct, status: int = 200) -> Response:
@@ -185,7 +191,7 @@ def lifecycle_routes(settings: Settings) -> list[Operation]:
     async def reschedule_message(request: Request, lc: Lifecycle) -> Response:
         uuid = path_uuid(request)
         body = await json_body(request, RESCHEDULE_BODY_LIMIT)
-        run_at = decode_json(body, _reschedule_decoder).runAt  # type: ignore[attr-defined]
+        run_at = _reschedule_decoder.decode(body).runAt  # type: ignore[attr-defined]
         outcome = await lc.reschedule(uuid, run_at)
         if outcome.kind == "done":
             log.info("rescheduled", uuid=uuid, run_at=run_at, state=outcome.state)
@@ -194,7 +200,7 @@ def lifecycle_routes(settings: Settings) -> list[Operation]:
     async def save_messages(request: Request, lc: Lifecycle) -> Response:
         body = await json_body(request, bulk_limit)
         try:
-            decoded = decode_json(body, _bulk_decoder)
+            decoded = _bulk_decoder.decode(body)
         except InvalidInput as exc:
             if exc.status != 422:
                 raise

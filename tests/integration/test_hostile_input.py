@@ -123,3 +123,53 @@ def test_a_reschedule_body_nested_as_deep_as_its_limit_allows_is_a_json_error(
         response = client.patch(f"{V1}/messages/{scheduled}", content=body, headers=JSON)
         assert_json_error(response)
     assert snapshot(redis_client, prefix) == before
+
+
+# --- repeated keys ---------------------------------------------------------------------------
+
+
+def obj(*members: str) -> str:
+    """A JSON object written member by member, as given (repeats and escapes kept)."""
+    return "{" + ", ".join(members) + "}"
+
+
+def test_save_message_refuses_a_repeated_key_naming_it_and_stores_nothing(
+    client, redis_client, prefix
+):
+    # Before: 201, storing the last uuid, where a proxy reading the first saw another key.
+    for field, body in (
+        ("uuid", obj('"message": "a"', '"runAt": 1', f'"uuid": "{UUID}"', f'"uuid": "{OTHER}"')),
+        ("uuid", obj('"message": "a"', '"runAt": 1', f'"u\\u0075id": "{UUID}"', '"uuid": null')),
+        ("message", obj('"message": "a"', '"message": "b"', '"runAt": 1')),
+    ):
+        response = client.post(SAVE, content=body, headers=JSON)
+        assert_json_error(response, 422, field)
+        assert response.json()["error"] == f"repeated key: {field}"
+    assert snapshot(redis_client, prefix) == {}
+
+
+def test_reschedule_refuses_a_repeated_key_and_changes_nothing(
+    client, redis_client, prefix, scheduled
+):
+    before = snapshot(redis_client, prefix)
+    for body in (obj('"runAt": 1', '"runAt": 2'), obj('"runAt": 1', '"run\\u0041t": 2')):
+        response = client.patch(f"{V1}/messages/{scheduled}", content=body, headers=JSON)
+        assert_json_error(response, 422, "runAt")
+    assert snapshot(redis_client, prefix) == before
+
+
+def test_bulk_refuses_a_repeated_envelope_key_and_marks_an_item_with_one_invalid(
+    client, redis_client, prefix
+):
+    item = obj('"message": "a"', f'"runAt": {FAR}', f'"uuid": "{UUID}"')
+    body = obj(f'"messages": [{item}]', '"messages": []')
+    assert_json_error(client.post(BULK, content=body, headers=JSON), 422, "messages")
+    assert snapshot(redis_client, prefix) == {}
+
+    twice = obj('"message": "a"', f'"runAt": {FAR}', f'"uuid": "{UUID}"', f'"uuid": "{OTHER}"')
+    response = client.post(BULK, content=f"[{twice}]", headers=JSON)
+    assert response.status_code == 200, response.text
+    assert response.json()["results"] == [
+        {"index": 0, "status": "invalid", "error": "repeated key: uuid", "field": "uuid"}
+    ]
+    assert snapshot(redis_client, prefix) == {}

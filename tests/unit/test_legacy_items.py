@@ -12,6 +12,7 @@ from app.store.keys import LegacyLists
 from election.bridge import MalformedItem, legacy_uuid, parse_item
 
 UUID = "123e4567-e89b-12d3-a456-426614174000"
+OTHER = "00000000-0000-4000-8000-000000000001"
 LIMIT = 65536
 
 
@@ -125,6 +126,45 @@ def test_an_item_nested_too_deeply_is_malformed_not_a_crash(item: bytes, reason:
     assert reason in info.value.reason
     assert info.value.uuid == legacy_uuid(item)
     assert (info.value.message, info.value.run_at) == (None, None)
+
+
+@pytest.mark.parametrize(
+    ("item", "repeated", "salvaged"),
+    [
+        (
+            b'{"message": "m", "runAt": 5, "uuid": "%s", "uuid": "%s"}'
+            % (UUID.encode(), OTHER.encode()),
+            "uuid",
+            ("m", 5),
+        ),
+        (
+            b'{"message": "m", "runAt": 5, "u\\u0075id": "%s", "uuid": null}' % UUID.encode(),
+            "uuid",
+            ("m", 5),
+        ),
+        (b'{"message": "a", "message": "b", "runAt": 5}', "message", (None, 5)),
+        (
+            b'{"message": "m", "runAt": 5, "runAt": 6, "uuid": "%s"}' % UUID.encode(),
+            "runAt",
+            ("m", None),
+        ),
+    ],
+)
+def test_an_item_with_a_repeated_key_is_malformed_and_none_of_its_values_is_trusted(
+    item: bytes, repeated: str, salvaged: tuple[str | None, int | None]
+) -> None:
+    # Before: accepted with the last value, where a reader of the first saw another message.
+    with pytest.raises(MalformedItem) as info:
+        parse_item(item, LIMIT)
+    assert info.value.reason == f"repeated key: {repeated}"
+    assert (info.value.message, info.value.run_at) == salvaged
+    if repeated == "uuid":
+        assert info.value.uuid == legacy_uuid(item)
+
+
+def test_an_unknown_field_repeated_is_ignored_like_any_unknown_field() -> None:
+    item = b'{"message": "m", "runAt": 5, "type": 1, "type": 2, "uuid": "%s"}' % UUID.encode()
+    assert parse_item(item, LIMIT).uuid == UUID
 
 
 # -- names -------------------------------------------------------------------------------
