@@ -10,6 +10,7 @@ body)``; :func:`response` turns it into a Starlette ``Response``.
 from __future__ import annotations
 
 import hmac
+import re
 from collections.abc import Awaitable, Callable, MutableMapping
 from time import perf_counter
 from typing import Any
@@ -34,6 +35,7 @@ Headers = list[tuple[bytes, bytes]]
 Answer = tuple[int, Headers, bytes]
 
 _json = msgspec.json.Encoder()
+_CONTENT_LENGTH = re.compile(r"[0-9]+\Z")
 _CONTENT_TYPE_JSON = (b"content-type", b"application/json")
 
 
@@ -118,9 +120,11 @@ async def read_body(receive: Receive, content_length: bytes | str | None, limit:
         declared = content_length
         if isinstance(declared, bytes):
             declared = declared.decode("latin-1")
-        if not declared.isdigit():
+        # ASCII digits only ("²".isdigit() is true; int("²") raises); a length longer
+        # than 18 digits is over any limit, and int() refuses over 4,300.
+        if not _CONTENT_LENGTH.match(declared):
             raise InvalidInput("invalid Content-Length", None, 400)
-        if int(declared) > limit:
+        if len(declared) > 18 or int(declared) > limit:
             raise InvalidInput(f"body larger than {limit} bytes", None, 413)
     message = await receive()
     # The usual case: the whole body in one message, nothing to join.

@@ -10,6 +10,7 @@ save-message, and sits behind the same optional bearer token.
 from __future__ import annotations
 
 import functools
+import re
 from collections import Counter
 from collections.abc import Awaitable, Callable
 
@@ -76,6 +77,7 @@ log = get_logger("api")
 
 Handler = Callable[[Request, Lifecycle], Awaitable[Response]]
 
+_LIMIT = re.compile(r"[0-9]{1,4}\Z")  # ASCII digits only: int() reads every script's
 _reschedule_decoder = BodyDecoder(Reschedule)
 _bulk_decoder = BodyDecoder(list[msgspec.Raw] | BulkEnvelope, field_names(BulkEnvelope))
 
@@ -111,8 +113,7 @@ def query_limit(request: Request) -> int:
     raw = request.query_params.get("limit")
     if raw is None:
         return DEAD_PAGE_DEFAULT
-    digits = raw.isascii() and raw.isdigit() and len(raw) <= 4
-    if not digits or not 1 <= int(raw) <= DEAD_PAGE_MAX:
+    if not _LIMIT.match(raw) or not 1 <= int(raw) <= DEAD_PAGE_MAX:
         raise InvalidInput(f"limit must be an integer from 1 to {DEAD_PAGE_MAX}", "limit")
     return int(raw)
 
@@ -423,7 +424,7 @@ def lifecycle_routes(settings: Settings) -> list[Operation]:
                         "in": "query",
                         "required": False,
                         "description": "The `next` of the previous page.",
-                        "schema": {"type": "string", "pattern": r"^\d{1,20}-\d{1,20}$"},
+                        "schema": {"type": "string", "pattern": r"^[0-9]{1,20}-[0-9]{1,20}$"},
                     },
                 ),
             ),

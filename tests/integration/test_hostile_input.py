@@ -10,6 +10,8 @@ the class stays closed.
 
 from __future__ import annotations
 
+import asyncio
+import json
 import warnings
 from collections.abc import Iterator
 
@@ -173,3 +175,69 @@ def test_bulk_refuses_a_repeated_envelope_key_and_marks_an_item_with_one_invalid
         {"index": 0, "status": "invalid", "error": "repeated key: uuid", "field": "uuid"}
     ]
     assert snapshot(redis_client, prefix) == {}
+
+
+# --- digits of other scripts -----------------------------------------------------------------
+
+OTHER_DIGITS = ["\u0661", "\uff11", "\U0001d7cf", "\u00b9"]  # Arabic-Indic, fullwidth, math, ¹
+
+
+@pytest.mark.parametrize("digit", OTHER_DIGITS)
+def test_a_cursor_or_limit_in_digits_of_another_script_is_a_422(client, digit):
+    # Before: \d matched the cursor, Redis refused it: 503 and an error in the log.
+    for query, field in ((f"cursor={digit}-{digit}", "cursor"), (f"limit={digit}", "limit")):
+        assert_json_error(client.get(f"{V1}/dead?{query}"), 422, field)
+
+
+@pytest.mark.parametrize(
+    ("declared", "status"),
+    [
+        pytest.param(b"\xb2", 400, id="superscript-two"),  # "²".isdigit(), int("²") raises
+        pytest.param(b"\xb9\xb2", 400, id="superscripts"),
+        pytest.param(b"9" * 30, 413, id="30-digits"),
+        pytest.param(b"9" * 5000, 413, id="5000-digits"),  # int() refuses over 4,300
+    ],
+)
+def test_a_content_length_that_is_no_ascii_number_or_a_huge_one_is_a_json_error(
+    client, redis_client, prefix, declared, status
+):
+    # Before: isdigit() passed "²" and int() raised: a 500.
+    for path in (SAVE, BULK):  # the raw-ASGI path and Starlette's (its lifespan has run)
+        answer = asgi_post(client.app, path, declared)
+        assert answer[0] == status, (path, answer)
+        assert answer[1] == b"application/json"
+        assert set(json.loads(answer[2])) == {"error", "field"}
+    assert snapshot(redis_client, prefix) == {}
+
+
+def asgi_post(app, path: str, content_length: bytes) -> tuple[int, bytes, bytes]:
+    """POST through ASGI directly: an HTTP client will not send such a Content-Length."""
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "root_path": "",
+        "query_string": b"",
+        "headers": [
+            (b"host", b"test"),
+            (b"content-type", b"application/json"),
+            (b"content-length", content_length),
+        ],
+        "client": ("127.0.0.1", 1),
+        "server": ("127.0.0.1", 80),
+    }
+    sent: list[dict] = []
+
+    async def receive() -> dict:
+        return {"type": "http.request", "body": b"{}", "more_body": False}
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    asyncio.run(app(scope, receive, send))
+    start, body = sent
+    return start["status"], dict(start["headers"]).get(b"content-type", b""), body["body"]
