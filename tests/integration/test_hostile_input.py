@@ -17,6 +17,7 @@ from collections.abc import Iterator
 
 import pytest
 import redis
+from starlette.routing import Route
 
 from app.http.app import create_app
 from app.settings import Settings
@@ -241,3 +242,33 @@ def asgi_post(app, path: str, content_length: bytes) -> tuple[int, bytes, bytes]
     asyncio.run(app(scope, receive, send))
     start, body = sent
     return start["status"], dict(start["headers"]).get(b"content-type", b""), body["body"]
+
+
+# --- a trailing slash and a forged Host ------------------------------------------------------
+
+
+def routed(app) -> list[tuple[str, str]]:
+    """(method, path) of every route, path parameters filled in."""
+    return [
+        (method, route.path.replace("{uuid}", UUID))
+        for route in app.routes
+        if isinstance(route, Route)
+        for method in sorted(route.methods or ())
+        if method != "HEAD"
+    ]
+
+
+def test_no_route_redirects_a_trailing_slash_to_the_host_the_client_named(client):
+    # Before: 307 to http://evil.example/api/v1/save-message, built from the Host header.
+    checked = routed(client.app)
+    assert len(checked) >= 14
+    for method, path in checked:
+        response = client.request(
+            method,
+            path + "/",
+            content=b"{}",
+            headers={"host": "evil.example", **JSON},
+            follow_redirects=False,
+        )
+        assert "location" not in response.headers, (method, path, response.headers)
+        assert_json_error(response, 404, None)
