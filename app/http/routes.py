@@ -360,7 +360,9 @@ def lifecycle_routes(settings: Settings) -> list[Operation]:
                     409: CONFLICT,
                     413: Reply(f"Body over {RESCHEDULE_BODY_LIMIT} bytes."),
                     415: NOT_JSON,
-                    422: Reply("Bad uuid, or runAt missing, not an integer or out of range."),
+                    422: Reply(
+                        "Bad uuid, or runAt missing, repeated, not an integer or out of range."
+                    ),
                     503: UNAVAILABLE,
                 },
                 request=Reschedule,
@@ -385,7 +387,10 @@ def lifecycle_routes(settings: Settings) -> list[Operation]:
                         f"More than {BULK_MAX_ITEMS} items, or a body over {bulk_limit} bytes."
                     ),
                     415: NOT_JSON,
-                    422: Reply('The body is neither an array nor {"messages": [...]}.'),
+                    422: Reply(
+                        'The body is neither an array nor {"messages": [...]}, or repeats '
+                        '"messages".'
+                    ),
                     503: Reply("Nothing was written: retry with the same uuids."),
                 },
                 request="bulk",
