@@ -167,8 +167,10 @@ def read_item(raw: bytes, max_message_bytes: int) -> NewMessage | MalformedItem:
     except Exception as exc:
         # The reason goes with the item to the dead stream; the log gets the type only.
         log.error("legacy item unreadable", error=type(exc).__name__)
-        reason = f"unreadable legacy item: {describe(exc)}"
-        return MalformedItem(reason[:1000], legacy_uuid(raw), None, None)
+        # Any text: a lone surrogate in it would make the XADD of the dead entry fail.
+        reason = f"unreadable legacy item: {describe(exc)}"[:1000]
+        reason = reason.encode("utf-8", "backslashreplace").decode("utf-8")
+        return MalformedItem(reason, legacy_uuid(raw), None, None)
 
 
 def _malformed(

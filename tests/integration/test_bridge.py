@@ -299,7 +299,7 @@ def test_an_item_the_parser_or_the_salvage_fails_on_is_dead_lettered_with_the_re
 
     def broken(raw: bytes, *args: object) -> object:
         if b"poison" in raw:
-            raise RuntimeError("a bug")
+            raise RuntimeError("a bug \ud800")  # text a careless reason would keep
         return real(raw, *args)
 
     monkeypatch.setattr(bridge_module, failing, broken)
@@ -322,7 +322,7 @@ def test_an_item_the_parser_or_the_salvage_fails_on_is_dead_lettered_with_the_re
     assert_each_accepted_once(redis_client, settings, {json.loads(r)["uuid"] for r in fine})
     [dead] = dead_entries(redis_client, settings)
     assert dead[b"raw"] == poison
-    assert dead[b"reason"] == b"unreadable legacy item: RuntimeError: a bug"
+    assert dead[b"reason"] == b"unreadable legacy item: RuntimeError: a bug \\ud800"
     assert dead[b"u"] == uuid_key(legacy_uuid(poison))
     assert bridge.stats.malformed == 1
 
