@@ -28,7 +28,7 @@ class SettingsError(ValueError):
 
 
 _PREFIX_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}\Z")
-_HOST_PORT_RE = re.compile(r"^[A-Za-z0-9_.\-\[\]:]+:\d{1,5}$")
+_HOST_PORT_RE = re.compile(r"^[A-Za-z0-9_.\-\[\]:]+:[0-9]{1,5}\Z")
 _LIST_NAME_RE = re.compile(r"^[!-~]{1,256}\Z")  # printable ASCII, no spaces
 # msgspec reads "true", "false", "1" and "0" (any case) as booleans; these were always
 # accepted too.

@@ -244,5 +244,5 @@ def redis_benchmark(port: int, count: int, *command: str, extra: Sequence[str] =
         text=True,
         check=True,
     ).stdout
-    match = re.search(r"([\d.]+) requests per second", out.replace(",", ""))
+    match = re.search(r"([0-9.]+) requests per second", out.replace(",", ""))
     return float(match.group(1)) if match else float("nan")

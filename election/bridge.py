@@ -32,10 +32,12 @@ What may happen twice, and what not:
   at once (a paused old leader waking up next to the new one) are safe too:
   ``LMOVE`` hands each item to one of them, and a re-drive of the other's
   in-flight item is a duplicate. No Redis lock is needed.
-- A malformed item (bad JSON, a missing or wrong field, a value the API would
-  refuse) goes to the dead stream with the reason and its original bytes
+- A malformed item (bad JSON, JSON nested too deeply, a missing or wrong field,
+  a value the API would refuse), or one that reading fails on for any other
+  reason, goes to the dead stream with the reason and its original bytes
   (``raw``), and leaves ``QueueDead``; it never blocks the bridge. A bridge
   that dies between those two steps dead-letters it a second time on re-drive.
+  Only Redis errors are retried.
 - An item re-driven from ``QueueDead`` no longer says which list it came from:
   it is accepted at its own ``runAt`` (an item pushed onto ``Queue`` with a
   future ``runAt`` then waits for that time).
@@ -60,7 +62,17 @@ from redis.exceptions import RedisError
 
 from app.backoff import Backoff, describe
 from app.log import get_logger
-from app.model import RUN_AT_MAX, RUN_AT_MIN, InvalidInput, NewMessage, SaveMessage, validate
+from app.model import (
+    NESTED_TOO_DEEPLY,
+    RUN_AT_MAX,
+    RUN_AT_MIN,
+    InvalidInput,
+    NewMessage,
+    RepeatedKeys,
+    SaveMessage,
+    field_names,
+    validate,
+)
 from app.store import Store
 from app.store.codec import uuid_key
 from app.store.keys import LegacyLists
@@ -87,6 +99,7 @@ class LegacyItem(msgspec.Struct, frozen=True):
 
 
 _decoder = msgspec.json.Decoder(LegacyItem)
+_repeated = RepeatedKeys(field_names(LegacyItem))
 
 
 def legacy_uuid(raw: bytes) -> str:
@@ -121,6 +134,17 @@ def parse_item(raw: bytes, max_message_bytes: int) -> NewMessage:
         raise _malformed(raw, f"invalid legacy item: {exc}", max_message_bytes) from None
     except (msgspec.DecodeError, UnicodeDecodeError) as exc:
         raise _malformed(raw, f"malformed JSON: {exc}", max_message_bytes) from None
+    except RecursionError:
+        # msgspec, like json, stops at Python's recursion limit (even inside ignored fields).
+        raise _malformed(raw, NESTED_TOO_DEEPLY, max_message_bytes) from None
+    try:
+        repeated = _repeated.find(raw)
+    except InvalidInput as exc:
+        raise _malformed(raw, exc.error, max_message_bytes) from None
+    if repeated is not None:
+        # Which of its values counts is the very thing readers disagree on: keep none.
+        reason = f"repeated key: {repeated}"
+        raise _malformed(raw, reason, max_message_bytes, distrust=repeated) from None
     uuid = item.uuid if item.uuid is not None else legacy_uuid(raw)
     try:
         return validate(
@@ -130,14 +154,37 @@ def parse_item(raw: bytes, max_message_bytes: int) -> NewMessage:
         raise _malformed(raw, f"invalid {exc.field}: {exc.error}", max_message_bytes) from None
 
 
-def _malformed(raw: bytes, reason: str, max_message_bytes: int) -> MalformedItem:
-    """What can be salvaged from a bad item: its uuid if canonical, message and runAt if valid."""
+def read_item(raw: bytes, max_message_bytes: int) -> NewMessage | MalformedItem:
+    """:func:`parse_item`, with whatever else it raises (a bug) as a MalformedItem too.
+
+    An item the bridge cannot read, for any reason, must leave the lists: re-driven by
+    every next leader, an exception would end each one's bridge in turn.
+    """
+    try:
+        return parse_item(raw, max_message_bytes)
+    except MalformedItem as bad:
+        return bad
+    except Exception as exc:
+        # The reason goes with the item to the dead stream; the log gets the type only.
+        log.error("legacy item unreadable", error=type(exc).__name__)
+        # Any text: a lone surrogate in it would make the XADD of the dead entry fail.
+        reason = f"unreadable legacy item: {describe(exc)}"[:1000]
+        reason = reason.encode("utf-8", "backslashreplace").decode("utf-8")
+        return MalformedItem(reason, legacy_uuid(raw), None, None)
+
+
+def _malformed(
+    raw: bytes, reason: str, max_message_bytes: int, distrust: str | None = None
+) -> MalformedItem:
+    """What can be salvaged from a bad item: its uuid if canonical, message and runAt if
+    valid, except the field ``distrust``."""
     try:
         obj = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
         obj = None
     if not isinstance(obj, dict):
         obj = {}
+    obj.pop(distrust, None)
     uuid = obj.get("uuid")
     try:
         if not isinstance(uuid, str):
@@ -277,10 +324,9 @@ class LegacyBridge(WakeableLoop):
         """Accept (or dead-letter) each in-flight item, then remove them from the list."""
         limit = self.store.settings.max_message_bytes
         for raw, due_now in items:
-            try:
-                msg = parse_item(raw, limit)
-            except MalformedItem as bad:
-                await self._dead_letter(raw, bad, now_ms)
+            msg = read_item(raw, limit)
+            if isinstance(msg, MalformedItem):
+                await self._dead_letter(raw, msg, now_ms)
                 continue
             if due_now and msg.run_at > now_ms:
                 # Queue means "run now"; now_ms is Redis' clock, read before the move.

@@ -125,9 +125,12 @@ async def read_body(receive: Receive, content_length: bytes | str | None, limit:
         declared = content_length
         if isinstance(declared, bytes):
             declared = declared.decode("latin-1")
-        if not declared.isdigit():
+        # ASCII digits only ("²".isdigit() is true; int("²") raises); a length longer
+        # than 18 digits is over any limit, and int() refuses over 4,300. (isascii() and
+        # isdigit(): a third of a regex match's time, on the ingest path.)
+        if not (declared.isascii() and declared.isdigit()):
             raise InvalidInput("invalid Content-Length", None, 400)
-        if int(declared) > limit:
+        if len(declared) > 18 or int(declared) > limit:
             raise InvalidInput(f"body larger than {limit} bytes", None, 413)
     message = await receive()
     # The usual case: the whole body in one message, nothing to join.

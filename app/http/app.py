@@ -245,6 +245,9 @@ def create_app(settings: Settings | None = None) -> ApiApp:
         lifespan=lifespan,
         ingest=ingest,
     )
+    # Starlette answers a path with one slash too many (or too few) with a redirect to the
+    # URL built from the Host header: anyone could point it elsewhere. A 404 instead.
+    app.router.redirect_slashes = False
     # Refuses an undocumented route, so the API cannot start with one.
     app.state.openapi = openapi.encoded(app.routes)
     app_ref.append(app)

@@ -99,9 +99,11 @@ UNKNOWN = Reply("No such message (`field`: uuid).")
 CONFLICT = Reply(
     "The message is not scheduled or retrying; `state` says which state it is in.", ConflictBody
 )
-MALFORMED = Reply("Malformed JSON.")
+MALFORMED = Reply("Malformed JSON (nested too deeply included), or a bad Content-Length.")
 NOT_JSON = Reply("Content-Type is not application/json.")
-INVALID = Reply("Wrong type, missing or unknown field, value out of range; `field` names it.")
+INVALID = Reply(
+    "Wrong type, missing, unknown or repeated field, value out of range; `field` names it."
+)
 
 # The path parameters routes may have, by name.
 PATH_PARAMETERS = {

@@ -10,6 +10,7 @@ save-message, and sits behind the same optional bearer token.
 from __future__ import annotations
 
 import functools
+import re
 from collections import Counter
 from collections.abc import Awaitable, Callable
 
@@ -61,7 +62,13 @@ from app.http.wire import (
     Stats,
 )
 from app.log import get_logger
-from app.model import InvalidInput, decode_json, normalize_uuid, parse_save_message
+from app.model import (
+    BodyDecoder,
+    InvalidInput,
+    field_names,
+    normalize_uuid,
+    parse_save_message,
+)
 from app.settings import Settings
 from app.store.codec import STREAM_ID
 from app.store.lifecycle import Lifecycle, Outcome
@@ -70,8 +77,9 @@ log = get_logger("api")
 
 Handler = Callable[[Request, Lifecycle], Awaitable[Response]]
 
-_reschedule_decoder = msgspec.json.Decoder(Reschedule)
-_bulk_decoder = msgspec.json.Decoder(list[msgspec.Raw] | BulkEnvelope)
+_LIMIT = re.compile(r"[0-9]{1,4}\Z")  # ASCII digits only: int() reads every script's
+_reschedule_decoder = BodyDecoder(Reschedule)
+_bulk_decoder = BodyDecoder(list[msgspec.Raw] | BulkEnvelope, field_names(BulkEnvelope))
 
 
 def respond(value: msgspec.Struct, status: int = 200) -> Response:
@@ -105,8 +113,7 @@ def query_limit(request: Request) -> int:
     raw = request.query_params.get("limit")
     if raw is None:
         return DEAD_PAGE_DEFAULT
-    digits = raw.isascii() and raw.isdigit() and len(raw) <= 4
-    if not digits or not 1 <= int(raw) <= DEAD_PAGE_MAX:
+    if not _LIMIT.match(raw) or not 1 <= int(raw) <= DEAD_PAGE_MAX:
         raise InvalidInput(f"limit must be an integer from 1 to {DEAD_PAGE_MAX}", "limit")
     return int(raw)
 
@@ -185,7 +192,7 @@ def lifecycle_routes(settings: Settings) -> list[Operation]:
     async def reschedule_message(request: Request, lc: Lifecycle) -> Response:
         uuid = path_uuid(request)
         body = await json_body(request, RESCHEDULE_BODY_LIMIT)
-        run_at = decode_json(body, _reschedule_decoder).runAt  # type: ignore[attr-defined]
+        run_at = _reschedule_decoder.decode(body).runAt  # type: ignore[attr-defined]
         outcome = await lc.reschedule(uuid, run_at)
         if outcome.kind == "done":
             log.info("rescheduled", uuid=uuid, run_at=run_at, state=outcome.state)
@@ -194,7 +201,7 @@ def lifecycle_routes(settings: Settings) -> list[Operation]:
     async def save_messages(request: Request, lc: Lifecycle) -> Response:
         body = await json_body(request, bulk_limit)
         try:
-            decoded = decode_json(body, _bulk_decoder)
+            decoded = _bulk_decoder.decode(body)
         except InvalidInput as exc:
             if exc.status != 422:
                 raise
@@ -353,7 +360,9 @@ def lifecycle_routes(settings: Settings) -> list[Operation]:
                     409: CONFLICT,
                     413: Reply(f"Body over {RESCHEDULE_BODY_LIMIT} bytes."),
                     415: NOT_JSON,
-                    422: Reply("Bad uuid, or runAt missing, not an integer or out of range."),
+                    422: Reply(
+                        "Bad uuid, or runAt missing, repeated, not an integer or out of range."
+                    ),
                     503: UNAVAILABLE,
                 },
                 request=Reschedule,
@@ -378,7 +387,10 @@ def lifecycle_routes(settings: Settings) -> list[Operation]:
                         f"More than {BULK_MAX_ITEMS} items, or a body over {bulk_limit} bytes."
                     ),
                     415: NOT_JSON,
-                    422: Reply('The body is neither an array nor {"messages": [...]}.'),
+                    422: Reply(
+                        'The body is neither an array nor {"messages": [...]}, or repeats '
+                        '"messages".'
+                    ),
                     503: Reply(
                         "Nothing was written, or its answer was lost (`outcome unknown`): "
                         "retry with the same uuids."
@@ -420,7 +432,7 @@ def lifecycle_routes(settings: Settings) -> list[Operation]:
                         "in": "query",
                         "required": False,
                         "description": "The `next` of the previous page.",
-                        "schema": {"type": "string", "pattern": r"^\d{1,20}-\d{1,20}$"},
+                        "schema": {"type": "string", "pattern": r"^[0-9]{1,20}-[0-9]{1,20}$"},
                     },
                 ),
             ),

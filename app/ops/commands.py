@@ -33,8 +33,10 @@ BULK_TRIES = 3  # tries per chunk on 503 or a lost connection (uuids make a retr
 DEAD_PAGE_MAX = 1000
 
 _UNITS_MS = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000}
-_RELATIVE = re.compile(r"\+((?:\d+(?:\.\d+)?(?:ms|s|m|h|d))+)")
-_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
+# [0-9], not \d or str.isdigit(), which take the digits of every script.
+_DIGITS = re.compile(r"[0-9]+\Z")
+_RELATIVE = re.compile(r"\+((?:[0-9]+(?:\.[0-9]+)?(?:ms|s|m|h|d))+)")
+_PART = re.compile(r"([0-9]+(?:\.[0-9]+)?)(ms|s|m|h|d)")
 _SECONDS_LOOKALIKE = 10**11  # epoch ms below this is before 1973-03-03: meant as seconds
 AT_FORMATS = "epoch milliseconds, ISO-8601 (2030-01-01T09:00:00Z) or +10s/+5m/+2h/+1h30m"
 
@@ -57,7 +59,7 @@ def parse_at(text: str, now_ms: int, tz: tzinfo | None = None) -> int:
         raise ValueError("empty time")
     if value.lower() == "now":
         result = now_ms
-    elif value.isdigit():
+    elif _DIGITS.match(value):
         result = int(value)
         if 0 < result < _SECONDS_LOOKALIKE:
             raise ValueError(
@@ -123,10 +125,7 @@ def _url_type(text: str) -> str:
 
 
 def _limit_type(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
+    value = int(text) if _DIGITS.match(text) and len(text) <= 4 else 0
     if not 1 <= value <= DEAD_PAGE_MAX:
         raise argparse.ArgumentTypeError(
             f"invalid limit {text!r}: a whole number from 1 to {DEAD_PAGE_MAX}"
@@ -524,7 +523,7 @@ def dead_list(api: Api, limit: int, cursor: str | None, as_json: bool, output: O
 def _when(value: Any) -> str:
     if isinstance(value, int) and not isinstance(value, bool):
         return iso_ms(value)
-    if isinstance(value, str) and value.isdigit():
+    if isinstance(value, str) and _DIGITS.match(value) and len(value) <= 20:
         return iso_ms(int(value))
     return "-" if value is None else str(value)
 

@@ -30,8 +30,9 @@ import struct
 from app.model import Record, State
 
 FORMAT = 2
-# Stream entry ids: <ms>-<seq>, each a 64-bit unsigned integer.
-STREAM_ID = re.compile(r"^\d{1,20}-\d{1,20}\Z")
+# Stream entry ids: <ms>-<seq>, each a 64-bit unsigned integer. [0-9], not \d, which
+# matches the digits of every script (int() reads them, Redis does not).
+STREAM_ID = re.compile(r"^[0-9]{1,20}-[0-9]{1,20}\Z")
 SEQ_BYTES = 6
 UUID_BYTES = 16
 

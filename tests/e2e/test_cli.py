@@ -73,7 +73,7 @@ def test_send_schedules_a_message_that_is_echoed_once_at_its_time_and_a_resend_i
     uuid = new_uuid()
     sent = cli(c, "send", "hello from the cli", "--at", "+3s", "--uuid", uuid)
     assert sent.returncode == 0, sent.stderr
-    match = re.fullmatch(rf"scheduled {uuid} runAt (\d+) \(\S+Z\)\n", sent.stdout)
+    match = re.fullmatch(rf"scheduled {uuid} runAt ([0-9]+) \(\S+Z\)\n", sent.stdout)
     assert match, sent.stdout
     run_at = int(match.group(1))
 
@@ -150,7 +150,7 @@ def test_status_prints_the_figures_the_leader_and_each_worker(
     for label in ("delayed", "stream", "pending", "lag", "dead", "oldest overdue", "workers"):
         assert re.search(rf"^{label}\s", text, re.MULTILINE), text
     assert re.search(r"^workers\s+2\s", text, re.MULTILINE), text
-    assert re.search(r"^leader\s+\S+ \(epoch \d+, since ", text, re.MULTILINE), text
+    assert re.search(r"^leader\s+\S+ \(epoch [0-9]+, since ", text, re.MULTILINE), text
     for n in (1, 2):
         assert re.search(rf"^{c.prefix}-worker-{n}\s+0\s", text, re.MULTILINE), text
 

@@ -167,3 +167,30 @@ def test_one_thousand_legacy_items_mixed_with_http_messages_are_each_echoed_once
     assert_echoed_exactly_once(expected, echoes)
     assert time.monotonic() - began < 60
     print(f"[legacy] 1000 items + {len(posts)} HTTP echoed in {time.monotonic() - began:.1f} s")
+
+
+def test_a_legacy_item_nested_too_deeply_is_dead_lettered_and_no_scheduler_exits(
+    cluster: Callable[..., Cluster], redis_client: redis.Redis, prefix: str
+) -> None:
+    """Such an item used to end the leader's bridge, and with it (supervised) the leader;
+    left in QueueDead, it ended every next leader the same way: a crash loop."""
+    lists = legacy_lists(prefix)
+    deep = b"[" * 5000 + b"]" * 5000
+    hostile = [
+        b'{"message": "left in flight", "runAt": 0, "x": ' + deep + b"}",
+        b'{"message": "waiting", "runAt": 0, "x": ' + deep + b"}",
+    ]
+    redis_client.lpush(lists.in_flight, hostile[0])
+    redis_client.lpush(lists.delayed, hostile[1])
+    c = cluster(env=legacy_env(prefix), apis=0)
+    c.wait_until(
+        lambda: redis_client.xlen(Keyspace(prefix).dead) == 2,
+        "both hostile items dead-lettered",
+        20,
+    )
+    raw, uuid = item("after them", now_ms(), new_uuid())
+    redis_client.lpush(lists.queue, raw)
+    settle(c, redis_client, prefix, {uuid}, 20)
+    assert all(p.running for p in c.schedulers), [p.describe() for p in c.schedulers]
+    dead = [fields for _, fields in redis_client.xrange(Keyspace(prefix).dead)]
+    assert sorted(e[b"raw"] for e in dead) == sorted(hostile)

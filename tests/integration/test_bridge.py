@@ -25,6 +25,7 @@ from app.settings import Settings
 from app.store import Delivery, Store
 from app.store.codec import member_uuid, uuid_key, uuid_text
 from app.store.keys import Keyspace, LegacyLists
+from election import bridge as bridge_module
 from election.bridge import LegacyBridge, legacy_uuid
 from election.gate import LeadershipGate, Role
 from tests.aio import open_store
@@ -246,6 +247,84 @@ def test_items_left_in_flight_by_a_crash_are_redriven_without_loss_or_duplicates
     assert bridge.stats.duplicates == len(accepted_before)
     assert bridge.stats.accepted == len(not_accepted) + len(fresh)
     assert sorted(e[b"raw"] for e in dead_entries(redis_client, settings)) == sorted(malformed)
+
+
+DEEP = 5000  # levels of nesting: past Python's recursion limit, which msgspec and json obey
+
+
+def test_an_item_nested_too_deeply_is_dead_lettered_and_the_items_after_it_are_accepted(
+    settings: Settings, redis_client: redis.Redis
+) -> None:
+    """Such an item used to end the bridge task (RecursionError); left in QueueDead, it
+    ended every next leader's bridge the same way, and no legacy item was delivered again."""
+    lists = LegacyLists.of(settings)
+    hostile = b'{"message": "m", "runAt": 5, "x": ' + b"[" * DEEP + b"]" * DEEP + b"}"
+    stranded = hostile.replace(b'"m"', b'"left in flight by a crashed leader"')
+    after = [item(f"after {i}", now_ms(), new_uuid()) for i in range(5)]
+
+    async def scenario() -> LegacyBridge:
+        async with open_store(settings) as store:
+            await store.client.lpush(lists.in_flight, stranded)
+            await store.client.lpush(lists.delayed, hostile, *after)  # the oldest first
+            async with bridging(store, leading_gate()) as bridge:
+                await async_wait_until(
+                    lambda: (
+                        list_lengths(redis_client, settings) == (0, 0, 0)
+                        and bridge.stats.moved == 1 + len(after)
+                    ),
+                    "the hostile items dead-lettered and the later ones accepted",
+                    DEADLINE,
+                )
+                return bridge
+
+    bridge = asyncio.run(scenario())
+    assert_each_accepted_once(redis_client, settings, {json.loads(r)["uuid"] for r in after})
+    assert bridge.stats.malformed == 2
+    dead = dead_entries(redis_client, settings)
+    assert [e[b"raw"] for e in dead] == [stranded, hostile]
+    for entry in dead:
+        assert b"nested too deeply" in entry[b"reason"]
+        assert b"m" not in entry and b"r" not in entry  # nothing a replay could send on
+
+
+@pytest.mark.parametrize("failing", ["parse_item", "_malformed"])
+def test_an_item_the_parser_or_the_salvage_fails_on_is_dead_lettered_with_the_reason(
+    settings: Settings, redis_client: redis.Redis, monkeypatch: pytest.MonkeyPatch, failing: str
+) -> None:
+    """Whatever reading an item raises (a bug included), the item leaves the lists."""
+    lists = LegacyLists.of(settings)
+    poison = b'{"message": "poison", "runAt": 5' + (b"}" if failing == "parse_item" else b"")
+    fine = [item(f"fine {i}", now_ms(), new_uuid()) for i in range(3)]
+    real = getattr(bridge_module, failing)
+
+    def broken(raw: bytes, *args: object) -> object:
+        if b"poison" in raw:
+            raise RuntimeError("a bug \ud800")  # text a careless reason would keep
+        return real(raw, *args)
+
+    monkeypatch.setattr(bridge_module, failing, broken)
+
+    async def scenario() -> LegacyBridge:
+        async with open_store(settings) as store:
+            await store.client.lpush(lists.queue, fine[0], poison, *fine[1:])
+            async with bridging(store, leading_gate()) as bridge:
+                await async_wait_until(
+                    lambda: (
+                        list_lengths(redis_client, settings) == (0, 0, 0)
+                        and bridge.stats.moved == 1 + len(fine)
+                    ),
+                    "every item settled",
+                    DEADLINE,
+                )
+                return bridge
+
+    bridge = asyncio.run(scenario())
+    assert_each_accepted_once(redis_client, settings, {json.loads(r)["uuid"] for r in fine})
+    [dead] = dead_entries(redis_client, settings)
+    assert dead[b"raw"] == poison
+    assert dead[b"reason"] == b"unreadable legacy item: RuntimeError: a bug \\ud800"
+    assert dead[b"u"] == uuid_key(legacy_uuid(poison))
+    assert bridge.stats.malformed == 1
 
 
 def test_the_bridge_does_nothing_while_the_gate_is_closed_and_redrives_first_when_it_opens(

@@ -124,7 +124,7 @@ def body_of(answer: bytes) -> dict:
 
 def answers_in(data: bytes) -> list[int]:
     """The status of every answer in ``data`` (a body ends where the next answer starts)."""
-    return [int(status) for status in re.findall(rb"HTTP/1\.1 (\d{3}) ", data)]
+    return [int(status) for status in re.findall(rb"HTTP/1\.1 ([0-9]{3}) ", data)]
 
 
 def head(path: str = "/healthz", method: str = "GET", **headers: str) -> bytes:

@@ -86,6 +86,11 @@ def test_at_without_offset_defaults_to_this_machines_local_time() -> None:
         (str(RUN_AT_MAX + 1), "outside"),
         ("2030-13-01T00:00:00Z", "not a number"),
         ("1.5e12", "not a number"),
+        # Digits of other scripts: int() and \d read them; an operator does not mean them.
+        ("\u0661" * 13, "not a number"),  # Arabic-Indic 1111111111111
+        ("\uff11" * 13, "not a number"),  # fullwidth
+        ("+\u0661\u0660s", "relative"),
+        ("+1\U0001d7ces", "relative"),
     ],
 )
 def test_at_refuses_what_it_cannot_read_saying_why(text: str, problem: str) -> None:
@@ -130,6 +135,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
         (["dead", "list", "--limit", "0"], "argument --limit: invalid limit '0'"),
         (["dead", "list", "--limit", "ten"], "argument --limit: invalid limit 'ten'"),
         (["dead", "list", "--limit", "1001"], "argument --limit"),
+        (["dead", "list", "--limit", "\u0665"], "argument --limit: invalid limit"),
+        (["dead", "list", "--limit", "1_0"], "argument --limit: invalid limit '1_0'"),
         (["dead", "replay"], "argument --all: give a uuid or --all"),
         (
             ["dead", "replay", "123e4567-e89b-12d3-a456-426614174000", "--all"],

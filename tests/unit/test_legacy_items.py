@@ -12,6 +12,7 @@ from app.store.keys import LegacyLists
 from election.bridge import MalformedItem, legacy_uuid, parse_item
 
 UUID = "123e4567-e89b-12d3-a456-426614174000"
+OTHER = "00000000-0000-4000-8000-000000000001"
 LIMIT = 65536
 
 
@@ -95,6 +96,75 @@ def test_a_malformed_item_keeps_what_can_be_read_of_it_for_the_dead_stream() -> 
         parse_item(raw(message="m", runAt=7, uuid="bad"), LIMIT)
     assert info.value.run_at == 7
     assert info.value.uuid == legacy_uuid(raw(message="m", runAt=7, uuid="bad"))
+
+
+DEEP = 5000  # far past Python's recursion limit, which both msgspec and json obey
+
+
+def nested(depth: int = DEEP) -> bytes:
+    return b"[" * depth + b"]" * depth
+
+
+@pytest.mark.parametrize(
+    ("item", "reason"),
+    [
+        pytest.param(
+            b'{"message": "m", "runAt": 5, "extra": ' + nested() + b"}",
+            "nested too deeply",
+            id="unknown-field",
+        ),
+        pytest.param(b'{"message": ' + nested() + b', "runAt": 5}', "Expected `str`", id="message"),
+        pytest.param(b'{"message": "m", "runAt": ' + nested() + b"}", "Expected `int`", id="runAt"),
+        pytest.param(nested(), "Expected `object`", id="whole-item"),
+        pytest.param(b'{"a": ' * DEEP + b"1" + b"}" * DEEP, "nested too deeply", id="objects"),
+    ],
+)
+def test_an_item_nested_too_deeply_is_malformed_not_a_crash(item: bytes, reason: str) -> None:
+    # Before: RecursionError from the decoder or from the salvage step, which killed the bridge.
+    with pytest.raises(MalformedItem) as info:
+        parse_item(item, LIMIT)
+    assert reason in info.value.reason
+    assert info.value.uuid == legacy_uuid(item)
+    assert (info.value.message, info.value.run_at) == (None, None)
+
+
+@pytest.mark.parametrize(
+    ("item", "repeated", "salvaged"),
+    [
+        (
+            b'{"message": "m", "runAt": 5, "uuid": "%s", "uuid": "%s"}'
+            % (UUID.encode(), OTHER.encode()),
+            "uuid",
+            ("m", 5),
+        ),
+        (
+            b'{"message": "m", "runAt": 5, "u\\u0075id": "%s", "uuid": null}' % UUID.encode(),
+            "uuid",
+            ("m", 5),
+        ),
+        (b'{"message": "a", "message": "b", "runAt": 5}', "message", (None, 5)),
+        (
+            b'{"message": "m", "runAt": 5, "runAt": 6, "uuid": "%s"}' % UUID.encode(),
+            "runAt",
+            ("m", None),
+        ),
+    ],
+)
+def test_an_item_with_a_repeated_key_is_malformed_and_none_of_its_values_is_trusted(
+    item: bytes, repeated: str, salvaged: tuple[str | None, int | None]
+) -> None:
+    # Before: accepted with the last value, where a reader of the first saw another message.
+    with pytest.raises(MalformedItem) as info:
+        parse_item(item, LIMIT)
+    assert info.value.reason == f"repeated key: {repeated}"
+    assert (info.value.message, info.value.run_at) == salvaged
+    if repeated == "uuid":
+        assert info.value.uuid == legacy_uuid(item)
+
+
+def test_an_unknown_field_repeated_is_ignored_like_any_unknown_field() -> None:
+    item = b'{"message": "m", "runAt": 5, "type": 1, "type": 2, "uuid": "%s"}' % UUID.encode()
+    assert parse_item(item, LIMIT).uuid == UUID
 
 
 # -- names -------------------------------------------------------------------------------

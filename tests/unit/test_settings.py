@@ -122,6 +122,7 @@ def test_ipv6_zookeeper_host_is_accepted():
         ({"EAT_ZK_HOSTS": "zk1:2181/chroot"}, "EAT_ZK_HOSTS"),
         ({"EAT_ZK_HOSTS": "zk1:99999"}, "EAT_ZK_HOSTS"),
         ({"EAT_ZK_HOSTS": "zk1:0"}, "EAT_ZK_HOSTS"),
+        ({"EAT_ZK_HOSTS": "zk1:\u0662\u0661\u0668\u0661"}, "EAT_ZK_HOSTS"),  # Arabic-Indic
         ({"EAT_PREFIX": "has space"}, "EAT_PREFIX"),
         ({"EAT_PREFIX": "a{b}"}, "EAT_PREFIX"),
         ({"EAT_PREFIX": "a/b"}, "EAT_PREFIX"),
