@@ -90,6 +90,17 @@ def _fail(message: str) -> int:
     return 2
 
 
+def _not_wired_yet(settings: Settings) -> str | None:
+    """Partitions and Redis Cluster exist in the storage core (app/store/partitions.py,
+    app/store/client.py) but the processes do not use them yet: refuse rather than
+    run one partition while the operator asked for several."""
+    if settings.partitions != 1:
+        return "EAT_PARTITIONS other than 1 is not supported by this release's processes yet"
+    if settings.redis_cluster == "true" or settings.wait_replicas:
+        return "EAT_REDIS_CLUSTER=true and EAT_WAIT_REPLICAS are not supported by this release yet"
+    return None
+
+
 def _died(exc: TaskDied) -> int:
     """A loop of the process died (logged with its traceback): exit non-zero, to be restarted."""
     print(f"echo-at-time: {exc}; exiting to be restarted", file=sys.stderr)
@@ -103,6 +114,8 @@ def main(argv: list[str] | None = None) -> int:
         settings = Settings.from_env()
     except SettingsError as exc:
         return _fail(f"invalid setting {exc}")
+    if args.command not in commands.COMMANDS and (unsupported := _not_wired_yet(settings)):
+        return _fail(unsupported)
     configure(settings.log_format, settings.log_level, process=args.command)
 
     if args.command in commands.COMMANDS:

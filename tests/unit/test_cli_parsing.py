@@ -232,3 +232,19 @@ def test_a_handler_timeout_that_is_not_a_positive_number_of_seconds_exits_2_nami
 def test_a_handler_timeout_flag_parses_to_seconds() -> None:
     assert build_parser().parse_args(["worker", "--handler-timeout", "2.5"]).handler_timeout == 2.5
     assert build_parser().parse_args(["worker"]).handler_timeout is None
+
+
+@pytest.mark.parametrize(
+    "environ",
+    [{"EAT_PARTITIONS": "4"}, {"EAT_REDIS_CLUSTER": "true"}, {"EAT_WAIT_REPLICAS": "1"}],
+)
+def test_processes_refuse_partitions_and_cluster_settings_until_they_use_them(
+    environ: dict[str, str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from app.cli import main
+
+    for name, value in environ.items():
+        monkeypatch.setenv(name, value)
+    for command in ("api", "scheduler", "worker"):
+        assert main([command]) == 2
+        assert "not supported by this release" in capsys.readouterr().err
