@@ -26,6 +26,7 @@ from app.backoff import describe
 from app.log import get_logger
 from app.model import InvalidInput
 from app.store import OutcomeUnknown
+from app.store.codec import CorruptRecord
 
 log = get_logger("api")
 
@@ -48,6 +49,12 @@ def json_answer(payload: object, status: int = 200) -> Answer:
 def error_answer(status: int, message: str, field: str | None = None) -> Answer:
     """Every error of the API: ``{"error": message, "field": field}``."""
     return json_answer({"error": message, "field": field}, status)
+
+
+def internal_error_answer() -> Answer:
+    """What an unexpected exception answers, on every route: JSON like every other error
+    (the exception itself is logged by the server, never sent)."""
+    return error_answer(500, "internal error")
 
 
 def unauthorized_answer() -> Answer:
@@ -77,6 +84,13 @@ def failure_answer(exc: BaseException, what: str, retry: str) -> Answer | None:
         return error_answer(exc.status, exc.error, exc.field)
     if isinstance(exc, ClientDisconnect):
         return error_answer(400, "client disconnected before the body was read")
+    if isinstance(exc, CorruptRecord):
+        # Damaged in Redis (by hand, or a disk): the next script that meets the record
+        # moves it to the dead stream; a read can only say so.
+        log.error("corrupt record", during=what, uuid=exc.uuid)
+        return error_answer(
+            500, "the stored record of this message cannot be read (corrupt)", "uuid"
+        )
     if isinstance(exc, OutcomeUnknown):
         # Sent, reply lost: not retried by the client library, since a second run would
         # answer for itself (a false duplicate, a false conflict). The client retries.

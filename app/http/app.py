@@ -19,7 +19,7 @@ from starlette.responses import Response
 from app.backoff import describe
 from app.health import health_routes
 from app.http import openapi
-from app.http.answers import RequestMetrics, error
+from app.http.answers import RequestMetrics, error, internal_error_answer, response
 from app.http.batcher import AcceptBatcher
 from app.http.ingest import BODY_OVERHEAD as BODY_OVERHEAD  # re-exported: tests size bodies by it
 from app.http.ingest import SAVE_PATH, SaveMessageHandler
@@ -209,6 +209,10 @@ def create_app(settings: Settings | None = None) -> ApiApp:
     async def method_not_allowed(request: Request, exc: Exception) -> Response:
         return error(405, "method not allowed")
 
+    async def internal_error(request: Request, exc: Exception) -> Response:
+        # Starlette's ServerErrorMiddleware calls this, then re-raises for the server's log.
+        return response(internal_error_answer())
+
     routes = [
         # Reached through Starlette only for what ApiApp does not dispatch itself.
         Operation(
@@ -241,7 +245,7 @@ def create_app(settings: Settings | None = None) -> ApiApp:
     ]
     app = ApiApp(
         routes=routes,
-        exception_handlers={404: not_found, 405: method_not_allowed},
+        exception_handlers={404: not_found, 405: method_not_allowed, 500: internal_error},
         lifespan=lifespan,
         ingest=ingest,
     )

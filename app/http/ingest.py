@@ -27,6 +27,7 @@ from app.http.answers import (
     bearer_matches,
     error_answer,
     failure_answer,
+    internal_error_answer,
     json_answer,
     read_body,
     require_json,
@@ -45,17 +46,10 @@ SAVE_PATH = "/api/v1/save-message"
 # JSON escapes can make a body up to 6x its decoded text (\uXXXX), plus the other fields.
 BODY_OVERHEAD = 4096
 
-# What Starlette's ServerErrorMiddleware sends for an unhandled exception.
-_INTERNAL_ERROR = b"Internal Server Error"
-_START_500 = {
-    "type": "http.response.start",
-    "status": 500,
-    "headers": [
-        (b"content-length", b"%d" % len(_INTERNAL_ERROR)),
-        (b"content-type", b"text/plain; charset=utf-8"),
-    ],
-}
-_BODY_500 = {"type": "http.response.body", "body": _INTERNAL_ERROR}
+# What the app's 500 handler sends for an unhandled exception (see app.http.app).
+_500_STATUS, _500_HEADERS, _500_BODY = internal_error_answer()
+_START_500 = {"type": "http.response.start", "status": _500_STATUS, "headers": _500_HEADERS}
+_BODY_500 = {"type": "http.response.body", "body": _500_BODY}
 
 
 class SaveMessageHandler:

@@ -213,7 +213,7 @@ def test_the_bearer_token_is_checked_the_same_on_both_paths(
         assert keys_of(redis_client, prefix) == []
 
 
-def test_an_unexpected_error_is_a_500_counted_and_raised_like_starlette_does(app, monkeypatch):
+def test_an_unexpected_error_is_a_json_500_counted_and_raised_both_ways(app, monkeypatch):
     class Broken:
         async def accept(self, msg):
             raise RuntimeError("boom")
@@ -227,7 +227,7 @@ def test_an_unexpected_error_is_a_500_counted_and_raised_like_starlette_does(app
         before = http_count(500)
         response = post(client, way, body, **JSON)
         assert response.status_code == 500
-        assert response.text == "Internal Server Error"
+        assert response.json() == {"error": "internal error", "field": None}
         assert http_count(500) == before + 1
         answers[way] = comparable(response)
         with pytest.raises(RuntimeError, match="boom"):

@@ -772,3 +772,29 @@ def test_requests_to_a_path_with_a_uuid_are_counted_under_the_route_template(cli
     text = client.get("/metrics").text
     assert 'route="/api/v1/messages/{uuid}",status="404"' in text
     assert UUID not in text and OTHER not in text
+
+
+def test_a_message_whose_stored_record_is_corrupt_answers_a_json_500_naming_the_uuid(
+    client: TestClient, redis_client: redis.Redis, prefix: str
+) -> None:
+    uid = str(uuidlib.uuid4())
+    redis_client.hset(Keyspace(prefix).messages, uuid_key(uid), b"\x00garbage")
+    answer = client.get(f"/api/v1/messages/{uid}")
+    assert answer.status_code == 500
+    assert answer.json()["field"] == "uuid"
+    assert "corrupt" in answer.json()["error"]
+
+
+def test_an_unexpected_error_on_a_lifecycle_route_is_a_json_500(
+    settings: Settings, redis_client: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    app = create_app(settings)
+    with TestClient(app, raise_server_exceptions=False) as test_client:
+
+        async def broken(*args, **kwargs):
+            raise ZeroDivisionError
+
+        monkeypatch.setattr(app.state.lifecycle, "stats", broken)
+        answer = test_client.get("/api/v1/stats")
+    assert answer.status_code == 500
+    assert answer.json() == {"error": "internal error", "field": None}
