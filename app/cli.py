@@ -81,6 +81,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     up.add_argument("--schedulers", type=int, default=2, help="scheduler processes (2)")
     up.add_argument("--workers", type=int, default=2, help="worker processes (2)")
+    up.add_argument(
+        "--cluster",
+        action="store_true",
+        help="a local 3-master Redis Cluster instead of one Redis (unless EAT_REDIS_URL is set)",
+    )
+    up.add_argument(
+        "--partitions",
+        type=int,
+        default=16,
+        help="with --cluster: EAT_PARTITIONS for the processes, unless set (16)",
+    )
     commands.add_commands(sub)
     return parser
 

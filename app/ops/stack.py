@@ -2,7 +2,9 @@
 
 Starts its own Redis (AOF on) and ZooKeeper as child processes when
 ``EAT_REDIS_URL`` / ``EAT_ZK_HOSTS`` are not set, keeping their data under
-``--data-dir`` so a restart keeps every message; then the API, the schedulers
+``--data-dir`` so a restart keeps every message; with ``--cluster``, a local
+3-master Redis Cluster instead of one Redis, and the processes partition the
+keyspace over it (``--partitions``, 16 by default); then the API, the schedulers
 and the workers as child processes under a :class:`~app.ops.supervisor.ProcessSupervisor`,
 which restarts any that exits, with a backoff. Ctrl-C (or SIGTERM) stops the
 processes first, gracefully, then the servers.
@@ -20,6 +22,7 @@ from contextlib import ExitStack
 from pathlib import Path
 
 from app.log import get_logger
+from app.ops.cluster import RedisCluster, cluster_ports
 from app.ops.servers import (
     MissingBinaryError,
     RedisServer,
@@ -31,6 +34,7 @@ from app.ops.supervisor import ProcessSupervisor, Program
 log = get_logger("stack")
 
 GRACE_SECONDS = 20.0
+CLUSTER_PORTS = (7000, 7001, 7002)  # the conventional local cluster, when free
 
 
 def _port_if_free(port: int) -> int | None:
@@ -40,6 +44,22 @@ def _port_if_free(port: int) -> int | None:
         except OSError:
             return None
     return port
+
+
+def _local_cluster(data_dir: Path) -> RedisCluster:
+    """The local 3-master cluster, on the ports it had before (its nodes.conf names them)."""
+    base = data_dir / "redis-cluster"
+    recorded = base / "ports"
+    if recorded.is_file():
+        ports = [int(p) for p in recorded.read_text().split()]
+    elif all(_port_if_free(p) and _port_if_free(p + 10000) for p in CLUSTER_PORTS):
+        ports = list(CLUSTER_PORTS)
+    else:
+        ports = cluster_ports(3)
+    cluster = RedisCluster(base, masters=3, ports=ports)
+    base.mkdir(parents=True, exist_ok=True)
+    recorded.write_text(" ".join(str(p) for p in ports) + "\n")
+    return cluster
 
 
 def programs(args: argparse.Namespace) -> list[Program]:
@@ -72,7 +92,15 @@ def run_stack(args: argparse.Namespace) -> int:
     # The servers are stopped last: they outlive every process that uses them.
     with ExitStack() as servers:
         try:
-            if not env.get("EAT_REDIS_URL"):
+            if not env.get("EAT_REDIS_URL") and args.cluster:
+                cluster = servers.enter_context(_local_cluster(data_dir))
+                env["EAT_REDIS_URL"] = cluster.url
+                env["EAT_REDIS_CLUSTER"] = "true"
+                env.setdefault("EAT_PARTITIONS", str(args.partitions))
+                log.info(
+                    "redis cluster started", ports=cluster.ports, partitions=env["EAT_PARTITIONS"]
+                )
+            elif not env.get("EAT_REDIS_URL"):
                 redis = RedisServer(data_dir / "redis", port=_port_if_free(6379))
                 servers.enter_context(redis)
                 env["EAT_REDIS_URL"] = redis.url
