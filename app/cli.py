@@ -32,6 +32,14 @@ def _seconds(text: str) -> float:
     return value
 
 
+def _partitions(text: str) -> int:
+    from app.settings import MAX_PARTITIONS
+
+    if not (text.isascii() and text.isdigit() and 1 <= int(text) <= MAX_PARTITIONS):
+        raise argparse.ArgumentTypeError(f"invalid {text!r}: from 1 to {MAX_PARTITIONS}")
+    return int(text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="echo-at-time",
@@ -88,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     up.add_argument(
         "--partitions",
-        type=int,
+        type=_partitions,
         default=16,
         help="with --cluster: EAT_PARTITIONS for the processes, unless set (16)",
     )

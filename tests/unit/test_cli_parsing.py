@@ -248,3 +248,13 @@ def test_processes_refuse_partitions_and_cluster_settings_until_they_use_them(
     for command in ("api", "scheduler", "worker"):
         assert main([command]) == 2
         assert "not supported by this release" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("value", ["0", "1025", "x", "١٦"])
+def test_up_partitions_outside_1_to_1024_exit_2_naming_the_flag(
+    value: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exited:
+        build_parser().parse_args(["up", "--cluster", "--partitions", value])
+    assert exited.value.code == 2
+    assert "argument --partitions" in capsys.readouterr().err
