@@ -145,6 +145,28 @@ the health server for schedulers and workers, and the tunables.
   value: {{ $v.config.logLevel | quote }}
 - name: EAT_LEGACY_HTTP
   value: {{ $v.config.legacyHttp | quote }}
+- name: EAT_REDIS_CLUSTER
+  value: {{ $v.redis.cluster | default "auto" | quote }}
+- name: EAT_PARTITIONS
+  value: {{ include "echo-at-time.num" $v.config.partitions | quote }}
+- name: EAT_WAIT_REPLICAS
+  value: {{ include "echo-at-time.num" $v.config.waitReplicas | quote }}
+- name: EAT_WAIT_TIMEOUT_MS
+  value: {{ include "echo-at-time.num" $v.config.waitTimeoutMs | quote }}
+- name: EAT_ALLOW_EVICTION
+  value: {{ $v.config.allowEviction | quote }}
+- name: EAT_MEMORY_POLICY_INTERVAL
+  value: {{ include "echo-at-time.num" $v.config.memoryPolicyInterval | quote }}
+- name: EAT_HTTP_MAX_HEADER_BYTES
+  value: {{ include "echo-at-time.num" $v.config.httpMaxHeaderBytes | quote }}
+- name: EAT_HTTP_HEADER_TIMEOUT
+  value: {{ include "echo-at-time.num" $v.config.httpHeaderTimeout | quote }}
+- name: EAT_HTTP_BODY_TIMEOUT
+  value: {{ include "echo-at-time.num" $v.config.httpBodyTimeout | quote }}
+- name: EAT_HTTP_IDLE_TIMEOUT
+  value: {{ include "echo-at-time.num" $v.config.httpIdleTimeout | quote }}
+- name: EAT_HTTP_MAX_CONNECTIONS
+  value: {{ include "echo-at-time.num" $v.config.httpMaxConnections | quote }}
 {{- with $v.extraEnv }}
 {{ toYaml . }}
 {{- end }}
