@@ -104,21 +104,27 @@ def test_a_uuid_posted_again_in_another_call_is_a_duplicate_whichever_partitions
     assert all(not pair[1].created for pair in again)
 
 
-def test_the_first_start_records_the_count_and_another_count_is_refused(
-    settings: Settings, redis_client: redis.Redis
-) -> None:
-    async def check(count: int) -> None:
+def check(settings: Settings, count: int) -> None:
+    """Start-up's check of a process with EAT_PARTITIONS=count."""
+
+    async def run() -> None:
         client = connect(settings)
         try:
             await Partitions(client, dataclasses.replace(settings, partitions=count)).check()
         finally:
             await client.aclose()
 
-    asyncio.run(check(4))
+    asyncio.run(run())
+
+
+def test_the_first_start_records_the_count_and_another_count_is_refused(
+    settings: Settings, redis_client: redis.Redis
+) -> None:
+    check(settings, 4)
     assert redis_client.get(Keyspace(settings.prefix).partition_count) == b"4"
-    asyncio.run(check(4))
+    check(settings, 4)
     with pytest.raises(PartitionCountError, match="EAT_PARTITIONS=4") as refused:
-        asyncio.run(check(8))
+        check(settings, 8)
     assert "in 4 partition(s)" in str(refused.value)
     assert redis_client.get(Keyspace(settings.prefix).partition_count) == b"4"
 
@@ -128,13 +134,6 @@ def test_data_of_a_release_without_partitions_counts_as_one_partition(
 ) -> None:
     redis_client.hset(Keyspace(settings.prefix).messages, b"x" * 16, b"r")
 
-    async def check(count: int) -> None:
-        client = connect(settings)
-        try:
-            await Partitions(client, dataclasses.replace(settings, partitions=count)).check()
-        finally:
-            await client.aclose()
-
     with pytest.raises(PartitionCountError, match="in 1 partition"):
-        asyncio.run(check(4))
+        check(settings, 4)
     assert redis_client.get(Keyspace(settings.prefix).partition_count) is None
