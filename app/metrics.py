@@ -309,12 +309,26 @@ class QueueFigures(Protocol):
     def members(self) -> Sequence[ConsumerFigures]: ...
 
 
+_QUEUE_GAUGES = (
+    DELAYED,
+    STREAM_LENGTH,
+    STREAM_LAG,
+    PENDING,
+    DEAD,
+    CONSUMERS,
+    OLDEST_OVERDUE,
+    CONSUMER_PENDING,
+)
+
+
 def set_queue_gauges(figures: QueueFigures | Sequence[QueueFigures]) -> None:
     """Show ``figures``: each partition's, in partition order (a single one is partition 0)."""
     each = [figures] if not isinstance(figures, Sequence) else figures
-    # A consumer that holds nothing any more (it acknowledged, or was reclaimed from)
-    # drops out of the exposition instead of staying at 0 for ever.
-    CONSUMER_PENDING.clear()
+    # Only the partitions given show (a process's count is fixed; a test's is not). A
+    # consumer that holds nothing any more (it acknowledged, or was reclaimed from) drops
+    # out of the exposition instead of staying at 0 for ever.
+    for gauge in _QUEUE_GAUGES:
+        gauge.clear()
     for number, one in enumerate(each):
         partition = str(number)
         DELAYED.labels(partition).set(one.delayed)

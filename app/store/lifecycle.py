@@ -262,6 +262,16 @@ class Lifecycle:
             dead = self.keys.dead
             length, _ = await replication.transaction(dead, [("XLEN", dead), ("UNLINK", dead)])
             return int(length)
+        if isinstance(self.client, RedisCluster):
+            # redis-py's cluster pipeline answers a MULTI of it as one value: spell it out,
+            # on the connection to the partition's master.
+            dead = self.keys.dead
+            commands = [(("MULTI",), {}), (("XLEN", dead), {}), (("UNLINK", dead), {})]
+            replies = await read_pipelined(self.client, dead, [*commands, (("EXEC",), {})])
+            for reply in replies:
+                if isinstance(reply, Exception):
+                    raise reply
+            return int(replies[-1][0])
         async with self.client.pipeline(transaction=True) as pipe:
             pipe.xlen(self.keys.dead)
             pipe.unlink(self.keys.dead)
