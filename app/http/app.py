@@ -173,7 +173,8 @@ def create_app(settings: Settings | None = None, stop: Callable[[], None] | None
         keeps the api unready and answering 503, and calls ``stop``: the process exits 2.
         """
         state = app.state
-        state.store = state.partitions = state.lifecycle = state.memory_policy = None
+        state.client = state.store = state.partitions = state.lifecycle = None
+        state.memory_policy = state.refused = None
         state.memory_policy_watch = None
         ingest.batcher = _NotConnected()  # type: ignore[assignment]
         stopping = asyncio.Event()
@@ -244,9 +245,8 @@ def create_app(settings: Settings | None = None, stop: Callable[[], None] | None
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task  # an exception was logged when it ended
-            client = getattr(state, "client", None)
-            if client is not None:
-                await client.aclose()
+            if state.client is not None:
+                await state.client.aclose()
 
     app_ref: list[Starlette] = []
 
