@@ -109,14 +109,21 @@ def _fail(message: str) -> int:
     return 2
 
 
-def _not_wired_yet(settings: Settings) -> str | None:
+# The processes that use partitions, the cluster client and EAT_WAIT_REPLICAS already.
+_WIRED = ("api",)
+
+
+def _not_wired_yet(command: str, settings: Settings) -> str | None:
     """Partitions and Redis Cluster exist in the storage core (app/store/partitions.py,
-    app/store/client.py) but the processes do not use them yet: refuse rather than
-    run one partition while the operator asked for several."""
+    app/store/client.py) but not every process uses them yet: a process that does not
+    refuses rather than run one partition while the operator asked for several. (Only
+    the api reads EAT_WAIT_REPLICAS: the others ignore it, see docs/cluster.md.)"""
+    if command in _WIRED:
+        return None
     if settings.partitions != 1:
-        return "EAT_PARTITIONS other than 1 is not supported by this release's processes yet"
-    if settings.redis_cluster == "true" or settings.wait_replicas:
-        return "EAT_REDIS_CLUSTER=true and EAT_WAIT_REPLICAS are not supported by this release yet"
+        return f"EAT_PARTITIONS other than 1 is not supported by this release's {command} yet"
+    if settings.redis_cluster == "true":
+        return f"EAT_REDIS_CLUSTER=true is not supported by this release's {command} yet"
     return None
 
 
@@ -133,7 +140,9 @@ def main(argv: list[str] | None = None) -> int:
         settings = Settings.from_env()
     except SettingsError as exc:
         return _fail(f"invalid setting {exc}")
-    if args.command not in commands.COMMANDS and (unsupported := _not_wired_yet(settings)):
+    if args.command not in commands.COMMANDS and (
+        unsupported := _not_wired_yet(args.command, settings)
+    ):
         return _fail(unsupported)
     configure(settings.log_format, settings.log_level, process=args.command)
 
@@ -202,7 +211,14 @@ def run_api(settings: Settings, host: str, port: int) -> int:
     from app.http.app import create_app
     from app.httpserver import HttpLimits, fit_open_files, server_config
 
-    app = create_app(settings)
+    server: uvicorn.Server | None = None
+
+    def stop() -> None:
+        # A check after start-up refused Redis' data: shut down, then exit 2 (below).
+        if server is not None:
+            server.should_exit = True
+
+    app = create_app(settings, stop)
     config = server_config(
         app,
         host,

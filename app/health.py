@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 
 import uvicorn
 from redis.exceptions import RedisError
@@ -23,8 +23,10 @@ from app import metrics
 from app.httpserver import HttpLimits, server_config
 
 ReadyCheck = Callable[[], Awaitable[dict[str, bool]]]
-# The queue's figures (``Store.queue_stats``), read when /metrics is scraped.
-QueueFigures = Callable[[], Awaitable[metrics.QueueFigures]]
+# The queue's figures, read when /metrics is scraped: each partition's, in partition order
+# (``Partitions.each_queue_stats``), so the gauges carry a ``partition`` label; a single
+# QueueFigures (``Store.queue_stats``) is partition 0.
+QueueFigures = Callable[[], Awaitable[metrics.QueueFigures | Sequence[metrics.QueueFigures]]]
 
 
 def health_routes(ready: ReadyCheck, figures: QueueFigures) -> list[Route]:

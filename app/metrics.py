@@ -196,26 +196,59 @@ EVICTING_POLICY = Gauge(
     ["policy"],
     registry=REGISTRY,
 )
-DELAYED = Gauge("eat_delayed_messages", "Messages in the delayed sorted set.", registry=REGISTRY)
+# The queue gauges, one series per partition (label ``partition``, "0" with one): sum()
+# gives the totals, and a partition whose master is slow or whose load is skewed shows.
+QUEUE_LABELS = ["partition"]
+DELAYED = Gauge(
+    "eat_delayed_messages",
+    "Messages in the delayed sorted set, per partition.",
+    QUEUE_LABELS,
+    registry=REGISTRY,
+)
 STREAM_LENGTH = Gauge(
-    "eat_stream_length", "Entries in the stream (not yet acknowledged).", registry=REGISTRY
+    "eat_stream_length",
+    "Entries in the stream (not yet acknowledged), per partition.",
+    QUEUE_LABELS,
+    registry=REGISTRY,
 )
-STREAM_LAG = Gauge("eat_stream_lag", "Entries not yet delivered to any worker.", registry=REGISTRY)
+STREAM_LAG = Gauge(
+    "eat_stream_lag",
+    "Entries not yet delivered to any worker, per partition.",
+    QUEUE_LABELS,
+    registry=REGISTRY,
+)
 PENDING = Gauge(
-    "eat_stream_pending", "Entries delivered but not yet acknowledged.", registry=REGISTRY
+    "eat_stream_pending",
+    "Entries delivered but not yet acknowledged, per partition.",
+    QUEUE_LABELS,
+    registry=REGISTRY,
 )
-DEAD = Gauge("eat_dead_messages", "Entries in the dead stream.", registry=REGISTRY)
-CONSUMERS = Gauge("eat_consumers", "Consumers in the workers group.", registry=REGISTRY)
+DEAD = Gauge(
+    "eat_dead_messages",
+    "Entries in the dead stream, per partition.",
+    QUEUE_LABELS,
+    registry=REGISTRY,
+)
+CONSUMERS = Gauge(
+    "eat_consumers",
+    "Consumers in the partition's workers group (every worker joins every partition's: max(), "
+    "not sum(), counts workers).",
+    QUEUE_LABELS,
+    registry=REGISTRY,
+)
 OLDEST_OVERDUE = Gauge(
     "eat_oldest_overdue_seconds",
-    "How long the earliest due message has waited in the delayed set, 0 when none is due.",
+    "How long the earliest due message has waited in the partition's delayed set, 0 when none "
+    "is due.",
+    QUEUE_LABELS,
     registry=REGISTRY,
 )
 # Only consumers that hold entries: the group keeps every consumer name it ever saw.
 CONSUMER_PENDING = Gauge(
     "eat_consumer_pending",
-    "Entries delivered to a consumer and not yet acknowledged, per consumer holding any.",
-    ["consumer"],
+    "Entries delivered to a consumer and not yet acknowledged, per consumer holding any and "
+    "partition.",
+    ["consumer", "partition"],
     registry=REGISTRY,
 )
 # The api's per-request metrics: updated on its event loop only.
@@ -229,6 +262,14 @@ HTTP_DURATION = LoopHistogram(
     "HTTP request latency by route.",
     ["route"],
     buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+)
+
+# The api's WAITs (EAT_WAIT_REPLICAS), on its event loop only.
+REPLICATION_WAITS = LoopCounter(
+    "eat_replication_waits",
+    "Changes the api sent with WAIT (EAT_WAIT_REPLICAS), by outcome: replicated (enough "
+    "replicas confirmed in time, answered 2xx) or timed_out (answered 503, retry).",
+    ["outcome"],
 )
 
 # Connections an HTTP server closed on its own (app.httpserver), on its event loop only.
@@ -268,20 +309,38 @@ class QueueFigures(Protocol):
     def members(self) -> Sequence[ConsumerFigures]: ...
 
 
-def set_queue_gauges(figures: QueueFigures) -> None:
-    DELAYED.set(figures.delayed)
-    STREAM_LENGTH.set(figures.stream_length)
-    STREAM_LAG.set(figures.lag)
-    PENDING.set(figures.pending)
-    DEAD.set(figures.dead)
-    CONSUMERS.set(figures.consumers)
-    OLDEST_OVERDUE.set((figures.oldest_overdue_ms or 0) / 1000)
-    # A consumer that holds nothing any more (it acknowledged, or was reclaimed from)
-    # drops out of the exposition instead of staying at 0 for ever.
-    CONSUMER_PENDING.clear()
-    for member in figures.members:
-        if member.pending:
-            CONSUMER_PENDING.labels(member.name).set(member.pending)
+_QUEUE_GAUGES = (
+    DELAYED,
+    STREAM_LENGTH,
+    STREAM_LAG,
+    PENDING,
+    DEAD,
+    CONSUMERS,
+    OLDEST_OVERDUE,
+    CONSUMER_PENDING,
+)
+
+
+def set_queue_gauges(figures: QueueFigures | Sequence[QueueFigures]) -> None:
+    """Show ``figures``: each partition's, in partition order (a single one is partition 0)."""
+    each = [figures] if not isinstance(figures, Sequence) else figures
+    # Only the partitions given show (a process's count is fixed; a test's is not). A
+    # consumer that holds nothing any more (it acknowledged, or was reclaimed from) drops
+    # out of the exposition instead of staying at 0 for ever.
+    for gauge in _QUEUE_GAUGES:
+        gauge.clear()
+    for number, one in enumerate(each):
+        partition = str(number)
+        DELAYED.labels(partition).set(one.delayed)
+        STREAM_LENGTH.labels(partition).set(one.stream_length)
+        STREAM_LAG.labels(partition).set(one.lag)
+        PENDING.labels(partition).set(one.pending)
+        DEAD.labels(partition).set(one.dead)
+        CONSUMERS.labels(partition).set(one.consumers)
+        OLDEST_OVERDUE.labels(partition).set((one.oldest_overdue_ms or 0) / 1000)
+        for member in one.members:
+            if member.pending:
+                CONSUMER_PENDING.labels(member.name, partition).set(member.pending)
 
 
 def set_memory_policy(policy: str, evicting: bool) -> None:

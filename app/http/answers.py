@@ -27,6 +27,7 @@ from app.log import get_logger
 from app.model import InvalidInput
 from app.store import OutcomeUnknown
 from app.store.codec import CorruptRecord
+from app.store.replicated import NotReplicated
 
 log = get_logger("api")
 
@@ -91,6 +92,10 @@ def failure_answer(exc: BaseException, what: str, retry: str) -> Answer | None:
         return error_answer(
             500, "the stored record of this message cannot be read (corrupt)", "uuid"
         )
+    if isinstance(exc, NotReplicated):
+        # The master has it; fewer replicas than EAT_WAIT_REPLICAS confirmed it in time.
+        log.warning("change not replicated in time", during=what, error=describe(exc))
+        return error_answer(503, f"not replicated in time: {retry}")
     if isinstance(exc, OutcomeUnknown):
         # Sent, reply lost: not retried by the client library, since a second run would
         # answer for itself (a false duplicate, a false conflict). The client retries.
@@ -104,6 +109,13 @@ def failure_answer(exc: BaseException, what: str, retry: str) -> Answer | None:
         log.error("redis refused", during=what, error=describe(exc))
         return error_answer(503, f"storage refused the request, {retry}")
     return None
+
+
+class NotConnected(RedisConnectionError):
+    """The api has not reached Redis since it started (it keeps trying): nothing was sent."""
+
+    def __init__(self) -> None:
+        super().__init__("storage not connected yet")
 
 
 def json_media_type(content_type: str) -> bool:

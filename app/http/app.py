@@ -9,18 +9,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 from redis.exceptions import RedisError
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
 
-from app.backoff import describe
+from app.backoff import Backoff, describe
 from app.health import health_routes
 from app.http import openapi
-from app.http.answers import RequestMetrics, error, internal_error_answer, response
-from app.http.batcher import AcceptBatcher
+from app.http.answers import NotConnected, RequestMetrics, error, internal_error_answer, response
+from app.http.batcher import AcceptBatcher, PartitionBatchers
 from app.http.ingest import BODY_OVERHEAD as BODY_OVERHEAD  # re-exported: tests size bodies by it
 from app.http.ingest import SAVE_PATH, SaveMessageHandler
 from app.http.openapi import INVALID, MALFORMED, NOT_JSON, UNAUTHORIZED, Doc, Operation, Reply
@@ -28,9 +28,10 @@ from app.http.routes import lifecycle_routes
 from app.http.wire import Health, LegacySaved, Ready, Saved, SaveMessageBody
 from app.log import get_logger
 from app.settings import Settings
-from app.store import StorageFormatError, Store, connect
-from app.store.lifecycle import Lifecycle
+from app.store import Accepted, QueueStats, StorageFormatError, open_client
+from app.store.lifecycles import Lifecycles
 from app.store.memory import EvictingPolicyError, MemoryPolicy
+from app.store.partitions import Partitions
 
 log = get_logger("api")
 
@@ -142,66 +143,129 @@ def _accepted_replies(settings: Settings) -> dict[int, Reply]:
     }
 
 
-def create_app(settings: Settings | None = None) -> ApiApp:
-    """Build the API. ``settings`` defaults to the environment's (validated)."""
+class _NotConnected:
+    """The batcher until the api has reached Redis: every accept answers 503."""
+
+    async def accept(self, msg) -> Accepted:
+        raise NotConnected()
+
+
+def create_app(settings: Settings | None = None, stop: Callable[[], None] | None = None) -> ApiApp:
+    """Build the API. ``settings`` defaults to the environment's (validated); ``stop``
+    (the server's, from ``run_api``) ends the process when a check made after start-up
+    refuses Redis' data (see the lifespan)."""
     settings = settings or Settings.from_env()
     recorder = RequestMetrics()
     ingest = SaveMessageHandler(settings, recorder)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        client = connect(settings)
-        app.state.store = Store(client, settings)
-        app.state.batcher = ingest.batcher = AcceptBatcher(app.state.store)
-        app.state.lifecycle = Lifecycle(app.state.store)
-        memory_policy = app.state.memory_policy = MemoryPolicy(
-            client, settings.allow_eviction, settings.memory_policy_interval
-        )
+        """Reach Redis (``open_client``: one Redis or a cluster), check its data
+        (``Partitions.check``: storage format, partition count) and its maxmemory-policy,
+        then serve. Refused data or an evicting policy ends the start-up
+        (``app.state.refused`` tells run_api to exit 2).
+
+        The api must start while Redis is down, so the first try is bounded
+        (FORMAT_CHECK_S); after that a background task keeps trying with a backoff and
+        every route that needs Redis answers 503 (``NotConnected``) until it succeeds.
+        Nothing is written before the data was checked. A refusal found by that task
+        (Redis came up holding data of another format or partition count) is logged,
+        keeps the api unready and answering 503, and calls ``stop``: the process exits 2.
+        """
+        state = app.state
+        state.client = state.store = state.partitions = state.lifecycle = None
+        state.memory_policy = state.refused = None
+        state.memory_policy_watch = None
+        ingest.batcher = _NotConnected()  # type: ignore[assignment]
         stopping = asyncio.Event()
-        watch: asyncio.Task | None = None
-        try:
-            # Refuse to start on data of another storage format or on a Redis that may evict
-            # it (StorageFormatError, EvictingPolicyError end the start-up; `app.state.refused`
-            # tells run_api to exit 2); an api must still start while Redis is down: that
-            # only warns, and the periodic check reads the policy once Redis answers.
-            for check, what in (
-                (app.state.store.check_format, "storage format"),
-                (memory_policy.require, "maxmemory-policy"),
-            ):
-                try:
-                    await asyncio.wait_for(check(), FORMAT_CHECK_S)
-                except (RedisError, OSError, TimeoutError) as exc:
-                    log.warning(f"{what} not checked", error=describe(exc))
-                except (StorageFormatError, EvictingPolicyError) as exc:
-                    app.state.refused = exc
-                    raise
-            watch = app.state.memory_policy_watch = asyncio.create_task(
+        tasks: list[asyncio.Task] = []
+
+        async def attach() -> None:
+            client = await open_client(settings)
+            try:
+                partitions = Partitions(client, settings, wait_replicas=settings.wait_replicas)
+                await partitions.check()
+                memory_policy = MemoryPolicy(
+                    client, settings.allow_eviction, settings.memory_policy_interval
+                )
+                await memory_policy.require()
+            except BaseException:
+                await client.aclose()
+                raise
+            state.client = client
+            state.partitions = partitions
+            state.store = partitions.stores[0]
+            state.memory_policy = memory_policy
+            if partitions.count == 1:
+                ingest.batcher = AcceptBatcher(partitions.stores[0])
+            else:
+                ingest.batcher = PartitionBatchers(partitions)  # type: ignore[assignment]
+            state.lifecycle = Lifecycles(partitions)
+            watch = state.memory_policy_watch = asyncio.create_task(
                 memory_policy.watch(stopping), name="memory-policy"
             )
             watch.add_done_callback(_watch_ended)
+            tasks.append(watch)
+
+        async def attach_later() -> None:
+            backoff = Backoff(0.1, 2.0, jitter=True)
+            while not stopping.is_set():
+                await backoff.wait(stopping)
+                if stopping.is_set():
+                    return
+                try:
+                    await asyncio.wait_for(attach(), FORMAT_CHECK_S * 5)
+                except (RedisError, OSError, TimeoutError) as exc:
+                    log.warning("redis not reached yet, retrying", error=describe(exc))
+                    continue
+                except (StorageFormatError, EvictingPolicyError) as exc:
+                    log.error("redis refused after start-up: stopping", error=str(exc))
+                    state.refused = exc
+                    if stop is not None:
+                        stop()
+                    return
+                log.info("redis reached", partitions=settings.partitions)
+                return
+
+        try:
+            try:
+                await asyncio.wait_for(attach(), FORMAT_CHECK_S)
+            except (RedisError, OSError, TimeoutError) as exc:
+                log.warning("redis not reached at start, retrying meanwhile", error=describe(exc))
+                tasks.append(asyncio.create_task(attach_later(), name="redis-connect"))
+            except (StorageFormatError, EvictingPolicyError) as exc:
+                state.refused = exc
+                raise
             yield
         finally:
             stopping.set()
-            if watch is not None:
-                await asyncio.wait({watch}, timeout=FORMAT_CHECK_S)
-                watch.cancel()
+            if tasks:
+                await asyncio.wait(tasks, timeout=FORMAT_CHECK_S)
+            for task in tasks:
+                task.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await watch  # an exception was logged when it ended
-            await client.aclose()
+                    await task  # an exception was logged when it ended
+            if state.client is not None:
+                await state.client.aclose()
 
     app_ref: list[Starlette] = []
 
-    def store_of() -> Store:
-        return app_ref[0].state.store
-
     async def ready() -> dict[str, bool]:
         state = app_ref[0].state
+        if state.partitions is None:  # Redis not reached (or refused) since the start
+            return {"redis": False, "memory_policy": False}
         # A check that died (a bug: it is logged) must not leave the api looking ready.
         watching = not state.memory_policy_watch.done()
         return {
-            "redis": await store_of().answers(),
+            "redis": await state.partitions.answers(),
             "memory_policy": state.memory_policy.ready and watching,
         }
+
+    async def queue_figures() -> list[QueueStats]:
+        partitions = app_ref[0].state.partitions
+        if partitions is None:
+            raise NotConnected()
+        return await partitions.each_queue_stats()
 
     async def not_found(request: Request, exc: Exception) -> Response:
         return error(404, "not found")
@@ -241,7 +305,7 @@ def create_app(settings: Settings | None = None) -> ApiApp:
             name="save_message",
         ),
         *lifecycle_routes(settings),
-        *openapi.documented(health_routes(ready, lambda: store_of().queue_stats()), HEALTH_DOCS),
+        *openapi.documented(health_routes(ready, queue_figures), HEALTH_DOCS),
     ]
     app = ApiApp(
         routes=routes,

@@ -24,6 +24,7 @@ from redis.exceptions import RedisError
 from app.log import get_logger
 from app.model import NewMessage
 from app.store import Accepted, Store
+from app.store.partitions import Partitions
 
 log = get_logger("api")
 
@@ -95,3 +96,15 @@ def _fail(futures: list[asyncio.Future[Accepted]], exc: BaseException) -> None:
     for future in futures:
         if not future.done():
             future.set_exception(exc)
+
+
+class PartitionBatchers:
+    """One :class:`AcceptBatcher` per partition (EAT_PARTITIONS > 1): a message joins the
+    batch of its uuid's partition, so every round trip is one script call on one slot."""
+
+    def __init__(self, partitions: Partitions, max_batch: int = MAX_BATCH) -> None:
+        self.batchers = [AcceptBatcher(store, max_batch) for store in partitions.stores]
+        self.index_of = partitions.index_of
+
+    async def accept(self, msg: NewMessage) -> Accepted:
+        return await self.batchers[self.index_of(msg.uuid)].accept(msg)

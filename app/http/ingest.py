@@ -33,7 +33,7 @@ from app.http.answers import (
     require_json,
     unauthorized_answer,
 )
-from app.http.batcher import AcceptBatcher
+from app.http.batcher import AcceptBatcher, PartitionBatchers
 from app.http.wire import LegacyMessage, LegacySaved
 from app.log import get_logger
 from app.model import InvalidInput, parse_save_message
@@ -62,8 +62,9 @@ class SaveMessageHandler:
         self.legacy_http = settings.legacy_http
         # A filtered-out structlog call still costs ~1 µs through its proxy: skip it outright.
         self.log_accepted = settings.log_level == "debug"
-        # Set by the app's lifespan, which owns the Redis client.
-        self.batcher: AcceptBatcher | None = None
+        # Set by the app's lifespan, which owns the Redis client: an AcceptBatcher, one per
+        # partition (PartitionBatchers), or one that answers 503 until Redis is reached.
+        self.batcher: AcceptBatcher | PartitionBatchers | None = None
         self._accepted_due = metrics.ACCEPTED.labels("due")
         self._accepted_delayed = metrics.ACCEPTED.labels("delayed")
         self._accepted_duplicate = metrics.ACCEPTED.labels("duplicate")

@@ -20,6 +20,7 @@ from starlette.responses import Response
 
 from app import metrics
 from app.http.answers import (
+    NotConnected,
     bearer_matches,
     error,
     failure_answer,
@@ -70,12 +71,12 @@ from app.model import (
     parse_save_message,
 )
 from app.settings import Settings
-from app.store.codec import STREAM_ID
-from app.store.lifecycle import Lifecycle, Outcome
+from app.store.lifecycle import Outcome
+from app.store.lifecycles import Cursor, Lifecycles, Report, parse_cursor
 
 log = get_logger("api")
 
-Handler = Callable[[Request, Lifecycle], Awaitable[Response]]
+Handler = Callable[[Request, Lifecycles], Awaitable[Response]]
 
 _LIMIT = re.compile(r"[0-9]{1,4}\Z")  # ASCII digits only: int() reads every script's
 _reschedule_decoder = BodyDecoder(Reschedule)
@@ -118,19 +119,20 @@ def query_limit(request: Request) -> int:
     return int(raw)
 
 
-def query_cursor(request: Request) -> str | None:
+def query_cursor(request: Request, partitions: int) -> Cursor | None:
     raw = request.query_params.get("cursor")
     if raw is None or raw == "":
         return None
-    # Redis refuses an id whose parts do not fit 64 bits.
-    if not STREAM_ID.match(raw) or any(int(part) >= 2**64 for part in raw.split("-")):
-        raise InvalidInput("cursor must be the `next` of a previous page", "cursor")
-    return raw
+    try:
+        return parse_cursor(raw, partitions)
+    except ValueError:
+        raise InvalidInput("cursor must be the `next` of a previous page", "cursor") from None
 
 
 def lifecycle_routes(settings: Settings) -> list[Operation]:
-    """The routes, each with its documentation; their handlers find the Lifecycle in
-    ``app.state.lifecycle`` and the OpenAPI document in ``app.state.openapi``."""
+    """The routes, each with its documentation; their handlers find the Lifecycles in
+    ``app.state.lifecycle`` (None until the api has reached Redis: 503) and the OpenAPI
+    document in ``app.state.openapi``."""
     token = settings.api_token.encode() if settings.api_token else None
     bulk_limit = settings.max_batch_bytes
     max_message = settings.max_message_bytes
@@ -139,8 +141,9 @@ def lifecycle_routes(settings: Settings) -> list[Operation]:
     accepted_duplicate = metrics.ACCEPTED.labels("duplicate")
     accepted_invalid = metrics.ACCEPTED.labels("invalid")
 
-    def guarded(handler: Handler) -> Callable[[Request], Awaitable[Response]]:
-        """Token check, then the handler; bad input and an unavailable Redis become errors."""
+    def guarded(handler: Handler, retry: str = "retry") -> Callable[[Request], Awaitable[Response]]:
+        """Token check, then the handler; bad input and an unavailable Redis become errors
+        (``retry`` tells the client how to retry)."""
 
         @functools.wraps(handler)
         async def endpoint(request: Request) -> Response:
@@ -148,16 +151,19 @@ def lifecycle_routes(settings: Settings) -> list[Operation]:
             if token is not None and not bearer_matches(authorization, token):
                 return response(unauthorized_answer())
             try:
-                return await handler(request, request.app.state.lifecycle)
+                lifecycles = request.app.state.lifecycle
+                if lifecycles is None:
+                    raise NotConnected()
+                return await handler(request, lifecycles)
             except Exception as exc:
-                answer = failure_answer(exc, request.url.path, "retry")
+                answer = failure_answer(exc, request.url.path, retry)
                 if answer is None:
                     raise
                 return response(answer)
 
         return endpoint
 
-    async def get_message(request: Request, lc: Lifecycle) -> Response:
+    async def get_message(request: Request, lc: Lifecycles) -> Response:
         uuid = path_uuid(request)
         record = await lc.record(uuid)
         if record is None:
@@ -182,14 +188,14 @@ def lifecycle_routes(settings: Settings) -> list[Operation]:
         assert outcome.state is not None and outcome.run_at is not None
         return respond(MessageRef(uuid=uuid, runAt=outcome.run_at, state=outcome.state))  # type: ignore[arg-type]
 
-    async def cancel_message(request: Request, lc: Lifecycle) -> Response:
+    async def cancel_message(request: Request, lc: Lifecycles) -> Response:
         uuid = path_uuid(request)
         outcome = await lc.cancel(uuid)
         if outcome.kind == "done":
             log.info("cancelled", uuid=uuid)
         return changed(uuid, outcome, "cancelled")
 
-    async def reschedule_message(request: Request, lc: Lifecycle) -> Response:
+    async def reschedule_message(request: Request, lc: Lifecycles) -> Response:
         uuid = path_uuid(request)
         body = await json_body(request, RESCHEDULE_BODY_LIMIT)
         run_at = _reschedule_decoder.decode(body).runAt  # type: ignore[attr-defined]
@@ -198,7 +204,7 @@ def lifecycle_routes(settings: Settings) -> list[Operation]:
             log.info("rescheduled", uuid=uuid, run_at=run_at, state=outcome.state)
         return changed(uuid, outcome, "rescheduled")
 
-    async def save_messages(request: Request, lc: Lifecycle) -> Response:
+    async def save_messages(request: Request, lc: Lifecycles) -> Response:
         body = await json_body(request, bulk_limit)
         try:
             decoded = _bulk_decoder.decode(body)
@@ -256,13 +262,16 @@ def lifecycle_routes(settings: Settings) -> list[Operation]:
             )
         )
 
-    async def list_dead(request: Request, lc: Lifecycle) -> Response:
-        limit, cursor = query_limit(request), query_cursor(request)
-        entries, next_cursor = await lc.dead_page(limit, cursor)
-        items = [msgspec.convert(e, DeadItem, from_attributes=True) for e in entries]
+    async def list_dead(request: Request, lc: Lifecycles) -> Response:
+        limit, cursor = query_limit(request), query_cursor(request, lc.count)
+        rows, next_cursor = await lc.dead_page(limit, cursor)
+        items = [msgspec.convert(row.entry, DeadItem, from_attributes=True) for row in rows]
+        if lc.count > 1:
+            for item, row in zip(items, rows, strict=True):
+                item.partition = row.partition
         return respond(DeadPage(items=items, next=next_cursor))
 
-    async def replay_dead(request: Request, lc: Lifecycle) -> Response:
+    async def replay_dead(request: Request, lc: Lifecycles) -> Response:
         uuid = path_uuid(request)
         outcome = await lc.replay(uuid)
         if outcome.kind == "missing":
@@ -278,28 +287,27 @@ def lifecycle_routes(settings: Settings) -> list[Operation]:
         log.info("replayed", uuid=uuid)
         return respond(Replayed(uuid=uuid, state="queued"))
 
-    async def replay_all(request: Request, lc: Lifecycle) -> Response:
+    async def replay_all(request: Request, lc: Lifecycles) -> Response:
         replayed, skipped = await lc.replay_all()
         log.info("replayed dead letters", replayed=replayed, skipped=skipped)
         return respond(ReplayedAll(replayed=replayed, skipped=skipped))
 
-    async def delete_dead(request: Request, lc: Lifecycle) -> Response:
+    async def delete_dead(request: Request, lc: Lifecycles) -> Response:
         uuid = path_uuid(request)
         if not await lc.drop_dead(uuid):
             return not_found(uuid, " in the dead stream")
         log.info("dead letter deleted", uuid=uuid)
         return respond(DeletedOne(uuid=uuid, deleted=True))
 
-    async def purge_dead(request: Request, lc: Lifecycle) -> Response:
+    async def purge_dead(request: Request, lc: Lifecycles) -> Response:
         deleted = await lc.purge_dead()
         log.info("dead letters purged", deleted=deleted)
         return respond(DeletedAll(deleted=deleted))
 
-    async def stats(request: Request, lc: Lifecycle) -> Response:
-        report = await lc.stats()
-        return respond(msgspec.convert(report, Stats, from_attributes=True))
+    async def stats(request: Request, lc: Lifecycles) -> Response:
+        return respond(stats_body(await lc.stats(), lc.count))
 
-    async def openapi_json(request: Request, lc: Lifecycle) -> Response:
+    async def openapi_json(request: Request, lc: Lifecycles) -> Response:
         # Built by create_app from every route of the app, this one's included.
         return Response(request.app.state.openapi, media_type="application/json")
 
@@ -371,14 +379,14 @@ def lifecycle_routes(settings: Settings) -> list[Operation]:
         Operation(
             "POST",
             f"{v1}/save-messages",
-            guarded(save_messages),
+            guarded(save_messages, "retry with the same uuids"),
             Doc(
                 f"Accept up to {BULK_MAX_ITEMS} messages in one request",
                 {
                     200: Reply(
                         "One result per item, by index. Valid items are accepted even when "
-                        "others are invalid; all valid items are stored in one atomic script "
-                        "call.",
+                        "others are invalid; the valid items of one partition are stored in "
+                        "one atomic script call (with one partition: all of them).",
                         BulkResult,
                     ),
                     400: MALFORMED,
@@ -432,7 +440,10 @@ def lifecycle_routes(settings: Settings) -> list[Operation]:
                         "in": "query",
                         "required": False,
                         "description": "The `next` of the previous page.",
-                        "schema": {"type": "string", "pattern": r"^[0-9]{1,20}-[0-9]{1,20}$"},
+                        "schema": {
+                            "type": "string",
+                            "pattern": r"^[0-9]{1,20}-[0-9]{1,20}(-[0-9]{1,4})?$",
+                        },
                     },
                 ),
             ),
@@ -517,7 +528,7 @@ def lifecycle_routes(settings: Settings) -> list[Operation]:
             Doc(
                 "Queue figures, consumers and the current leader",
                 {
-                    200: Reply("Read in one round trip.", Stats),
+                    200: Reply("Read in one round trip per partition, all at once.", Stats),
                     401: UNAUTHORIZED,
                     503: UNAVAILABLE,
                 },
@@ -535,3 +546,11 @@ def lifecycle_routes(settings: Settings) -> list[Operation]:
             ),
         ),
     ]
+
+
+def stats_body(report: Report, partitions: int) -> Stats:
+    """``/stats``: the sums, and with several partitions each partition's figures."""
+    body = msgspec.convert(report, Stats, from_attributes=True)
+    if partitions == 1:  # the figures above are the one partition's
+        body.partitions = msgspec.UNSET
+    return body

@@ -159,12 +159,20 @@ class DeadItem(msgspec.Struct, rename="camel"):
     attempts: int | None
     reason: str | None
     dead_at: int | None
+    partition: Annotated[
+        int | UnsetType,
+        Meta(description="The partition whose dead stream holds it (with EAT_PARTITIONS > 1)."),
+    ] = UNSET
 
 
 class DeadPage(msgspec.Struct):
     items: list[DeadItem]
     next: Annotated[
-        str | None, Meta(description="Pass as `cursor` for the next page; null on the last one.")
+        str | None,
+        Meta(
+            description="Pass as `cursor` for the next page; null on the last one. The last "
+            "entry's id (`<ms>-<seq>`), with EAT_PARTITIONS > 1 followed by `-<partition>`."
+        ),
     ]
 
 
@@ -212,6 +220,22 @@ class LeaderInfo(msgspec.Struct, rename="camel"):
     since: Annotated[int, Meta(description="Epoch ms this leader first promoted with this epoch.")]
 
 
+class PartitionStats(msgspec.Struct, rename="camel"):
+    """One partition's figures (``GET /api/v1/stats`` with EAT_PARTITIONS > 1)."""
+
+    partition: int
+    delayed: int
+    stream_length: int
+    pending: int
+    lag: int
+    dead: int
+    oldest_overdue_ms: int | None
+    master: Annotated[
+        str | None,
+        Meta(description="host:port of the Redis Cluster master serving it; null on one Redis."),
+    ]
+
+
 class Stats(msgspec.Struct, rename="camel"):
     delayed: Annotated[int, Meta(description="Messages in the sorted set (scheduled, retrying).")]
     stream_length: Annotated[int, Meta(description="Entries in the stream, not yet acknowledged.")]
@@ -226,6 +250,13 @@ class Stats(msgspec.Struct, rename="camel"):
         int | None,
         Meta(description="How long the earliest delayed message is past due; null if none."),
     ]
+    partitions: Annotated[
+        list[PartitionStats] | UnsetType,
+        Meta(
+            description="Each partition's figures, in partition order (with EAT_PARTITIONS > 1; "
+            "the figures above are their sums, the oldest overdue their largest)."
+        ),
+    ] = UNSET
 
 
 # --- health ----------------------------------------------------------------------------------

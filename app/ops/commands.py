@@ -476,6 +476,9 @@ def status(api: Api, as_json: bool, output: Output) -> int:
     for name, value, meaning in rows:
         output.line(f"{name:<15} {value:>{width}}   {meaning}")
     output.line(f"{'leader':<15} {leading}")
+    partitions = stats.get("partitions") or []
+    if len(partitions) > 1:
+        _partition_table(partitions, output)
     if consumers:
         output.line()
         name_width = max(12, *(len(str(c.get("name", ""))) for c in consumers))
@@ -486,6 +489,33 @@ def status(api: Api, as_json: bool, output: Output) -> int:
                 f"{consumer.get('pending', 0):>8,}  {_duration(consumer.get('idleMs'))}"
             )
     return 0
+
+
+def _partition_table(partitions: list[dict[str, Any]], output: Output) -> None:
+    """One row per partition (EAT_PARTITIONS > 1): a hot partition, or one whose master
+    is slow, stands out; MASTER says which Redis Cluster master serves it."""
+    columns = [
+        ("PARTITION", "partition"),
+        ("DELAYED", "delayed"),
+        ("STREAM", "streamLength"),
+        ("PENDING", "pending"),
+        ("LAG", "lag"),
+        ("DEAD", "dead"),
+    ]
+    rows = []
+    for p in partitions:
+        cells = [
+            f"{p.get(key, 0):,}" if key != "partition" else str(p.get(key)) for _, key in columns
+        ]
+        cells.append(_duration(p.get("oldestOverdueMs")))
+        cells.append(str(p.get("master") or "-"))
+        rows.append(cells)
+    heads = [head for head, _ in columns] + ["OVERDUE", "MASTER"]
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(heads)]
+    output.line()
+    for cells in [heads, *rows]:
+        numbers = [f"{c:>{w}}" for c, w in zip(cells[:-2], widths, strict=False)]
+        output.line("  ".join([*numbers, f"{cells[-2]:<{widths[-2]}}", cells[-1]]).rstrip())
 
 
 # -- dead ------------------------------------------------------------------------------

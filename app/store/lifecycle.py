@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from redis.asyncio.cluster import RedisCluster
 from redis.commands.core import AsyncScript
 
 from app.model import NewMessage, Record, State
@@ -25,6 +26,7 @@ from app.store.store import (
     Store,
     queue_figures,
     queue_figures_reads,
+    read_pipelined,
 )
 
 # Dead entries one replay/delete script call examines: bounds the time it blocks Redis.
@@ -76,6 +78,8 @@ class QueueReport:
     consumers: list[ConsumerFigures]
     leader: LeaderRecord | None
     oldest_overdue_ms: int | None
+    partition: int = 0
+    master: str | None = None  # host:port of the cluster master serving the partition
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,17 +144,19 @@ class Lifecycle:
 
     async def cancel(self, uuid: str) -> Outcome:
         k = self.keys
-        reply = await self._cancel(
-            keys=[k.messages, k.delayed, k.retention, k.dead],
-            args=[uuid_key(uuid), self._keep_ms, self.settings.dead_maxlen],
+        reply = await self.store.change(
+            self._cancel,
+            [k.messages, k.delayed, k.retention, k.dead],
+            [uuid_key(uuid), self._keep_ms, self.settings.dead_maxlen],
         )
         return self._changed(reply, "cancel")
 
     async def reschedule(self, uuid: str, run_at: int) -> Outcome:
         k = self.keys
-        reply = await self._reschedule(
-            keys=[k.messages, k.delayed, k.stream, k.sequence, k.dead, k.retention],
-            args=[uuid_key(uuid), run_at, k.wake_channel, self.settings.dead_maxlen, self._keep_ms],
+        reply = await self.store.change(
+            self._reschedule,
+            [k.messages, k.delayed, k.stream, k.sequence, k.dead, k.retention],
+            [uuid_key(uuid), run_at, k.wake_channel, self.settings.dead_maxlen, self._keep_ms],
         )
         return self._changed(reply, "reschedule")
 
@@ -172,24 +178,29 @@ class Lifecycle:
     async def dead_page(self, limit: int, cursor: str | None) -> tuple[list[DeadEntry], str | None]:
         """Up to ``limit`` entries after ``cursor`` (an entry id), oldest first, and the
         cursor of the next page (None when this is the last)."""
-        start = "-" if cursor is None else "(" + cursor
-        entries = await self.client.xrange(self.keys.dead, min=start, max="+", count=limit + 1)
-        items = [parse_dead(eid, fields) for eid, fields in entries[:limit]]
+        entries = await self.dead_entries("-" if cursor is None else "(" + cursor, limit + 1)
+        items = entries[:limit]
         return items, (items[-1].id if len(entries) > limit else None)
+
+    async def dead_entries(self, start: str, count: int) -> list[DeadEntry]:
+        """Up to ``count`` entries from ``start`` (an XRANGE bound), oldest first."""
+        entries = await self.client.xrange(self.keys.dead, min=start, max="+", count=count)
+        return [parse_dead(eid, fields) for eid, fields in entries]
 
     async def _replay_range(self, start: str, end: str, count: int, uuid: str) -> _Scan:
         k = self.keys
-        replayed, examined, last, blocked, quarantined = await self._replay(
-            keys=[k.messages, k.dead, k.stream],
-            args=[start, end, count, uuid_key(uuid) if uuid else "", self.settings.dead_maxlen],
+        replayed, examined, last, blocked, quarantined = await self.store.change(
+            self._replay,
+            [k.messages, k.dead, k.stream],
+            [start, end, count, uuid_key(uuid) if uuid else "", self.settings.dead_maxlen],
         )
         if quarantined:
             self.store.report_quarantined("replay", int(quarantined))
         return _Scan(int(replayed), int(examined), last.decode(), blocked.decode())
 
     async def _drop_range(self, start: str, end: str, count: int, uuid: str) -> _Scan:
-        deleted, examined, last = await self._drop_dead(
-            keys=[self.keys.dead], args=[start, end, count, uuid_key(uuid)]
+        deleted, examined, last = await self.store.change(
+            self._drop_dead, [self.keys.dead], [start, end, count, uuid_key(uuid)]
         )
         return _Scan(int(deleted), int(examined), last.decode(), "")
 
@@ -246,6 +257,21 @@ class Lifecycle:
 
     async def purge_dead(self) -> int:
         """Delete the whole dead stream at once (UNLINK frees it off the main thread)."""
+        replication = self.store.replication
+        if replication is not None:
+            dead = self.keys.dead
+            length, _ = await replication.transaction(dead, [("XLEN", dead), ("UNLINK", dead)])
+            return int(length)
+        if isinstance(self.client, RedisCluster):
+            # redis-py's cluster pipeline answers a MULTI of it as one value: spell it out,
+            # on the connection to the partition's master.
+            dead = self.keys.dead
+            commands = [(("MULTI",), {}), (("XLEN", dead), {}), (("UNLINK", dead), {})]
+            replies = await read_pipelined(self.client, dead, [*commands, (("EXEC",), {})])
+            for reply in replies:
+                if isinstance(reply, Exception):
+                    raise reply
+            return int(replies[-1][0])
         async with self.client.pipeline(transaction=True) as pipe:
             pipe.xlen(self.keys.dead)
             pipe.unlink(self.keys.dead)
@@ -257,12 +283,13 @@ class Lifecycle:
     async def stats(self) -> QueueReport:
         """Every figure in one pipelined round trip (read-only, so not a transaction)."""
         k = self.keys
-        async with self.client.pipeline(transaction=False) as pipe:
-            queue_figures_reads(pipe, k)
-            pipe.hgetall(k.leader)
-            replies = await pipe.execute(raise_on_error=False)
+        reads = [*queue_figures_reads(k), (("HGETALL", k.leader), {})]
+        replies = await read_pipelined(self.client, k.delayed, reads)
         figures = queue_figures(replies)
         leader = replies[QUEUE_FIGURES_READS]
+        master = None
+        if isinstance(self.client, RedisCluster):
+            master = self.client.get_node_from_key(k.delayed).name
         return QueueReport(
             delayed=figures.delayed,
             stream_length=figures.stream_length,
@@ -272,6 +299,8 @@ class Lifecycle:
             consumers=list(figures.members),
             leader=_leader(leader),
             oldest_overdue_ms=figures.oldest_overdue_ms,
+            partition=self.store.partition,
+            master=master,
         )
 
 

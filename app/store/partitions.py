@@ -16,12 +16,13 @@ would look for messages in the wrong partitions.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 from app.model import NewMessage
 from app.settings import Settings
 from app.store.codec import uuid_key
 from app.store.keys import Keyspace, partition_of
+from app.store.replicated import Replication
 from app.store.store import Accepted, ConsumerFigures, QueueStats, StorageFormatError, Store
 
 
@@ -35,14 +36,22 @@ class Partitions:
     :param client: from ``connect`` (a Redis or a Redis Cluster client).
     :param settings: ``partitions`` is the count.
     :param identifier: the scheduler's name in each partition's leader record.
+    :param wait_replicas: the api's EAT_WAIT_REPLICAS: each change it answers for waits
+        until that many replicas confirmed it (``app.store.replicated``); 0 (the
+        scheduler's and the worker's) waits for none.
     """
 
-    def __init__(self, client, settings: Settings, identifier: str = "") -> None:
+    def __init__(
+        self, client, settings: Settings, identifier: str = "", *, wait_replicas: int = 0
+    ) -> None:
         self.client = client
         self.settings = settings
         self.count = settings.partitions
         numbers: Sequence[int | None] = [None] if self.count == 1 else range(self.count)
-        self.stores = [Store(client, settings, identifier, p) for p in numbers]
+        replication = (
+            Replication(client, wait_replicas, settings.wait_timeout_ms) if wait_replicas else None
+        )
+        self.stores = [Store(client, settings, identifier, p, replication) for p in numbers]
 
     def __len__(self) -> int:
         return self.count
@@ -63,8 +72,9 @@ class Partitions:
     async def check(self) -> None:
         """Refuse (StorageFormatError) data of another storage format or partition count.
 
-        The first process to start on a prefix records the count; a prefix that
-        already holds data of a release without partitions counts as 1.
+        The first process with several partitions to start on a prefix records the count;
+        a prefix that already holds data of one partition counts as 1, and one partition
+        records nothing (it only refuses another count recorded).
         """
         await check_partition_count(self.client, self.settings.prefix, self.count)
         await asyncio.gather(*(store.check_format() for store in self.stores))
@@ -89,42 +99,59 @@ class Partitions:
                 results[i] = result
         return results  # type: ignore[return-value]
 
+    async def each_queue_stats(self) -> list[QueueStats]:
+        """The figures of each partition, in partition order (one round trip each, all at
+        once): what the queue gauges show, labelled by partition."""
+        return list(await asyncio.gather(*(store.queue_stats() for store in self.stores)))
+
     async def queue_stats(self) -> QueueStats:
         """The figures of every partition, summed."""
-        each = await asyncio.gather(*(store.queue_stats() for store in self.stores))
-        if len(each) == 1:
-            return each[0]
-        overdue = [s.oldest_overdue_ms for s in each if s.oldest_overdue_ms is not None]
-        # A worker is a consumer in every partition's group: one row per name.
-        members: dict[str, ConsumerFigures] = {}
-        for figures in each:
-            for m in figures.members:
-                seen = members.get(m.name)
-                members[m.name] = (
-                    m
-                    if seen is None
-                    else ConsumerFigures(
-                        m.name, seen.pending + m.pending, min(seen.idle_ms, m.idle_ms)
-                    )
-                )
-        return QueueStats(
-            delayed=sum(s.delayed for s in each),
-            stream_length=sum(s.stream_length for s in each),
-            pending=sum(s.pending for s in each),
-            lag=sum(s.lag for s in each),
-            consumers=max((s.consumers for s in each), default=0),
-            dead=sum(s.dead for s in each),
-            oldest_overdue_ms=max(overdue, default=None),
-            members=tuple(members.values()),
-        )
+        return summed(await self.each_queue_stats())
+
+
+def summed(each: Sequence[QueueStats]) -> QueueStats:
+    """The figures of several partitions as one: counts summed, the oldest overdue the
+    largest, a consumer (a worker reads every partition) one row with its pending summed."""
+    if len(each) == 1:
+        return each[0]
+    overdue = [s.oldest_overdue_ms for s in each if s.oldest_overdue_ms is not None]
+    members = merged_consumers(s.members for s in each)
+    return QueueStats(
+        delayed=sum(s.delayed for s in each),
+        stream_length=sum(s.stream_length for s in each),
+        pending=sum(s.pending for s in each),
+        lag=sum(s.lag for s in each),
+        consumers=max((s.consumers for s in each), default=0),
+        dead=sum(s.dead for s in each),
+        oldest_overdue_ms=max(overdue, default=None),
+        members=tuple(members),
+    )
+
+
+def merged_consumers(each: Iterable[Iterable[ConsumerFigures]]) -> list[ConsumerFigures]:
+    """The consumers of several partitions' groups, one row per name (a worker is a
+    consumer in every partition's group): pending summed, idle the least."""
+    members: dict[str, ConsumerFigures] = {}
+    for consumers in each:
+        for m in consumers:
+            seen = members.get(m.name)
+            if seen is not None:
+                m = ConsumerFigures(m.name, seen.pending + m.pending, min(seen.idle_ms, m.idle_ms))
+            members[m.name] = m
+    return list(members.values())
 
 
 async def check_partition_count(client, prefix: str, count: int) -> None:
     """Record ``count`` for ``prefix`` if none is recorded; refuse another one."""
     key = Keyspace(prefix).partition_count
     recorded = await client.get(key)
+    if recorded is None and count == 1:
+        # One partition writes no key of its own: its keyspace stays exactly that of every
+        # release before partitions (its data, once there, tells a process with several
+        # partitions that it is one; see below).
+        return
     if recorded is None:
-        if count > 1 and await _holds_unpartitioned_data(client, prefix):
+        if await _holds_unpartitioned_data(client, prefix):
             recorded = b"1"
         else:
             # NX: of two processes starting at once with different counts, one loses here.

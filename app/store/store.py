@@ -7,9 +7,14 @@ the API, the promotion loop and the worker.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import msgspec
-from redis.exceptions import RedisError, ResponseError
+from redis.asyncio.cluster import PipelineCommand, RedisCluster
+from redis.commands.core import AsyncScript
+from redis.exceptions import AskError, MovedError, RedisError, ResponseError, TryAgainError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from app import metrics
 from app.log import get_logger
@@ -18,6 +23,7 @@ from app.settings import Settings
 from app.store.client import StoreRedis
 from app.store.codec import FORMAT, UUID_BYTES, decode_record, uuid_key, uuid_text
 from app.store.keys import CONSUMER_GROUP, Keyspace
+from app.store.replicated import Replication
 from app.store.scripts import Scripts
 
 log = get_logger("store")
@@ -120,18 +126,57 @@ class CorruptEntry(ValueError):
 
 
 QUEUE_FIGURES_READS = 7
+_LOST = (RedisConnectionError, RedisTimeoutError, OSError)
+Read = tuple[tuple, dict]  # a command's arguments, and the options its reply is parsed with
 
 
-def queue_figures_reads(pipe, keys: Keyspace) -> None:
-    """Queue on ``pipe`` the QUEUE_FIGURES_READS reads :func:`queue_figures` makes
-    QueueStats of."""
-    pipe.zcard(keys.delayed)
-    pipe.xlen(keys.stream)
-    pipe.xlen(keys.dead)
-    pipe.xinfo_groups(keys.stream)
-    pipe.xinfo_consumers(keys.stream, CONSUMER_GROUP)
-    pipe.zrange(keys.delayed, 0, 0, withscores=True)
-    pipe.time()
+def queue_figures_reads(keys: Keyspace) -> list[Read]:
+    """The QUEUE_FIGURES_READS reads :func:`queue_figures` makes QueueStats of."""
+    return [
+        (("ZCARD", keys.delayed), {}),
+        (("XLEN", keys.stream), {}),
+        (("XLEN", keys.dead), {}),
+        (("XINFO GROUPS", keys.stream), {}),
+        (("XINFO CONSUMERS", keys.stream, CONSUMER_GROUP), {}),
+        (
+            ("ZRANGE", keys.delayed, 0, 0, "WITHSCORES"),
+            {"withscores": True, "score_cast_func": float},
+        ),
+        # Redis' clock, from the master that holds the partition (overdue is measured by it).
+        (("TIME",), {}),
+    ]
+
+
+async def read_pipelined(client, key: str, reads: list[Read]) -> list:
+    """``reads`` in one round trip to the master serving ``key``: the parsed replies, an
+    error reply in its place (as ``raise_on_error=False`` gives them).
+
+    A cluster pipeline cannot do this: it sends a command without a key (TIME) to another
+    node, so the partition's own master is asked directly, and a redirection (a reshard,
+    a failover) updates the slot map and asks again.
+    """
+    if not isinstance(client, RedisCluster):
+        async with client.pipeline(transaction=False) as pipe:
+            for args, options in reads:
+                pipe.execute_command(*args, **options)
+            return await pipe.execute(raise_on_error=False)
+    for attempt in range(3):
+        node = client.get_node_from_key(key)
+        commands = [PipelineCommand(i, *args, **options) for i, (args, options) in enumerate(reads)]
+        await node.execute_pipeline(commands)
+        replies = [c.result for c in commands]
+        # execute_pipeline keeps every exception in its place, a lost connection's too.
+        lost = next((r for r in replies if isinstance(r, _LOST)), None)
+        if lost is not None:
+            raise lost
+        moved = next((r for r in replies if isinstance(r, AskError | TryAgainError)), None)
+        if moved is None:
+            return replies
+        if isinstance(moved, MovedError):
+            await client.nodes_manager.move_slot(moved)
+        elif attempt == 2:
+            raise moved
+    raise RedisError(f"the slot of {key} kept moving")
 
 
 def queue_figures(replies: list) -> QueueStats:
@@ -263,15 +308,27 @@ class Store:
         settings: Settings,
         identifier: str = "",
         partition: int | None = None,
+        replication: Replication | None = None,
     ) -> None:
         """``client`` comes from ``connect`` (``read`` needs its raw XREADGROUP replies);
         ``identifier`` names the scheduler in the leader record its promote calls write;
-        ``partition`` is the one this store works on (None: the only one)."""
+        ``partition`` is the one this store works on (None: the only one);
+        ``replication``, the api's alone, makes each change it answers for (accept, and
+        the lifecycle's) wait for its replicas (``app.store.replicated``)."""
         self.client = client
         self.settings = settings
         self.keys = Keyspace(settings.prefix, partition)
+        self.partition = partition or 0
         self.identifier = identifier
         self.scripts = Scripts.register(client)
+        self.replication = replication
+
+    async def change(self, script: AsyncScript, keys: list, args: list) -> Any:
+        """A script the api answers a client for: with ``replication``, only once its
+        replicas confirmed it (NotReplicated otherwise)."""
+        if self.replication is None:
+            return await script(keys=keys, args=args)
+        return await self.replication.script(script, keys, args)
 
     async def answers(self) -> bool:
         """Whether Redis answers a PING now: the readiness of every process."""
@@ -322,9 +379,11 @@ class Store:
         args: list[object] = [k.wake_channel, self.settings.dead_maxlen, self._keep_ms]
         for msg in msgs:
             args += [uuid_key(msg.uuid), msg.message.encode("utf-8"), msg.run_at]
-        flat = await self.scripts.accept(
-            keys=[k.messages, k.delayed, k.stream, k.sequence, k.dead, k.retention], args=args
-        )
+        keys = [k.messages, k.delayed, k.stream, k.sequence, k.dead, k.retention]
+        if self.replication is None:
+            flat = await self.scripts.accept(keys=keys, args=args)
+        else:
+            flat = await self.replication.script(self.scripts.accept, keys, args)
         if len(flat) % 3:
             self.report_quarantined("accept", flat.pop())
         return [
@@ -497,9 +556,8 @@ class Store:
         )
 
     async def queue_stats(self) -> QueueStats:
-        async with self.client.pipeline(transaction=False) as pipe:
-            queue_figures_reads(pipe, self.keys)
-            return queue_figures(await pipe.execute(raise_on_error=False))
+        reads = queue_figures_reads(self.keys)
+        return queue_figures(await read_pipelined(self.client, self.keys.delayed, reads))
 
     async def record(self, uuid: str) -> Record | None:
         """The record of ``uuid``, None when there is none; CorruptRecord when it cannot be

@@ -90,9 +90,9 @@ def test_metrics_count_accepted_messages_by_kind_and_http_requests_by_route(
     created = 'eat_http_requests_total{method="POST",route="/api/v1/save-message",status="201"}'
     assert metric(after, created) - metric(before, created) == 2
     # The queue gauges are read from Redis at scrape time: one delayed, one due.
-    assert metric(after, "eat_delayed_messages") == 1
-    assert metric(after, "eat_stream_length") == 1
-    assert metric(after, "eat_stream_lag") == 1
+    assert metric(after, 'eat_delayed_messages{partition="0"}') == 1
+    assert metric(after, 'eat_stream_length{partition="0"}') == 1
+    assert metric(after, 'eat_stream_lag{partition="0"}') == 1
 
 
 def test_unknown_paths_are_counted_under_one_label_so_cardinality_stays_bounded(
@@ -146,22 +146,22 @@ def test_metrics_report_pending_and_lag_of_the_workers_group(
     redis_client.xgroup_create(stream, "workers", id="0")
     redis_client.xreadgroup("workers", "w1", {stream: ">"}, count=1)
     text = client.get("/metrics").text
-    assert metric(text, "eat_stream_length") == 3
-    assert metric(text, "eat_stream_pending") == 1
-    assert metric(text, "eat_stream_lag") == 2
-    assert metric(text, "eat_consumers") == 1
+    assert metric(text, 'eat_stream_length{partition="0"}') == 3
+    assert metric(text, 'eat_stream_pending{partition="0"}') == 1
+    assert metric(text, 'eat_stream_lag{partition="0"}') == 2
+    assert metric(text, 'eat_consumers{partition="0"}') == 1
 
 
 def test_metrics_report_how_long_the_oldest_due_message_has_waited_unpromoted(
     client: TestClient, redis_client: redis.Redis
 ) -> None:
-    assert metric(client.get("/metrics").text, "eat_oldest_overdue_seconds") == 0
+    assert metric(client.get("/metrics").text, 'eat_oldest_overdue_seconds{partition="0"}') == 0
     post(client, TOKEN, runAt=redis_now_ms(redis_client) + 60_000)  # not due: still 0
-    assert metric(client.get("/metrics").text, "eat_oldest_overdue_seconds") == 0
+    assert metric(client.get("/metrics").text, 'eat_oldest_overdue_seconds{partition="0"}') == 0
     due_at = redis_now_ms(redis_client) + 20
     post(client, TOKEN, runAt=due_at)  # delayed, then due; no leader promotes it
     wait_for_redis_time(redis_client, due_at + 100)
-    waited = metric(client.get("/metrics").text, "eat_oldest_overdue_seconds")
+    waited = metric(client.get("/metrics").text, 'eat_oldest_overdue_seconds{partition="0"}')
     assert 0.1 <= waited <= (redis_now_ms(redis_client) - due_at) / 1000
 
 
@@ -175,10 +175,10 @@ def test_metrics_report_what_each_consumer_holds_and_leave_out_those_holding_not
     redis_client.xreadgroup("workers", "w1", {stream: ">"}, count=2)
     [[_, [(held, _)]]] = redis_client.xreadgroup("workers", "w2", {stream: ">"}, count=1)
     text = client.get("/metrics").text
-    assert metric(text, 'eat_consumer_pending{consumer="w1"}') == 2
-    assert metric(text, 'eat_consumer_pending{consumer="w2"}') == 1
+    assert metric(text, 'eat_consumer_pending{consumer="w1",partition="0"}') == 2
+    assert metric(text, 'eat_consumer_pending{consumer="w2",partition="0"}') == 1
     redis_client.xack(stream, "workers", held)
     text = client.get("/metrics").text
-    assert metric(text, 'eat_consumer_pending{consumer="w1"}') == 2
+    assert metric(text, 'eat_consumer_pending{consumer="w1",partition="0"}') == 2
     assert 'consumer="w2"' not in text, "a consumer holding nothing drops out"
-    assert metric(text, "eat_consumers") == 2
+    assert metric(text, 'eat_consumers{partition="0"}') == 2

@@ -137,3 +137,20 @@ def test_data_of_a_release_without_partitions_counts_as_one_partition(
     with pytest.raises(PartitionCountError, match="in 1 partition"):
         check(settings, 4)
     assert redis_client.get(Keyspace(settings.prefix).partition_count) is None
+
+
+def test_one_partition_records_no_count_so_its_keys_stay_as_before_and_refuses_another(
+    settings: Settings, redis_client: redis.Redis
+) -> None:
+    async def check(count: int) -> None:
+        client = connect(settings)
+        try:
+            await Partitions(client, dataclasses.replace(settings, partitions=count)).check()
+        finally:
+            await client.aclose()
+
+    asyncio.run(check(1))
+    assert redis_client.keys(f"*{settings.prefix}*") == []
+    asyncio.run(check(4))
+    with pytest.raises(PartitionCountError, match="EAT_PARTITIONS=1"):
+        asyncio.run(check(1))

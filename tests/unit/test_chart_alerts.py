@@ -30,6 +30,8 @@ FULLNAME = "eat-echo-at-time"  # release "eat", the chart's name
 API = {"namespace": NAMESPACE, "job": f"{FULLNAME}-api", "pod": f"{FULLNAME}-api-6f9c-x1"}
 SCHEDULER = {"namespace": NAMESPACE, "job": f"{FULLNAME}-scheduler-metrics"}
 WORKER = {"namespace": NAMESPACE, "job": f"{FULLNAME}-worker-metrics", "pod": "w-1"}
+# The queue gauges carry the partition (every process reports every partition).
+P0, P1, P2 = ({"partition": str(p)} for p in range(3))
 
 
 def series(name: str, labels: dict[str, str], values: str) -> dict[str, str]:
@@ -247,20 +249,21 @@ def scenarios() -> dict[str, Scenario]:
         ),
         "due message waiting 90 s: fires": Scenario(
             [
-                series("eat_oldest_overdue_seconds", API, "0 0 90x10"),
-                series("eat_oldest_overdue_seconds", WORKER, "0 0 90x10"),
+                series("eat_oldest_overdue_seconds", API | P0, "0x12"),
+                series("eat_oldest_overdue_seconds", API | P1, "0 0 90x10"),
+                series("eat_oldest_overdue_seconds", WORKER | P1, "0 0 90x10"),
             ],
             "EchoAtTimeMessagesLate",
             "4m",
             Fires("EchoAtTimeMessagesLate", late),
         ),
         "due messages promoted within seconds: quiet": Scenario(
-            [series("eat_oldest_overdue_seconds", API, "0 2 0 1 0 3 0 0 1 0")],
+            [series("eat_oldest_overdue_seconds", API | P0, "0 2 0 1 0 3 0 0 1 0")],
             "EchoAtTimeMessagesLate",
             "4m",
         ),
         "lag above its floor and growing for 10 min: fires": Scenario(
-            [series("eat_stream_lag", WORKER, "0+200x40")],
+            [series("eat_stream_lag", WORKER | P0, "0+200x40")],
             "EchoAtTimeLagGrowing",
             "18m",
             Fires(
@@ -270,12 +273,35 @@ def scenarios() -> dict[str, Scenario]:
             ),
         ),
         "a large but steady lag: quiet": Scenario(
-            [series("eat_stream_lag", WORKER, "5000x40")],
+            [series("eat_stream_lag", WORKER | P0, "5000x40")],
             "EchoAtTimeLagGrowing",
             "18m",
         ),
         "a growing lag under its floor: quiet": Scenario(
-            [series("eat_stream_lag", WORKER, "0+10x40")],
+            [series("eat_stream_lag", WORKER | P0, "0+10x40")],
+            "EchoAtTimeLagGrowing",
+            "18m",
+        ),
+        "lag under the floor in each partition, above it summed, growing: fires": Scenario(
+            [
+                # Each under 1000 (760 at 18m), the three over it from the start.
+                series("eat_stream_lag", WORKER | P, "400+10x40")
+                for P in (P0, P1, P2)
+            ],
+            "EchoAtTimeLagGrowing",
+            "18m",
+            Fires(
+                "EchoAtTimeLagGrowing",
+                "For 10m the stream's entries no worker has read have been more than 1000 "
+                "and growing.",
+            ),
+        ),
+        "one partition's lag reported by two pods is counted once: quiet": Scenario(
+            [
+                # 636 at 18m: the two pods' series summed would be over 1000.
+                series("eat_stream_lag", WORKER | P0, "600+1x40"),
+                series("eat_stream_lag", API | P0, "600+1x40"),
+            ],
             "EchoAtTimeLagGrowing",
             "18m",
         ),

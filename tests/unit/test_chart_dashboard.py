@@ -104,6 +104,32 @@ def test_the_dashboard_shows_what_an_operator_watches() -> None:
     assert names["Latency p99 by route"] == {"eat_http_request_duration_seconds_bucket"}
 
 
+# Queue gauges whose totals are the sum over the partitions (each partition's value is the
+# same from every process that reports it: max by partition first, then sum).
+SUMMED_GAUGES = (
+    "eat_delayed_messages",
+    "eat_stream_length",
+    "eat_stream_lag",
+    "eat_stream_pending",
+    "eat_dead_messages",
+    "eat_consumer_pending",
+)
+
+
+def test_queue_totals_sum_the_partitions_and_count_each_partition_once() -> None:
+    queries = [e for exprs in dashboard_queries().values() for e in exprs]
+    queries += list(alert_expressions().values())
+    for expr in queries:
+        if expr.startswith("max by (partition) "):  # the per-partition panel
+            continue
+        if promql_metric_names(expr) & set(SUMMED_GAUGES):
+            assert "partition) (" in expr, expr
+            assert expr.startswith("sum") or " sum(" in expr, expr
+    assert dashboard_queries()["Lag per partition"] == [
+        f"max by (partition) (eat_stream_lag{{{SELECTOR}}})"
+    ]
+
+
 def test_every_query_selects_only_the_chosen_releases_series() -> None:
     for title, exprs in dashboard_queries().items():
         for expr in exprs:

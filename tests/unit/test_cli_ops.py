@@ -260,6 +260,39 @@ def test_status_prints_a_readable_table_with_each_worker_and_its_pending_count()
     ]
 
 
+def partition(number: int, lag: int, master: str | None) -> dict[str, Any]:
+    return {
+        "partition": number,
+        "delayed": 1000 * number,
+        "streamLength": lag + 1,
+        "pending": 1,
+        "lag": lag,
+        "dead": 0,
+        "oldestOverdueMs": None if number else 1500,
+        "master": master,
+    }
+
+
+def test_status_shows_each_partition_with_its_master_when_there_are_several() -> None:
+    parts = [partition(0, 5, "10.0.0.1:6379"), partition(1, 12_000, "10.0.0.2:6379")]
+    code, out, _ = run(["status"], FakeApi(reply(200, {**STATS, "partitions": parts})))
+    assert code == 0
+    lines = out.splitlines()
+    start = lines.index(next(line for line in lines if line.startswith("PARTITION")))
+    assert lines[start : start + 3] == [
+        "PARTITION  DELAYED  STREAM  PENDING     LAG  DEAD  OVERDUE  MASTER",
+        "        0        0       6        1       5     0  1.5 s    10.0.0.1:6379",
+        "        1    1,000  12,001        1  12,000     0  -        10.0.0.2:6379",
+    ]
+
+
+def test_status_shows_no_partition_table_with_one_partition() -> None:
+    one = {**STATS, "partitions": [partition(0, 9, None)]}
+    for stats in (STATS, one):
+        _, out, _ = run(["status"], FakeApi(reply(200, stats)))
+        assert "PARTITION" not in out
+
+
 def test_status_without_a_leader_says_nothing_is_promoted() -> None:
     stats = {**STATS, "leader": None, "consumers": [], "oldestOverdueMs": None}
     code, out, _ = run(["status"], FakeApi(reply(200, stats)))
