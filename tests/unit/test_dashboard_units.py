@@ -255,3 +255,24 @@ def test_each_vendored_package_carries_its_licence() -> None:
     for package in {Path(p).parts[0] for p in VENDORED}:
         assert "Permission is hereby granted" in (VENDOR / package / "LICENSE").read_text()
     assert "1.6.32" in (VENDOR / "README.md").read_text()
+
+
+def test_every_template_and_static_file_is_in_the_package_data() -> None:
+    """A non-editable install (the Docker image) holds only what the globs name."""
+    import glob
+    import tomllib
+
+    root = Path(__file__).resolve().parents[2]
+    globs = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"][
+        "package-data"
+    ]["app.http"]
+    package = root / "app" / "http"
+    served = [
+        p.relative_to(package).as_posix()
+        for folder in ("ui/templates", "ui/static")
+        for p in (package / folder).rglob("*")
+        if p.is_file() and p.name != "README.md"
+    ]
+    assert served
+    packaged = {f for g in globs for f in glob.glob(g, root_dir=package)}
+    assert sorted(set(served) - packaged) == []

@@ -102,7 +102,7 @@ class Dashboard:
                 "login_required": self.sessions.login_required,
                 "partition_count": self.settings.partitions,
                 "now_ms": self._now_ms(),
-                "here": request.url.path + (f"?{request.url.query}" if request.url.query else ""),
+                "here": _here(request),
                 **context,
             },
             status_code=code,
@@ -111,7 +111,9 @@ class Dashboard:
     def error_page(self, request: Request, status: int, text: str) -> Response:
         return self.render(request, "error.html", status, status=status, text=text)
 
-    def _failure(self, request: Request, exc: Exception) -> Response:
+    def _failure(
+        self, request: Request, exc: Exception, retry: str = "reload the page"
+    ) -> Response:
         """Redis down or refusing, or bad input: the JSON API's classification and log
         line (``failure_answer``), shown as a page."""
         if isinstance(exc, Refused):
@@ -120,7 +122,7 @@ class Dashboard:
             return self.error_page(
                 request, 422, "This page's cursor is not one the dashboard made."
             )
-        answer = failure_answer(exc, request.url.path, "reload the page to retry")
+        answer = failure_answer(exc, request.url.path, retry)
         if answer is None:
             raise exc
         status, _, body = answer
@@ -138,8 +140,8 @@ class Dashboard:
                 if sessions.login_required:
                     if fragment:
                         return Response("log in again", 401, media_type="text/plain")
-                    here = request.url.path + (f"?{request.url.query}" if request.url.query else "")
-                    return RedirectResponse(f"{BASE}/login?next={quote(here, safe='')}", 303)
+                    following = quote(_here(request), safe="")
+                    return RedirectResponse(f"{BASE}/login?next={following}", 303)
                 issued = sessions.issue()
                 sid = sessions.session_id(issued)
             request.state.sid = sid
@@ -184,7 +186,7 @@ class Dashboard:
                 except InvalidInput as exc:
                     kind, text = "error", exc.error
             except (Refused, BadCursor, InvalidInput, RedisError, OSError) as exc:
-                return self._failure(request, exc)
+                return self._failure(request, exc, "look at the message's state, then retry")
             response = RedirectResponse(back, 303)
             response.headers.append("set-cookie", _flash_cookie(kind, text))
             return response
@@ -365,9 +367,10 @@ class Dashboard:
 
     def app(self) -> Starlette:
         page, action = self.page, self.action
+        logout_action = action(self.logout, changes=False)
 
         async def logout(request: Request) -> Response:
-            response = await action(self.logout, changes=False)(request)
+            response = await logout_action(request)
             if response.status_code == 303:
                 response.headers["location"] = f"{BASE}/login"
                 response.headers.append("set-cookie", cookie_header("", 0))
@@ -402,6 +405,11 @@ class Dashboard:
         app.router.redirect_slashes = False
         app.add_middleware(SecurityHeaders, static_prefix=STATIC + "/")
         return app
+
+
+def _here(request: Request) -> str:
+    """The path and query of this request: where an action on its page comes back to."""
+    return request.url.path + (f"?{request.url.query}" if request.url.query else "")
 
 
 def _path_uuid(request: Request) -> str:

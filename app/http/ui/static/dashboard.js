@@ -54,7 +54,10 @@
     const utc = (ts) => uPlot.tzDate(new Date(ts * 1000), "Etc/UTC");
     const hhmm = (ts) => new Date(ts * 1000).toISOString().slice(11, 16);
     const width = () => Math.max(320, charts.clientWidth - 16);
-    const line = (label, stroke, dash) => ({ label, stroke, width: 2, dash, points: { show: false } });
+    // Lateness has gaps (minutes nothing ran): points show a minute alone.
+    const line = (label, stroke, dash, points) => ({
+      label, stroke, width: 2, dash, points: { show: Boolean(points), size: 5 },
+    });
     const options = (series, unit) => ({
       width: width(),
       height: 220,
@@ -69,7 +72,7 @@
       line("failed", "#d68910"),
       line("dead", "#c0392b"),
     ];
-    const lateSeries = [line("p50", "#1f618d"), line("p99", "#c0392b", [6, 4])];
+    const lateSeries = [line("p50", "#1f618d", null, true), line("p99", "#c0392b", [6, 4], true)];
     let counts = null;
     let lateness = null;
 
