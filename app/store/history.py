@@ -83,9 +83,14 @@ def quantile(buckets: tuple[tuple[float, int], ...], q: float) -> float | None:
     return lower
 
 
-def parse_minute(start: int, fields: Mapping[bytes, bytes]) -> Minute:
+def parse_minute(
+    start: int, fields: Mapping[bytes, bytes], bounds: tuple[float, ...] = metrics.LATENESS.bounds
+) -> Minute:
+    """A minute from its hash. A flush writes only the buckets that grew: the others of
+    ``bounds`` (the lateness histogram's) count 0, so a quantile knows each bucket's lower
+    bound (that of the unbounded one above all)."""
     counts: dict[str, int] = {}
-    lateness: list[tuple[float, int]] = []
+    lateness: dict[float, int] = dict.fromkeys(bounds, 0)
     for raw_name, raw_value in fields.items():
         name = raw_name.decode("utf-8", "replace")
         try:
@@ -96,10 +101,10 @@ def parse_minute(start: int, fields: Mapping[bytes, bytes]) -> Minute:
             counts[name] = value
         elif name.startswith(LATE):
             try:
-                lateness.append((float(name[len(LATE) :]), value))
+                lateness[float(name[len(LATE) :])] = value
             except ValueError:
                 continue
-    return Minute(start=start, lateness=tuple(sorted(lateness)), **counts)
+    return Minute(start=start, lateness=tuple(sorted(lateness.items())), **counts)
 
 
 async def read_history(client, prefix: str, now: float, minutes: int = 60) -> list[Minute]:

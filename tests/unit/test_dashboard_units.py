@@ -127,7 +127,15 @@ def test_a_minute_is_read_back_from_its_hash_fields() -> None:
         },
     )
     assert (minute.start, minute.accepted, minute.delivered, minute.dead) == (120, 7, 0, 1)
-    assert minute.lateness == ((0.001, 2), (0.005, 3), (math.inf, 1))
+    late = dict(minute.lateness)
+    assert (late[0.001], late[0.002], late[0.005], late[math.inf]) == (2, 0, 3, 1)
+    assert list(late) == sorted(metrics.LATENESS.bounds)
+
+
+def test_a_minute_whose_only_bucket_is_the_unbounded_one_is_at_least_its_lower_bound() -> None:
+    # A flush writes only the buckets that grew: here messages handled over a minute late.
+    minute = parse_minute(0, {b"late:+Inf": b"5"})
+    assert minute.lateness_quantile(0.5) == minute.lateness_quantile(0.99) == 60.0
 
 
 def test_the_history_totals_are_the_prometheus_counters() -> None:
