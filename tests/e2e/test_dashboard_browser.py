@@ -7,9 +7,9 @@ Playwright's own browser builds are downloaded from a CDN this machine cannot re
 tests launch the Debian browser by its path (scripts/bootstrap and .ci/run install it).
 Nothing is skipped: without a browser the fixture fails and says what to install.
 
-Each test saves a screenshot of the pages it visits into ``EAT_SCREENSHOT_DIR`` (default:
+Each test saves a screenshot of the pages it visits into ``SCREENSHOT_DIR`` (default:
 the test's temporary directory); docs/images/ holds the ones the README and
-docs/dashboard.md show (``EAT_SCREENSHOT_DIR=docs/images``).
+docs/dashboard.md show (``SCREENSHOT_DIR=docs/images``).
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ def browser() -> Iterator[Browser]:
 @pytest.fixture
 def shots(tmp_path: Path) -> Callable[[Page, str], None]:
     """Save a full-page screenshot named ``dashboard-<name>.png``."""
-    folder = Path(os.environ.get("EAT_SCREENSHOT_DIR") or tmp_path / "screenshots")
+    folder = Path(os.environ.get("SCREENSHOT_DIR") or tmp_path / "screenshots")
     folder.mkdir(parents=True, exist_ok=True)
 
     def shoot(page: Page, name: str) -> None:
@@ -125,7 +125,7 @@ def test_the_overview_counts_change_without_a_reload(
     for i in range(7):
         post(c, f"later {i}", later + i)
     for i in range(5):
-        post(c, f"now {i}", 0)
+        post(c, f"now {i}", now_ms())
     expect(page.locator("#figure-delayed .n")).to_have_text("7", timeout=WAIT_MS)
     assert page.evaluate("window.stillTheSamePage") is True, "the page was reloaded"
     assert api(c, "/api/v1/stats").json()["delayed"] == 7

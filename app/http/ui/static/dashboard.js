@@ -62,7 +62,7 @@
       width: width(),
       height: 220,
       tzDate: utc,
-      scales: { x: { time: true }, y: { range: (u, min, max) => [0, Math.max(1, max)] } },
+      scales: { x: { time: true }, y: { range: (u, min, max) => [0, Math.max(1, max * 1.1)] } },
       axes: [{ values: (u, splits) => splits.map(hhmm) }, { label: unit, size: 60 }],
       series: [{ label: "minute (UTC)", value: (u, ts) => (ts == null ? "--" : hhmm(ts)) }].concat(series),
     });
