@@ -128,7 +128,8 @@ class HistoryRecorder:
 
     :param client: the process' Redis (or Redis Cluster) client.
     :param prefix: EAT_PREFIX: the keys are ``{<prefix>}:history:<minute>``.
-    :param totals: this process' running totals, field -> count (default: its metrics).
+    :param totals: this process' running totals, field -> count (default: its metrics);
+        what they hold when the recorder is made is not filed.
     :param clock: epoch seconds (tests pass their own).
     :param interval: seconds between two flushes; a divisor of 60.
     """
@@ -148,7 +149,10 @@ class HistoryRecorder:
         self.totals = totals
         self.clock = clock
         self.interval = interval
-        self._filed: dict[str, float] = {}  # the totals as of the last flush that succeeded
+        # The totals as of the last flush that succeeded; from the start, what the process
+        # counts from now on (a process' counters start at 0, so this loses nothing; a
+        # test process running many apps files each one's own counts only).
+        self._filed: dict[str, float] = dict(totals())
         self._failing = False
 
     async def flush(self, minute: int | None = None) -> int:

@@ -196,7 +196,9 @@ def test_the_dashboard_reads_and_acts_on_a_redis_cluster(cluster_url: str, prefi
             target = msgs[0].uuid
             assert (await source.run_now(target)).state == "queued"
             assert (await source.message(target)).record.state.value == "queued"
-            recorder = HistoryRecorder(client, prefix, lambda: {"accepted": 12.0})
+            counted = {"accepted": 0.0}
+            recorder = HistoryRecorder(client, prefix, lambda: dict(counted))
+            counted["accepted"] = 12.0
             assert await recorder.flush() == 1
             minutes = await source.history(time.time())
             assert minutes[-1].accepted == 12

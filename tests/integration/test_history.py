@@ -65,6 +65,25 @@ def test_a_flush_files_what_grew_since_the_last_one_under_the_minute(
     assert KEEP_S - 5 < redis_client.ttl(key) <= KEEP_S
 
 
+def test_what_was_counted_before_the_recorder_started_is_not_filed(
+    settings: Settings, redis_client: redis.Redis
+) -> None:
+    totals = Totals()
+    totals.add(accepted=40)  # another app of this process, before this one started
+
+    async def go() -> int:
+        client = connect(settings)
+        try:
+            recorder = HistoryRecorder(client, settings.prefix, totals)
+            totals.add(accepted=2)
+            return await recorder.flush(MINUTE)
+        finally:
+            await client.aclose()
+
+    assert run(go()) == 1
+    assert redis_client.hget(Keyspace(settings.prefix).history(MINUTE), "accepted") == b"2"
+
+
 def test_nothing_is_written_while_nothing_was_counted(
     settings: Settings, redis_client: redis.Redis
 ) -> None:
