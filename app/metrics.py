@@ -92,6 +92,11 @@ class LoopCounter(_LoopFamily):
     def _child(self) -> _CounterChild:
         return _CounterChild()
 
+    def total(self, *values: object) -> float:
+        """The count of one label set, 0 when it was never counted (no child is made)."""
+        child = self._children.get(tuple(str(v) for v in values))
+        return 0.0 if child is None else child.value
+
     def _samples(self, metric: Metric, labels: dict[str, str], child: _CounterChild) -> None:
         metric.add_sample(self.name + "_total", labels, child.value)
         metric.add_sample(self.name + "_created", labels, child.created)
@@ -341,6 +346,32 @@ def set_queue_gauges(figures: QueueFigures | Sequence[QueueFigures]) -> None:
         for member in one.members:
             if member.pending:
                 CONSUMER_PENDING.labels(member.name, partition).set(member.pending)
+
+
+def _counter_total(counter: Counter) -> float:
+    for family in counter.collect():
+        for sample in family.samples:
+            if sample.name.endswith("_total"):
+                return sample.value
+    return 0.0
+
+
+def history_totals() -> dict[str, float]:
+    """What this process counted since it started, for the dashboard's per-minute history
+    (``app.store.history``): the counters above, read, never updated, so counting for
+    the charts costs the hot paths nothing. ``late:<le>`` is the lateness histogram's own
+    (not cumulative) bucket count, ``le`` its upper bound in seconds."""
+    accepted = ACCEPTED.total("due") + ACCEPTED.total("delayed")
+    totals = {
+        "accepted": accepted,
+        "delivered": _counter_total(DELIVERED),
+        "failed": _counter_total(RETRIED),
+        "dead": _counter_total(DEAD_LETTERED),
+    }
+    lateness = LATENESS.labels()
+    for bound, count in zip(LATENESS.bounds, list(lateness.counts), strict=True):
+        totals["late:" + floatToGoString(bound)] = count
+    return totals
 
 
 def set_memory_policy(policy: str, evicting: bool) -> None:

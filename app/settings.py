@@ -252,6 +252,20 @@ class Settings:
         default="http://127.0.0.1:8080",
         metadata={"doc": "Where the operator commands (send, status, dead) reach the API."},
     )
+    ui: bool = field(
+        default=True,
+        metadata={
+            "doc": "`true` or `false`: the api serves the operator's dashboard under `/ui` "
+            "(with EAT_API_TOKEN set it asks for the token once, then keeps a session cookie)."
+        },
+    )
+    ui_read_only: bool = field(
+        default=False,
+        metadata={
+            "doc": "`true`: the dashboard shows everything and changes nothing (no cancel, "
+            "reschedule, replay, delete or purge; such a request answers 403)."
+        },
+    )
     health_host: str = field(
         default="127.0.0.1",
         metadata={"doc": "Address of the scheduler's and worker's health and metrics server."},

@@ -11,6 +11,7 @@ from app.health import maybe_start
 from app.httpserver import HttpLimits
 from app.settings import Settings
 from app.store import Store, connect
+from app.store.history import HistoryRecorder
 from app.store.keys import LegacyLists
 from workers.handlers import HandlerSpecError, load_handler
 from workers.worker import Worker
@@ -64,6 +65,7 @@ async def run_worker(
         consumer,
         concurrency,
         handler_timeout=handler_timeout or settings.handler_timeout,
+        history=HistoryRecorder(client, settings.prefix),
     )
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

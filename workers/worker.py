@@ -40,6 +40,7 @@ from app import metrics
 from app.backoff import Backoff, Stopped, describe, until_done
 from app.log import get_logger
 from app.store import Delivery, Store, group_missing
+from app.store.history import HistoryRecorder
 from app.store.memory import MemoryPolicy
 from app.supervise import Supervisor
 from workers.handlers import Handler, is_async
@@ -90,6 +91,8 @@ class Worker:
     :param memory_policy: the check of Redis' maxmemory-policy (default: from the store's
         settings): at start, refusing an evicting one (EvictingPolicyError goes up from
         :meth:`run`), then periodically as one of the supervised loops.
+    :param history: files what this process counts into the dashboard's per-minute
+        history (``app.store.history``), as one of the supervised loops; None: not kept.
     """
 
     def __init__(
@@ -100,6 +103,7 @@ class Worker:
         concurrency: int = 1,
         handler_timeout: float = DEFAULT_HANDLER_TIMEOUT,
         memory_policy: MemoryPolicy | None = None,
+        history: HistoryRecorder | None = None,
     ) -> None:
         if concurrency < 1:
             raise ValueError("concurrency must be at least 1")
@@ -114,6 +118,7 @@ class Worker:
         self.memory_policy = memory_policy or MemoryPolicy(
             store.client, self.settings.allow_eviction, self.settings.memory_policy_interval
         )
+        self.history = history
         self.stats = WorkerStats()
         self._inline = bool(getattr(handler, "inline", False))
         self._async = is_async(handler)
@@ -149,6 +154,8 @@ class Worker:
         supervisor.spawn(self._ack_loop(), "ack")
         supervisor.spawn(self._extend_loop(), "extend")
         supervisor.spawn(self.memory_policy.watch(stop), "memory-policy")
+        if self.history is not None:
+            supervisor.spawn(self.history.run(stop), "history")
         # The two loops that hand out work: both end before the ack queue is drained.
         feeders = {
             supervisor.spawn(self._reclaim_loop(), "reclaim"),
@@ -169,6 +176,8 @@ class Worker:
             # The ack loop flushes what is handled, then ends. If Redis stays down the
             # entries stay pending and another worker reclaims them (a counted duplicate).
             await supervisor.close(ACK_FLUSH_GRACE)
+            if self.history is not None:
+                await self.history.close()  # after the last acknowledgements are counted
             log.info(
                 "worker stopped",
                 worker=self.consumer,

@@ -25,6 +25,7 @@ from app.http.ingest import BODY_OVERHEAD as BODY_OVERHEAD  # re-exported: tests
 from app.http.ingest import SAVE_PATH, SaveMessageHandler
 from app.http.openapi import INVALID, MALFORMED, NOT_JSON, UNAUTHORIZED, Doc, Operation, Reply
 from app.http.routes import lifecycle_routes
+from app.http.ui import install as install_dashboard
 from app.http.wire import Health, LegacySaved, Ready, Saved, SaveMessageBody
 from app.log import get_logger
 from app.settings import Settings
@@ -319,5 +320,6 @@ def create_app(settings: Settings | None = None, stop: Callable[[], None] | None
     # Refuses an undocumented route, so the API cannot start with one.
     app.state.openapi = openapi.encoded(app.routes)
     app_ref.append(app)
+    install_dashboard(app, settings)  # /ui (EAT_UI) and the per-minute history it charts
     app.add_middleware(HttpMetrics, routes={r.path for r in routes}, recorder=recorder)
     return app

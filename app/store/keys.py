@@ -133,6 +133,17 @@ class Keyspace:
         """
         return f"{self.tag}:leader"
 
+    def history(self, minute: int) -> str:
+        """HASH: what the processes counted during one minute (``minute``: epoch seconds
+        // 60), field -> count: ``accepted``, ``delivered``, ``failed``, ``dead`` and one
+        ``late:<bound>`` per lateness bucket (``app.store.history``). Expires after a few
+        hours, like Sidekiq's daily stats. The dashboard's charts read the last hour.
+
+        Under the prefix's own tag, whatever the partition: the figures are the
+        deployment's, and one minute is one key to read.
+        """
+        return "{" + self.prefix + "}:history:" + str(minute)
+
     @property
     def wake_channel(self) -> str:
         """Pub/sub channel: the accept script publishes when a message becomes the earliest."""

@@ -69,6 +69,8 @@ GOOD_VALUES = {
     "EAT_ZK_AUTH": ("svc:pass", "svc:pass"),
     "EAT_REDIS_CA_FILE": ("", ""),
     "EAT_API_URL": ("https://eat.example:8443", "https://eat.example:8443"),
+    "EAT_UI": ("off", False),
+    "EAT_UI_READ_ONLY": ("true", True),
     "EAT_LEGACY_BRIDGE": (" False ", False),
     "EAT_LEGACY_HTTP": ("yes", True),
     "EAT_REDIS_CLUSTER": ("true", "true"),
