@@ -177,6 +177,9 @@ def create_app(settings: Settings | None = None, stop: Callable[[], None] | None
         state.client = state.store = state.partitions = state.lifecycle = None
         state.memory_policy = state.refused = None
         state.memory_policy_watch = None
+        # Set once Redis is reached and its data checked: what else needs the client
+        # (the dashboard, its history recorder) waits for it.
+        state.attached = asyncio.Event()
         ingest.batcher = _NotConnected()  # type: ignore[assignment]
         stopping = asyncio.Event()
         tasks: list[asyncio.Task] = []
@@ -207,6 +210,7 @@ def create_app(settings: Settings | None = None, stop: Callable[[], None] | None
             )
             watch.add_done_callback(_watch_ended)
             tasks.append(watch)
+            state.attached.set()
 
         async def attach_later() -> None:
             backoff = Backoff(0.1, 2.0, jitter=True)

@@ -14,8 +14,6 @@ from app.http.ui import views
 from app.http.ui.security import COOKIE, SESSION_S, Sessions, cookie_header
 from app.http.ui.source import (
     BadCursor,
-    _before,
-    parse_dead_cursor,
     parse_scheduled_cursor,
 )
 from app.model import InvalidInput
@@ -229,20 +227,10 @@ def test_an_action_never_sends_the_browser_elsewhere(back: str | None) -> None:
 
 
 def test_cursors_the_dashboard_did_not_make_are_refused() -> None:
-    for bad in ["", "1-0", "1-0.4", "x-0.0", f"{2**64}-0.0"]:
-        with pytest.raises(BadCursor):
-            parse_dead_cursor(bad, 4)
-    assert parse_dead_cursor("5-2.3", 4) == (5, 2, 3)
     for bad in ["", "1.zz", "1." + "a" * 43, "-1." + "a" * 44]:
         with pytest.raises(BadCursor):
             parse_scheduled_cursor(bad)
     assert parse_scheduled_cursor("7." + "ab" * 22) == (7, bytes.fromhex("ab" * 22))
-
-
-def test_the_id_before_a_stream_id_makes_an_inclusive_start() -> None:
-    assert _before(5, 3) == "5-2"
-    assert _before(5, 0) == f"4-{2**64 - 1}"
-    assert _before(0, 0) is None
 
 
 # --- vendored files ------------------------------------------------------------------------

@@ -55,20 +55,34 @@ def install(app: Starlette, settings: Settings) -> Dashboard | None:
     @contextlib.asynccontextmanager
     async def lifespan(api: Starlette) -> AsyncIterator[None]:
         async with serve(api) as state:
-            client = getattr(api.state, "partitions", None) or api.state.store
-            recorder = HistoryRecorder(client.client, settings.prefix)
+            # Made now, so that it files what this api counts from its start, even while
+            # Redis is not reached yet (the api reaches it at start or later).
+            recorder = HistoryRecorder(None, settings.prefix)
             stopping = asyncio.Event()
-            recording = asyncio.create_task(recorder.run(stopping), name="history")
+
+            async def record_once_attached() -> None:
+                attached = asyncio.ensure_future(api.state.attached.wait())
+                stopped = asyncio.ensure_future(stopping.wait())
+                await asyncio.wait({attached, stopped}, return_when=asyncio.FIRST_COMPLETED)
+                attached.cancel()
+                stopped.cancel()
+                if stopping.is_set():
+                    return
+                recorder.client = api.state.partitions.client
+                if dashboard is not None:
+                    dashboard.source = Source.of(api.state)
+                await recorder.run(stopping)
+
+            recording = asyncio.create_task(record_once_attached(), name="history")
             recording.add_done_callback(_recorder_ended)
-            if dashboard is not None:
-                dashboard.source = Source.of(api.state)
             try:
                 yield state
             finally:
                 stopping.set()
                 await asyncio.wait({recording}, timeout=2.0)
                 recording.cancel()
-                await recorder.close()  # what the last requests counted
+                if recorder.client is not None:
+                    await recorder.close()  # what the last requests counted
 
     app.router.lifespan_context = lifespan
     return dashboard

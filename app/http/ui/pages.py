@@ -195,7 +195,7 @@ class Dashboard:
 
     def _source(self) -> Source:
         if self.source is None:
-            raise Refused(503, "The dashboard is starting: reload in a moment.")
+            raise Refused(503, "Redis not reached yet (storage unavailable): reload soon.")
         return self.source
 
     # --- pages ---------------------------------------------------------------------------

@@ -12,20 +12,17 @@ changes.
 
 from __future__ import annotations
 
-import asyncio
-import heapq
 import re
 from dataclasses import dataclass
 
 from app.model import State
 from app.store.browse import Browser, MessageView, Scheduled, scheduled_across
 from app.store.history import Minute, read_history
-from app.store.lifecycle import DeadEntry, LeaderRecord, Lifecycle, Outcome, QueueReport
+from app.store.lifecycle import LeaderRecord, Outcome, QueueReport
+from app.store.lifecycles import DeadPageItem, Lifecycles, parse_cursor
 from app.store.partitions import Partitions
 from app.store.store import ConsumerFigures
 
-MAX_U64 = 2**64 - 1
-_DEAD_CURSOR = re.compile(r"^([0-9]{1,20})-([0-9]{1,20})\.([0-9]{1,4})\Z")
 _SCHEDULED_CURSOR = re.compile(r"^([0-9]{1,15})\.([0-9a-f]{44})\Z")
 
 
@@ -56,27 +53,6 @@ class Overview:
     partitions: list[PartitionRow]
 
 
-@dataclass(frozen=True, slots=True)
-class DeadRow:
-    entry: DeadEntry
-    partition: int
-
-
-def dead_cursor(row: DeadRow) -> str:
-    return f"{row.entry.id}.{row.partition}"
-
-
-def parse_dead_cursor(text: str, count: int) -> tuple[int, int, int]:
-    """(ms, seq, partition) of a dead-letter page's cursor; BadCursor otherwise."""
-    found = _DEAD_CURSOR.match(text)
-    if not found:
-        raise BadCursor(text)
-    ms, seq, partition = (int(part) for part in found.groups())
-    if ms > MAX_U64 or seq > MAX_U64 or partition >= count:
-        raise BadCursor(text)
-    return ms, seq, partition
-
-
 def scheduled_cursor(item: Scheduled) -> str:
     return f"{item.run_at}.{item.member.hex()}"
 
@@ -88,18 +64,6 @@ def parse_scheduled_cursor(text: str) -> tuple[int, bytes]:
     return int(found.group(1)), bytes.fromhex(found.group(2))
 
 
-def _before(ms: int, seq: int) -> str | None:
-    """The id just before ``ms-seq``: an exclusive start that includes ``ms-seq``."""
-    if seq:
-        return f"{ms}-{seq - 1}"
-    return f"{ms - 1}-{MAX_U64}" if ms else None
-
-
-def _id_key(entry_id: str) -> tuple[int, int]:
-    ms, _, seq = entry_id.partition("-")
-    return int(ms), int(seq)
-
-
 class Source:
     """:param partitions: the api's partitions (one today); their stores' client is the
     api's.
@@ -108,7 +72,8 @@ class Source:
     def __init__(self, partitions: Partitions) -> None:
         self.partitions = partitions
         self.prefix = partitions.settings.prefix
-        self.lifecycles = [Lifecycle(store) for store in partitions.stores]
+        # The JSON API's own: a message's actions in its partition, what spans them across.
+        self.lifecycles = Lifecycles(partitions)
         self.browsers = [Browser(store) for store in partitions.stores]
 
     @classmethod
@@ -124,42 +89,33 @@ class Source:
     def count(self) -> int:
         return self.partitions.count
 
-    def _lifecycle(self, uuid: str) -> Lifecycle:
-        return self.lifecycles[self.partitions.index_of(uuid)]
+    def _lifecycle(self, uuid: str):
+        return self.lifecycles.of(uuid)
 
     # --- figures -------------------------------------------------------------------------
 
     async def overview(self) -> Overview:
-        reports = await asyncio.gather(*(lc.stats() for lc in self.lifecycles))
+        report = await self.lifecycles.stats()
         rows = [
-            PartitionRow(index, lc.keys.tag, browser.serving_node(), report)
-            for index, (lc, browser, report) in enumerate(
-                zip(self.lifecycles, self.browsers, reports, strict=True)
+            PartitionRow(
+                index,
+                lc.keys.tag,
+                figures.master or browser.serving_node(),
+                figures,
+            )
+            for index, (lc, browser, figures) in enumerate(
+                zip(self.lifecycles.each, self.browsers, report.partitions, strict=True)
             )
         ]
-        leaders = [r.leader for r in reports if r.leader is not None]
-        overdue = [r.oldest_overdue_ms for r in reports if r.oldest_overdue_ms is not None]
-        # A worker is a consumer in every partition's group: one row per name.
-        consumers: dict[str, ConsumerFigures] = {}
-        for report in reports:
-            for c in report.consumers:
-                seen = consumers.get(c.name)
-                consumers[c.name] = (
-                    c
-                    if seen is None
-                    else ConsumerFigures(
-                        c.name, seen.pending + c.pending, min(seen.idle_ms, c.idle_ms)
-                    )
-                )
         return Overview(
-            delayed=sum(r.delayed for r in reports),
-            stream_length=sum(r.stream_length for r in reports),
-            pending=sum(r.pending for r in reports),
-            lag=sum(r.lag for r in reports),
-            dead=sum(r.dead for r in reports),
-            oldest_overdue_ms=max(overdue, default=None),
-            leader=max(leaders, key=lambda leader: leader.epoch, default=None),
-            consumers=sorted(consumers.values(), key=lambda c: (c.idle_ms, c.name)),
+            delayed=report.delayed,
+            stream_length=report.stream_length,
+            pending=report.pending,
+            lag=report.lag,
+            dead=report.dead,
+            oldest_overdue_ms=report.oldest_overdue_ms,
+            leader=report.leader,
+            consumers=sorted(report.consumers, key=lambda c: (c.idle_ms, c.name)),
             partitions=rows,
         )
 
@@ -196,33 +152,19 @@ class Source:
         page, more = await scheduled_across(self.browsers, limit, after)
         return page, (None if more is None else scheduled_cursor(page[-1]))
 
-    async def dead(self, limit: int, cursor: str | None) -> tuple[list[DeadRow], str | None]:
-        """Oldest first across partitions, in (entry id, partition) order."""
-        starts: list[str | None] = [None] * self.count
-        if cursor is not None:
-            ms, seq, at = parse_dead_cursor(cursor, self.count)
-            # Partitions up to the cursor's: after its id; those after it: from its id on.
-            starts = [f"{ms}-{seq}" if p <= at else _before(ms, seq) for p in range(self.count)]
-        pages = await asyncio.gather(
-            *(
-                lc.dead_page(limit + 1, start)
-                for lc, start in zip(self.lifecycles, starts, strict=True)
-            )
-        )
-        rows = heapq.merge(
-            *([DeadRow(entry, p) for entry in entries] for p, (entries, _) in enumerate(pages)),
-            key=lambda row: (_id_key(row.entry.id), row.partition),
-        )
-        merged = list(rows)
-        page = merged[:limit]
-        return page, (dead_cursor(page[-1]) if len(merged) > limit and page else None)
+    async def dead(self, limit: int, cursor: str | None) -> tuple[list[DeadPageItem], str | None]:
+        """Oldest first across partitions, with the JSON API's cursor (``/dead``'s)."""
+        try:
+            after = None if cursor is None else parse_cursor(cursor, self.count)
+        except ValueError:
+            raise BadCursor(cursor) from None
+        return await self.lifecycles.dead_page(limit, after)
 
     async def replay_all(self) -> tuple[int, int]:
-        done = await asyncio.gather(*(lc.replay_all() for lc in self.lifecycles))
-        return sum(r for r, _ in done), sum(s for _, s in done)
+        return await self.lifecycles.replay_all()
 
     async def purge_dead(self) -> int:
-        return sum(await asyncio.gather(*(lc.purge_dead() for lc in self.lifecycles)))
+        return await self.lifecycles.purge_dead()
 
 
 # The actions each state allows, as the scripts decide them (a stale page's request is
