@@ -90,10 +90,18 @@ def _fail(message: str) -> int:
     return 2
 
 
-def _not_wired_yet(settings: Settings) -> str | None:
+# The processes that use partitions and the Redis Cluster client. WAIT (EAT_WAIT_REPLICAS)
+# is the api's alone: the scheduler and the worker do not wait for replicas (a lost
+# promote or acknowledgement means at most a second delivery, which at-least-once allows).
+WIRED = frozenset({"scheduler", "worker"})
+
+
+def _not_wired_yet(settings: Settings, command: str) -> str | None:
     """Partitions and Redis Cluster exist in the storage core (app/store/partitions.py,
-    app/store/client.py) but the processes do not use them yet: refuse rather than
-    run one partition while the operator asked for several."""
+    app/store/client.py); a process that does not use them yet refuses them, rather
+    than run one partition while the operator asked for several."""
+    if command in WIRED:
+        return None
     if settings.partitions != 1:
         return "EAT_PARTITIONS other than 1 is not supported by this release's processes yet"
     if settings.redis_cluster == "true" or settings.wait_replicas:
@@ -114,7 +122,9 @@ def main(argv: list[str] | None = None) -> int:
         settings = Settings.from_env()
     except SettingsError as exc:
         return _fail(f"invalid setting {exc}")
-    if args.command not in commands.COMMANDS and (unsupported := _not_wired_yet(settings)):
+    if args.command not in commands.COMMANDS and (
+        unsupported := _not_wired_yet(settings, args.command)
+    ):
         return _fail(unsupported)
     configure(settings.log_format, settings.log_level, process=args.command)
 
@@ -127,11 +137,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "scheduler":
         from app.store import StorageFormatError
         from app.store.memory import EvictingPolicyError
+        from election.bridge import LegacyListsError
         from election.scheduler import run_scheduler
 
         try:
             _run_async(run_scheduler(settings))
-        except (StorageFormatError, EvictingPolicyError) as exc:
+        except (StorageFormatError, EvictingPolicyError, LegacyListsError) as exc:
             return _fail(str(exc))
         except TaskDied as exc:
             return _died(exc)

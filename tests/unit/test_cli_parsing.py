@@ -238,13 +238,28 @@ def test_a_handler_timeout_flag_parses_to_seconds() -> None:
     "environ",
     [{"EAT_PARTITIONS": "4"}, {"EAT_REDIS_CLUSTER": "true"}, {"EAT_WAIT_REPLICAS": "1"}],
 )
-def test_processes_refuse_partitions_and_cluster_settings_until_they_use_them(
+def test_the_api_refuses_partitions_and_cluster_settings_until_it_uses_them(
     environ: dict[str, str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     from app.cli import main
 
     for name, value in environ.items():
         monkeypatch.setenv(name, value)
-    for command in ("api", "scheduler", "worker"):
-        assert main([command]) == 2
-        assert "not supported by this release" in capsys.readouterr().err
+    assert main(["api"]) == 2
+    assert "not supported by this release" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "environ",
+    [{"EAT_PARTITIONS": "4"}, {"EAT_REDIS_CLUSTER": "true"}, {"EAT_WAIT_REPLICAS": "1"}],
+)
+@pytest.mark.parametrize("command", ["scheduler", "worker"])
+def test_the_scheduler_and_the_worker_take_partitions_and_cluster_settings(
+    environ: dict[str, str], command: str
+) -> None:
+    """They use partitions and the cluster client; WAIT is the api's alone (they ignore it)."""
+    from app.cli import _not_wired_yet
+
+    settings = Settings.from_env(environ)
+    assert _not_wired_yet(settings, command) is None
+    assert _not_wired_yet(settings, "api") is not None
