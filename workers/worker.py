@@ -16,10 +16,10 @@ of ``concurrency`` slots. An entry read counts against the slots from the moment
 it is read until its handler ends ("in hand"), so ``concurrency`` bounds what the
 worker takes across partitions, and an entry waiting for a slot has its claim
 renewed like a running one. A loop reads only while a slot is free; with several
-partitions a blocking read asks for its share of the free slots (at least one),
-and a read that came back full is followed at once by a non-blocking one that
-reserves the slots it asks for, so a busy partition is drained quickly without
-taking the slots away from the others. Slots are handed out first come, first
+partitions a blocking read asks for one entry (a doorbell), and a read that came
+back full is followed at once by a non-blocking one that reserves the free slots
+it asks for, so a busy partition is drained quickly, and reads take at most
+``concurrency`` entries plus one per partition. Slots are handed out first come, first
 served, so no partition starves another: one with a backlog takes its turn.
 Acknowledgements are batched per partition, each partition with its own loop, so
 a master that fails delays only its own partitions' acknowledgements; failures,
@@ -341,13 +341,14 @@ class Worker:
 
     def _read_size(self, free: int) -> int:
         """How many entries a blocking read asks for. With one partition, every free slot
-        (one loop reads). With several, each blocked loop asks for its share (at least
-        one): a burst landing in every partition at once then brings about ``free``
-        entries in all, not ``free`` per partition."""
-        count = min(free, self.settings.read_count)
+        (one loop reads). With several, one: the blocked read of each partition is a
+        doorbell, and the non-blocking read that follows a full one takes what else is
+        there within the free slots. A burst landing in every partition at once then
+        brings at most one entry per partition beyond the slots, not the free slots
+        once per partition."""
         if self._fan_in and not self._inline:
-            count = max(1, count // len(self._lanes))
-        return count
+            return 1
+        return min(free, self.settings.read_count)
 
     async def _still_ours(
         self, lane: _Lane, deliveries: list[Delivery], asked: float
