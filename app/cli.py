@@ -90,22 +90,25 @@ def _fail(message: str) -> int:
     return 2
 
 
-# The processes that use partitions and the Redis Cluster client. WAIT (EAT_WAIT_REPLICAS)
-# is the api's alone: the scheduler and the worker do not wait for replicas (a lost
-# promote or acknowledgement means at most a second delivery, which at-least-once allows).
-WIRED = frozenset({"scheduler", "worker"})
+# The processes that use partitions and the cluster client already.
+_WIRED = ("scheduler", "worker")
 
 
-def _not_wired_yet(settings: Settings, command: str) -> str | None:
+def _not_wired_yet(command: str, settings: Settings) -> str | None:
     """Partitions and Redis Cluster exist in the storage core (app/store/partitions.py,
-    app/store/client.py); a process that does not use them yet refuses them, rather
-    than run one partition while the operator asked for several."""
-    if command in WIRED:
+    app/store/client.py) but not every process uses them yet: a process that does not
+    refuses rather than run one partition while the operator asked for several. (The
+    scheduler and the worker read no EAT_WAIT_REPLICAS: WAIT is the api's, see
+    docs/cluster.md; the api refuses it until it uses it.)"""
+    if command in _WIRED:
         return None
     if settings.partitions != 1:
-        return "EAT_PARTITIONS other than 1 is not supported by this release's processes yet"
+        return f"EAT_PARTITIONS other than 1 is not supported by this release's {command} yet"
     if settings.redis_cluster == "true" or settings.wait_replicas:
-        return "EAT_REDIS_CLUSTER=true and EAT_WAIT_REPLICAS are not supported by this release yet"
+        return (
+            "EAT_REDIS_CLUSTER=true and EAT_WAIT_REPLICAS are not supported by this "
+            f"release's {command} yet"
+        )
     return None
 
 
@@ -123,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     except SettingsError as exc:
         return _fail(f"invalid setting {exc}")
     if args.command not in commands.COMMANDS and (
-        unsupported := _not_wired_yet(settings, args.command)
+        unsupported := _not_wired_yet(args.command, settings)
     ):
         return _fail(unsupported)
     configure(settings.log_format, settings.log_level, process=args.command)

@@ -276,7 +276,7 @@ class Store:
         self.client = client
         self.settings = settings
         self.keys = Keyspace(settings.prefix, partition)
-        self.partition = 0 if partition is None else partition
+        self.partition = partition or 0
         self.identifier = identifier
         self.scripts = Scripts.register(client)
 

@@ -246,7 +246,7 @@ def test_the_api_refuses_partitions_and_cluster_settings_until_it_uses_them(
     for name, value in environ.items():
         monkeypatch.setenv(name, value)
     assert main(["api"]) == 2
-    assert "not supported by this release" in capsys.readouterr().err
+    assert "not supported by this release's api" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(
@@ -261,5 +261,5 @@ def test_the_scheduler_and_the_worker_take_partitions_and_cluster_settings(
     from app.cli import _not_wired_yet
 
     settings = Settings.from_env(environ)
-    assert _not_wired_yet(settings, command) is None
-    assert _not_wired_yet(settings, "api") is not None
+    assert _not_wired_yet(command, settings) is None
+    assert _not_wired_yet("api", settings) is not None
