@@ -96,8 +96,8 @@ class Settings:
             "doc": "Partitions of the keyspace (1-1024), each under its own hash tag "
             "`{<prefix>:<p>}`, so a Redis Cluster spreads them over its masters. Recorded in "
             "Redis at first start; every process refuses to start with another count. "
-            "(This release's processes refuse any value but 1: the storage core has "
-            "partitions, the processes do not use them yet.)"
+            "(The scheduler and the worker use them; this release's api refuses any value "
+            "but 1 for now.)"
         },
     )
     wait_replicas: int = field(
@@ -105,7 +105,8 @@ class Settings:
         metadata={
             "doc": "Replicas a change must reach (Redis `WAIT`) before the api answers it; "
             "0 answers once the master has it. A timeout answers 503 (retry with the same uuid). "
-            "(Not used yet: the processes refuse a value but 0.)"
+            "The api's alone: the scheduler and the worker do not wait (see docs/cluster.md). "
+            "(Not used yet: this release's api refuses a value but 0.)"
         },
     )
     wait_timeout_ms: int = field(
