@@ -133,7 +133,7 @@ class Worker:
 
     def __init__(
         self,
-        store: Store,
+        store: Store | Partitions,
         handler: Handler,
         consumer: str,
         concurrency: int = 1,
@@ -228,7 +228,7 @@ class Worker:
         finally:
             # Read no more (a loop died, or stop() was called); finish what is in hand:
             # what the feeders are dispatching now, then the handlers running.
-            self._stopping.set()
+            self.stop()
             await asyncio.wait(feeders, timeout=BLOCK_MS / 1000 + self.settings.visibility_timeout)
             if self._tasks:
                 await asyncio.wait(self._tasks, timeout=self.settings.visibility_timeout)
