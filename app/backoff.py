@@ -14,7 +14,7 @@ import random
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 
 from app.log import get_logger
 
@@ -23,8 +23,10 @@ log = get_logger("retry")
 T = TypeVar("T")
 
 # What a loop retries: Redis down, refusing, or a connection cut. Anything else is a bug
-# that must reach the supervisor, not be retried forever.
-RETRIED = (RedisError, OSError)
+# that must reach the supervisor, not be retried forever. redis-py's cluster client raises
+# RedisClusterException (not a RedisError) when no seed node answers or a slot has no
+# master in its map (during a failover): Redis unavailable too.
+RETRIED = (RedisError, OSError, RedisClusterException)
 
 
 def exponential(attempt: int, first: float, cap: float) -> float:

@@ -109,24 +109,6 @@ def _fail(message: str) -> int:
     return 2
 
 
-# The processes that use partitions, the cluster client and EAT_WAIT_REPLICAS already.
-_WIRED = ("api",)
-
-
-def _not_wired_yet(command: str, settings: Settings) -> str | None:
-    """Partitions and Redis Cluster exist in the storage core (app/store/partitions.py,
-    app/store/client.py) but not every process uses them yet: a process that does not
-    refuses rather than run one partition while the operator asked for several. (Only
-    the api reads EAT_WAIT_REPLICAS: the others ignore it, see docs/cluster.md.)"""
-    if command in _WIRED:
-        return None
-    if settings.partitions != 1:
-        return f"EAT_PARTITIONS other than 1 is not supported by this release's {command} yet"
-    if settings.redis_cluster == "true":
-        return f"EAT_REDIS_CLUSTER=true is not supported by this release's {command} yet"
-    return None
-
-
 def _died(exc: TaskDied) -> int:
     """A loop of the process died (logged with its traceback): exit non-zero, to be restarted."""
     print(f"echo-at-time: {exc}; exiting to be restarted", file=sys.stderr)
@@ -140,10 +122,6 @@ def main(argv: list[str] | None = None) -> int:
         settings = Settings.from_env()
     except SettingsError as exc:
         return _fail(f"invalid setting {exc}")
-    if args.command not in commands.COMMANDS and (
-        unsupported := _not_wired_yet(args.command, settings)
-    ):
-        return _fail(unsupported)
     configure(settings.log_format, settings.log_level, process=args.command)
 
     if args.command in commands.COMMANDS:
@@ -155,11 +133,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "scheduler":
         from app.store import StorageFormatError
         from app.store.memory import EvictingPolicyError
+        from election.bridge import LegacyListsError
         from election.scheduler import run_scheduler
 
         try:
             _run_async(run_scheduler(settings))
-        except (StorageFormatError, EvictingPolicyError) as exc:
+        except (StorageFormatError, EvictingPolicyError, LegacyListsError) as exc:
             return _fail(str(exc))
         except TaskDied as exc:
             return _died(exc)

@@ -95,9 +95,7 @@ class Settings:
         metadata={
             "doc": "Partitions of the keyspace (1-1024), each under its own hash tag "
             "`{<prefix>:<p>}`, so a Redis Cluster spreads them over its masters. Recorded in "
-            "Redis at first start; every process refuses to start with another count. "
-            "(The api uses them; this release's scheduler and worker refuse any value but 1 "
-            "for now.)"
+            "Redis at first start; every process refuses to start with another count."
         },
     )
     wait_replicas: int = field(

@@ -46,8 +46,16 @@ What may happen twice, and what not:
 Unknown fields in an item are ignored (old producers may add their own); a
 message is never logged, only its uuid.
 
+Partitions: the legacy lists are not partitioned (old producers hard-code their
+names): they stay where they are, and each item is accepted into its uuid's
+partition, the items of one round grouped into one accept call per partition
+(:meth:`Partitions.accept_many`, the partitions concurrently); a malformed item is
+dead-lettered in the partition of the uuid it is filed under.
+
 In Redis Cluster the three lists must share one slot (one hash tag in the
 configured names) because ``LMOVE`` spans two of them; see :mod:`app.store.keys`.
+The scheduler refuses to start on a cluster with lists that do not
+(:func:`check_lists_share_a_slot`).
 """
 
 from __future__ import annotations
@@ -58,9 +66,9 @@ import uuid as uuidlib
 from dataclasses import dataclass
 
 import msgspec
-from redis.exceptions import RedisError
+from redis.cluster import key_slot
 
-from app.backoff import Backoff, describe
+from app.backoff import RETRIED, Backoff, describe
 from app.log import get_logger
 from app.model import (
     NESTED_TOO_DEEPLY,
@@ -73,9 +81,11 @@ from app.model import (
     field_names,
     validate,
 )
+from app.settings import Settings
 from app.store import Store
 from app.store.codec import uuid_key
 from app.store.keys import LegacyLists
+from app.store.partitions import Partitions
 from election.gate import LeadershipGate
 from election.wakeable import WakeableLoop
 
@@ -100,6 +110,28 @@ class LegacyItem(msgspec.Struct, frozen=True):
 
 _decoder = msgspec.json.Decoder(LegacyItem)
 _repeated = RepeatedKeys(field_names(LegacyItem))
+
+
+class LegacyListsError(ValueError):
+    """The legacy lists cannot be bridged on this Redis (a cluster, lists in two slots)."""
+
+
+def check_lists_share_a_slot(lists: LegacyLists) -> None:
+    """On a Redis Cluster: refuse lists that do not hash to one slot (LegacyListsError).
+
+    ``LMOVE`` from a legacy list into the in-flight list is one command over two keys; a
+    cluster refuses it unless both are in one slot, and the bridge would fail on every
+    round. The names need one hash tag, e.g. ``{legacy}Queue``.
+    """
+    names = (lists.queue, lists.delayed, lists.in_flight)
+    if len({key_slot(name.encode()) for name in names}) > 1:
+        raise LegacyListsError(
+            f"the legacy lists {', '.join(names)} are in different Redis Cluster slots, and "
+            "the legacy bridge moves items between them in one command: give the three names "
+            "one hash tag (EAT_LEGACY_QUEUE={legacy}Queue, EAT_LEGACY_DELAYED={legacy}"
+            "QueueDelayed, EAT_LEGACY_IN_FLIGHT={legacy}QueueDead, and the same names to the "
+            "old producers), or set EAT_LEGACY_BRIDGE=false"
+        )
 
 
 def legacy_uuid(raw: bytes) -> str:
@@ -218,7 +250,8 @@ class BridgeStats:
 
 class LegacyBridge(WakeableLoop):
     """
-    :param store: the Redis client; its accept script takes every item.
+    :param store: the partitions (or the one partition's Store): each item is accepted
+        by its uuid's partition, and the lists are read through their client.
     :param gate: open while this process leads; the bridge works only then.
     :param lists: the three legacy list names.
     :param batch: most items taken from each list per round.
@@ -226,7 +259,7 @@ class LegacyBridge(WakeableLoop):
 
     def __init__(
         self,
-        store: Store,
+        store: Partitions | Store,
         gate: LeadershipGate,
         lists: LegacyLists,
         batch: int = DEFAULT_BATCH,
@@ -234,7 +267,10 @@ class LegacyBridge(WakeableLoop):
         if batch < 1:
             raise ValueError("batch must be at least 1")
         super().__init__()
-        self.store = store
+        if isinstance(store, Store):
+            store = Partitions(store.client, store.settings, store.identifier)
+        self.partitions = store
+        self.settings: Settings = store.settings
         self.client = store.client
         self.gate = gate
         self.lists = lists
@@ -257,7 +293,7 @@ class LegacyBridge(WakeableLoop):
                 redriven = await self.redrive()
                 log.info("legacy bridge running", epoch=epoch, redriven=redriven)
                 await self._bridge(epoch)
-            except (RedisError, OSError) as exc:
+            except RETRIED as exc:
                 self.stats.errors += 1
                 delay = backoff.next()
                 log.warning("legacy bridge failed", error=describe(exc), retry_in=delay)
@@ -285,7 +321,7 @@ class LegacyBridge(WakeableLoop):
         while not self.stopping:
             async with self.client.pipeline(transaction=False) as pipe:
                 pipe.lrange(in_flight, -self.batch, -1)
-                pipe.time()
+                pipe.execute_command("TIME")  # a cluster pipeline refuses .time()
                 raws, now = await pipe.execute()
             if not raws:
                 break
@@ -301,7 +337,7 @@ class LegacyBridge(WakeableLoop):
         async with self.client.pipeline(transaction=False) as pipe:
             pipe.llen(lists.queue)
             pipe.llen(lists.delayed)
-            pipe.time()
+            pipe.execute_command("TIME")  # a cluster pipeline refuses .time()
             waiting_now, waiting_later, now = await pipe.execute()
         if not waiting_now and not waiting_later:
             return 0
@@ -321,8 +357,14 @@ class LegacyBridge(WakeableLoop):
         return len(items)
 
     async def _settle(self, items: list[tuple[bytes, bool]], now_ms: int) -> None:
-        """Accept (or dead-letter) each in-flight item, then remove them from the list."""
-        limit = self.store.settings.max_message_bytes
+        """Accept (or dead-letter) each in-flight item, then remove them from the list.
+
+        The readable items are accepted together: one accept call per partition they
+        fall in (in their order, so equal runAt keep the lists' order within a
+        partition). An error leaves every item in the in-flight list, for a re-drive.
+        """
+        limit = self.settings.max_message_bytes
+        msgs: list[NewMessage] = []
         for raw, due_now in items:
             msg = read_item(raw, limit)
             if isinstance(msg, MalformedItem):
@@ -331,11 +373,12 @@ class LegacyBridge(WakeableLoop):
             if due_now and msg.run_at > now_ms:
                 # Queue means "run now"; now_ms is Redis' clock, read before the move.
                 msg = msgspec.structs.replace(msg, run_at=now_ms)
-            result = await self.store.accept(msg)
-            if result.created:
-                self.stats.accepted += 1
-            else:
-                self.stats.duplicates += 1
+            msgs.append(msg)
+        if msgs:
+            results = await self.partitions.accept_many(msgs)
+            created = sum(1 for result in results if result.created)
+            self.stats.accepted += created
+            self.stats.duplicates += len(results) - created
         if items:
             async with self.client.pipeline(transaction=False) as pipe:
                 for raw, _ in items:
@@ -355,9 +398,9 @@ class LegacyBridge(WakeableLoop):
             fields["r"] = str(bad.run_at)
         fields.update(a="0", reason=bad.reason, at=str(now_ms), raw=raw[:RAW_KEEP])
         await self.client.xadd(
-            self.store.keys.dead,
+            self.partitions.store_for(bad.uuid).keys.dead,
             fields,
-            maxlen=self.store.settings.dead_maxlen,
+            maxlen=self.settings.dead_maxlen,
             approximate=True,
         )
         self.stats.malformed += 1

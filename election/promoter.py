@@ -6,18 +6,25 @@ message falls due, or when woken (a new earliest message, a leadership
 change). The sleep is timed here, in Python, from durations Redis reports
 (next due minus Redis' own now), so neither this host's clock nor Redis' 100 ms
 ``hz`` tick for blocking-command timeouts shows up as lateness.
+
+With several partitions the leader runs one Promoter per partition, each its own
+task with its own sleep and backoff, all behind the one leadership gate: a
+partition whose master is slow or failing backs off alone while the others keep
+their time. Each call carries the leader's epoch; each partition fences with its
+own stored epoch, and one refusal (a newer leader exists) closes the gate for all.
+One subscription (:func:`wake_promoters`) listens on every partition's wake
+channel and pokes the promoter whose partition it names.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 
-from redis.exceptions import RedisError
-
 from app import metrics
-from app.backoff import Backoff, describe
+from app.backoff import RETRIED, Backoff, describe
 from app.log import get_logger
 from app.store import Store
 from election.gate import LeadershipGate
@@ -50,6 +57,9 @@ class Promoter(WakeableLoop):
         self.gate = gate
         self.max_idle = max_idle
         self.stats = PromoterStats()
+        # Log lines name the partition when there are several.
+        partitioned = store.keys.partition is not None
+        self.log = log.bind(partition=store.partition) if partitioned else log
         gate.on_change(self.poke)
 
     async def run(self) -> None:
@@ -64,10 +74,10 @@ class Promoter(WakeableLoop):
             epoch = self.gate.epoch
             try:
                 result = await self.store.promote(epoch)
-            except (RedisError, OSError) as exc:
+            except RETRIED as exc:
                 self.stats.errors += 1
                 delay = backoff.next()
-                log.warning("promote failed", error=describe(exc), retry_in=delay)
+                self.log.warning("promote failed", error=describe(exc), retry_in=delay)
                 await self.pause(delay)
                 continue
             backoff.reset()
@@ -75,7 +85,7 @@ class Promoter(WakeableLoop):
             if result.refused_by is not None:
                 self.stats.refused += 1
                 metrics.PROMOTE_REFUSED.inc()
-                log.warning(
+                self.log.warning(
                     "promotion refused: a newer leader exists",
                     epoch=epoch,
                     stored_epoch=result.refused_by,
@@ -86,7 +96,7 @@ class Promoter(WakeableLoop):
             self.stats.moved += result.moved
             metrics.PROMOTED.inc(result.moved)
             if result.moved:
-                log.debug("promoted", count=result.moved, epoch=epoch)
+                self.log.debug("promoted", count=result.moved, epoch=epoch)
             if result.moved >= self.store.settings.promote_batch:
                 continue
             if result.next_due_ms is None:
@@ -97,28 +107,50 @@ class Promoter(WakeableLoop):
 
 
 async def listen_for_wakeups(store: Store, promoter: Promoter) -> None:
-    """Poke the promoter whenever the accept script announces a new earliest message.
+    """:func:`wake_promoters` for one promoter (one partition)."""
+    await wake_promoters(store.client, [promoter])
 
-    After a (re)subscription it pokes too: a wake-up published while we were
-    not subscribed would otherwise be missed until ``max_idle``.
+
+async def wake_promoters(client, promoters: Sequence[Promoter]) -> None:
+    """Poke a promoter whenever the accept script announces a new earliest message in
+    its partition.
+
+    One pub/sub connection subscribes to every partition's wake channel (on a Redis
+    Cluster a plain PUBLISH reaches every node, so one connection to any node hears
+    them all). After a (re)subscription it pokes every promoter: a wake-up published
+    while we were not subscribed would otherwise be missed until ``max_idle``.
+    Runs until the promoters stop.
     """
-    channel = store.keys.wake_channel
+    by_channel = {p.store.keys.wake_channel.encode(): p for p in promoters}
     backoff = Backoff(0.05, 1.0)
-    while not promoter.stopping:
-        pubsub = store.client.pubsub(ignore_subscribe_messages=True)
-        try:
-            await pubsub.subscribe(channel)
+
+    def stopping() -> bool:
+        return all(p.stopping for p in promoters)
+
+    def poke_all() -> None:
+        for promoter in promoters:
             promoter.poke()
+
+    while not stopping():
+        pubsub = client.pubsub(ignore_subscribe_messages=True)
+        try:
+            await pubsub.subscribe(*by_channel)
+            poke_all()
             backoff.reset()
-            while not promoter.stopping:
+            while not stopping():
                 message = await pubsub.get_message(timeout=0.5)
-                if message is not None:
+                if message is None:
+                    continue
+                promoter = by_channel.get(message.get("channel"))
+                if promoter is not None:
                     promoter.poke()
-        except (RedisError, OSError) as exc:
+                else:  # not one of ours (cannot happen): look everywhere, as is safe
+                    poke_all()
+        except RETRIED as exc:
             delay = backoff.next()
             log.warning("wake-up subscription lost", error=describe(exc), retry_in=delay)
-            promoter.poke()
+            poke_all()
             await asyncio.sleep(delay)
         finally:
-            with contextlib.suppress(RedisError, OSError):
+            with contextlib.suppress(*RETRIED):
                 await pubsub.aclose()

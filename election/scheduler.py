@@ -1,7 +1,12 @@
 """The scheduler process: join the election; while leading, promote (and bridge the
 legacy lists).
 
-Its loops (promoter, wake-up listener, legacy bridge, the periodic check of Redis'
+One election, one leader, every partition: the leader runs one promoter per
+partition, concurrently (a slow or failing master holds up its own partitions
+only), one wake-up listener for all of them, and the legacy bridge, which accepts
+each item into its uuid's partition.
+
+Its loops (promoters, wake-up listener, legacy bridge, the periodic check of Redis'
 maxmemory-policy) run under one
 :class:`~app.supervise.Supervisor`: if one of them dies, the process leaves the
 election at once (deleting its node, so another scheduler leads without waiting
@@ -22,14 +27,15 @@ from app.health import maybe_start
 from app.httpserver import HttpLimits
 from app.log import get_logger
 from app.settings import Settings
-from app.store import Store, connect
+from app.store import StoreCluster, open_client
 from app.store.keys import LegacyLists
 from app.store.memory import MemoryPolicy
+from app.store.partitions import Partitions
 from app.supervise import Supervisor
-from election.bridge import LegacyBridge
+from election.bridge import LegacyBridge, check_lists_share_a_slot
 from election.gate import LeadershipGate, Role
 from election.leadership import LeaderElection
-from election.promoter import Promoter, listen_for_wakeups
+from election.promoter import Promoter, wake_promoters
 
 log = get_logger("scheduler")
 
@@ -43,8 +49,9 @@ def default_identifier() -> str:
 async def run_scheduler(settings: Settings, identifier: str | None = None) -> None:
     """Run until SIGTERM/SIGINT; a leader hands over by deleting its election node.
 
-    StorageFormatError (data this release would misread), EvictingPolicyError (a Redis
-    that may evict this service's data) and TaskDied (a loop died) go up: the caller
+    StorageFormatError (data this release would misread, or another partition count),
+    EvictingPolicyError (a Redis that may evict this service's data), LegacyListsError
+    (legacy lists a cluster cannot bridge) and TaskDied (a loop died) go up: the caller
     exits non-zero.
     """
     identifier = identifier or default_identifier()
@@ -53,34 +60,42 @@ async def run_scheduler(settings: Settings, identifier: str | None = None) -> No
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
 
-    client = connect(settings)
     try:
-        store = Store(client, settings, identifier=identifier)
+        client = await until_done(lambda: open_client(settings), stop, "connecting to Redis")
+    except Stopped:
+        return
+    try:
+        partitions = Partitions(client, settings, identifier=identifier)
         memory_policy = MemoryPolicy(
             client, settings.allow_eviction, settings.memory_policy_interval
         )
+        if settings.legacy_bridge and isinstance(client, StoreCluster):
+            check_lists_share_a_slot(LegacyLists.of(settings))
         try:
-            await until_done(store.check_format, stop, "storage format check")
+            await until_done(partitions.check, stop, "storage format check")
             await until_done(memory_policy.require, stop, "maxmemory-policy check")
         except Stopped:
             return
-        await _lead_while_elected(settings, store, memory_policy, identifier, stop)
+        await _lead_while_elected(settings, partitions, memory_policy, identifier, stop)
     finally:
         await client.aclose()
 
 
 async def _lead_while_elected(
     settings: Settings,
-    store: Store,
+    partitions: Partitions,
     memory_policy: MemoryPolicy,
     identifier: str,
     stop: asyncio.Event,
 ) -> None:
     loop = asyncio.get_running_loop()
     gate = LeadershipGate()
-    promoter = Promoter(store, gate)
+    promoters = [Promoter(store, gate) for store in partitions]
+    keys = partitions.stores[0].keys
     # The legacy list bridge works only while this process leads (the gate is open).
-    bridge = LegacyBridge(store, gate, LegacyLists.of(settings)) if settings.legacy_bridge else None
+    bridge = (
+        LegacyBridge(partitions, gate, LegacyLists.of(settings)) if settings.legacy_bridge else None
+    )
 
     def export_role() -> None:
         metrics.LEADER.set(1 if gate.is_open else 0)
@@ -93,7 +108,7 @@ async def _lead_while_elected(
 
     election = LeaderElection(
         settings.zk_hosts,
-        store.keys.zk_election,
+        keys.zk_election,
         identifier,
         settings.zk_session_timeout,
         report,
@@ -102,12 +117,17 @@ async def _lead_while_elected(
 
     async def ready() -> dict[str, bool]:
         return {
-            "redis": await store.answers(),
+            "redis": await partitions.answers(),
             "zookeeper": election.client.connected,
             "memory_policy": memory_policy.ready,
         }
 
-    log.info("scheduler starting", identifier=identifier, path=store.keys.zk_election)
+    log.info(
+        "scheduler starting",
+        identifier=identifier,
+        path=keys.zk_election,
+        partitions=partitions.count,
+    )
     supervisor = Supervisor("scheduler", stop)
     election.start()
     health = None
@@ -116,11 +136,13 @@ async def _lead_while_elected(
             settings.health_host,
             settings.health_port,
             ready,
-            store.queue_stats,
+            partitions.each_queue_stats,
             HttpLimits.of(settings),
         )
-        supervisor.spawn(promoter.run(), "promoter")
-        supervisor.spawn(listen_for_wakeups(store, promoter), "wakeups")
+        for promoter in promoters:
+            name = "promoter" if len(promoters) == 1 else f"promoter-{promoter.store.partition}"
+            supervisor.spawn(promoter.run(), name)
+        supervisor.spawn(wake_promoters(partitions.client, promoters), "wakeups")
         supervisor.spawn(memory_policy.watch(stop), "memory-policy")
         if bridge is not None:
             supervisor.spawn(bridge.run(), "legacy-bridge")
@@ -128,7 +150,8 @@ async def _lead_while_elected(
     finally:
         log.info("scheduler stopping", identifier=identifier)
         stop.set()  # for the loops that end on it (a loop that died got here without it)
-        promoter.stop()
+        for promoter in promoters:
+            promoter.stop()
         if bridge is not None:
             bridge.stop()
         gate.set_role(Role.FOLLOWER)
@@ -140,7 +163,7 @@ async def _lead_while_elected(
             await health.stop()
         log.info(
             "scheduler stopped",
-            promoted=promoter.stats.moved,
-            refused=promoter.stats.refused,
+            promoted=sum(p.stats.moved for p in promoters),
+            refused=sum(p.stats.refused for p in promoters),
             failed=supervisor.failed is not None,
         )

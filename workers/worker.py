@@ -6,7 +6,24 @@ between handling and acknowledging leaves the entry pending; another worker
 reclaims it and handles it again. That is the only source of duplicates.
 
 Order: entries are started in stream order. With ``concurrency=1`` (or an
-inline handler such as ``echo``) they are also finished in that order.
+inline handler such as ``echo``) they are also finished in that order. With several
+partitions that holds per partition: each partition has its own stream, and the
+worker reads each with its own XREADGROUP (a call cannot span two slots).
+
+Partitions (fan-in): one read loop per partition, each blocking on its own
+stream's XREADGROUP on a connection of its own, all feeding the worker's one set
+of ``concurrency`` slots. An entry read counts against the slots from the moment
+it is read until its handler ends ("in hand"), so ``concurrency`` bounds what the
+worker takes across partitions, and an entry waiting for a slot has its claim
+renewed like a running one. A loop reads only while a slot is free; with several
+partitions a blocking read asks for one entry (a doorbell), and a read that came
+back full is followed at once by a non-blocking one that reserves the free slots
+it asks for, so a busy partition is drained quickly, and reads take at most
+``concurrency`` entries plus one per partition. Slots are handed out first come, first
+served, so no partition starves another: one with a backlog takes its turn.
+Acknowledgements are batched per partition, each partition with its own loop, so
+a master that fails delays only its own partitions' acknowledgements; failures,
+claim renewals, reclaims and quarantines go to the partition the entry came from.
 
 Bounded handler time: an async handler still running after ``handler_timeout``
 is cancelled, a sync one (run in a thread of its own) is abandoned; either way
@@ -16,7 +33,7 @@ never block, so they are not timed.
 
 A lost stream or consumer group (``NOGROUP``: a DEL, an eviction, a Redis restarted
 without its data) is made anew, at id ``0``, by whichever loop meets it first, so the
-worker carries on by itself (see ``Store.ensure_group``).
+worker carries on by itself (see ``Store.ensure_group``); per partition.
 
 Shape: the read, acknowledge, reclaim and extend loops, and the periodic check of
 Redis' maxmemory-policy (:mod:`app.store.memory`), run under a
@@ -34,14 +51,13 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from redis.exceptions import RedisError
-
 from app import metrics
-from app.backoff import Backoff, Stopped, describe, until_done
+from app.backoff import RETRIED, Backoff, Stopped, describe, until_done
 from app.log import get_logger
 from app.store import Delivery, Store, group_missing
 from app.store.history import HistoryRecorder
 from app.store.memory import MemoryPolicy
+from app.store.partitions import Partitions
 from app.supervise import Supervisor
 from workers.handlers import Handler, is_async
 from workers.retry import backoff_seconds
@@ -80,9 +96,32 @@ class WorkerStats:
     dead: int = 0
 
 
+class _Lane:
+    """What the worker keeps per partition: its store, the entries of it in hand (read,
+    not yet finished: waiting for a slot or running), and those handled and waiting to
+    be acknowledged."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.partition = store.partition
+        self.in_flight: dict[str, float] = {}  # entry id -> monotonic time it was read
+        self.to_ack: list[Delivery] = []
+        self.ack_wanted = asyncio.Event()
+        # Set once the entries delivered to this name before a restart were read: the
+        # reclaim loop waits for it, or what it claims for this name would be read back
+        # as our own pending entries and handled a second time.
+        self.own_read = asyncio.Event()
+        self.reclaim_cursor = "0-0"
+
+    def named(self, loop: str, lanes: int) -> str:
+        """A loop's task name: the bare name with one partition, as before partitions."""
+        return loop if lanes == 1 else f"{loop}-{self.partition}"
+
+
 class Worker:
     """
-    :param store: the Redis client.
+    :param store: the Redis client: one :class:`Store` (one partition), or the
+        :class:`Partitions`, every one of which the worker reads.
     :param handler: called once per delivery; raising means failure.
     :param consumer: this worker's name in the consumer group (unique per process).
     :param concurrency: most handlers running at once in this process.
@@ -97,7 +136,7 @@ class Worker:
 
     def __init__(
         self,
-        store: Store,
+        store: Store | Partitions,
         handler: Handler,
         consumer: str,
         concurrency: int = 1,
@@ -109,70 +148,100 @@ class Worker:
             raise ValueError("concurrency must be at least 1")
         if not handler_timeout > 0:
             raise ValueError("handler_timeout must be greater than 0")
-        self.store = store
-        self.settings = store.settings
+        self.partitions = store if isinstance(store, Partitions) else None
+        stores = list(store.stores) if isinstance(store, Partitions) else [store]
+        self.settings = stores[0].settings
         self.handler = handler
         self.consumer = consumer
         self.concurrency = concurrency
         self.handler_timeout = handler_timeout
         self.memory_policy = memory_policy or MemoryPolicy(
-            store.client, self.settings.allow_eviction, self.settings.memory_policy_interval
+            stores[0].client, self.settings.allow_eviction, self.settings.memory_policy_interval
         )
         self.history = history
         self.stats = WorkerStats()
         self._inline = bool(getattr(handler, "inline", False))
         self._async = is_async(handler)
-        self._slots = asyncio.Semaphore(concurrency)
-        self._in_flight: dict[str, float] = {}  # entry id -> monotonic start
+        self._lanes = {s.partition: _Lane(s) for s in stores}
+        if len(self._lanes) != len(stores):
+            raise ValueError("one store per partition")
+        self._fan_in = len(stores) > 1
+        self._slots = asyncio.Semaphore(concurrency)  # handlers running
+        self._in_hand = 0  # entries read and not finished, over every partition
+        self._reserved = 0  # slots asked for by non-blocking reads under way
+        self._room = asyncio.Event()  # set when in-hand or reserved goes down
         self._tasks: set[asyncio.Task] = set()
-        self._to_ack: list[Delivery] = []
-        self._ack_wanted = asyncio.Event()
         self._stopping = asyncio.Event()
-        self._draining = False  # set once no handler can add to the ack queue any more
-        # Set once the entries delivered to this name before a restart were read: the reclaim
-        # loop waits for it, or what it claims for this name would be read back as our own
-        # pending entries and handled a second time.
-        self._own_read = asyncio.Event()
+        self._draining = False  # set once no handler can add to the ack queues any more
         self._supervisor = Supervisor("worker", self._stopping)
+
+    @property
+    def store(self) -> Store:
+        """The first partition's store: the only one with one partition."""
+        return next(iter(self._lanes.values())).store
+
+    @store.setter
+    def store(self, store: Store) -> None:
+        """Put another store in place of a one-partition worker's (before :meth:`run`)."""
+        if self._fan_in:
+            raise ValueError("a worker of several partitions has one store per partition")
+        next(iter(self._lanes.values())).store = store
 
     def stop(self) -> None:
         """Stop taking new entries; what is in hand is finished and acknowledged."""
         self._stopping.set()
-        self._ack_wanted.set()
+        self._room.set()
+        for lane in self._lanes.values():
+            lane.ack_wanted.set()
+
+    def _lane(self, delivery: Delivery) -> _Lane:
+        return self._lanes[delivery.partition]
+
+    def _spawn_per_lane(self, loop, name: str) -> set[asyncio.Task]:
+        count = len(self._lanes)
+        return {
+            self._supervisor.spawn(loop(lane), lane.named(name, count))
+            for lane in self._lanes.values()
+        }
 
     async def run(self) -> None:
         """Until :meth:`stop`; raises TaskDied if one of its loops died (it stops first),
         StorageFormatError or EvictingPolicyError if it must not start at all."""
         stop = self._stopping
+        check = self.partitions.check if self.partitions is not None else self.store.check_format
         try:
-            await until_done(self.store.check_format, stop, "storage format check")
+            await until_done(check, stop, "storage format check")
             await until_done(self.memory_policy.require, stop, "maxmemory-policy check")
-            await until_done(self.store.ensure_group, stop, "consumer group")
+            await until_done(self._ensure_groups, stop, "consumer group")
         except Stopped:
             return
         supervisor = self._supervisor
-        supervisor.spawn(self._ack_loop(), "ack")
+        self._spawn_per_lane(self._ack_loop, "ack")
         supervisor.spawn(self._extend_loop(), "extend")
         supervisor.spawn(self.memory_policy.watch(stop), "memory-policy")
         if self.history is not None:
             supervisor.spawn(self.history.run(stop), "history")
-        # The two loops that hand out work: both end before the ack queue is drained.
-        feeders = {
-            supervisor.spawn(self._reclaim_loop(), "reclaim"),
-            supervisor.spawn(self._consume(), "read"),
-        }
-        log.info("worker started", worker=self.consumer, concurrency=self.concurrency)
+        # The loops that hand out work: all end before the ack queues are drained.
+        feeders = self._spawn_per_lane(self._reclaim_loop, "reclaim")
+        feeders |= self._spawn_per_lane(self._consume, "read")
+        log.info(
+            "worker started",
+            worker=self.consumer,
+            concurrency=self.concurrency,
+            partitions=len(self._lanes),
+        )
         try:
             await supervisor.wait()
         finally:
             # Read no more (a loop died, or stop() was called); finish what is in hand:
             # what the feeders are dispatching now, then the handlers running.
-            self._stopping.set()
+            self.stop()
             await asyncio.wait(feeders, timeout=BLOCK_MS / 1000 + self.settings.visibility_timeout)
             if self._tasks:
                 await asyncio.wait(self._tasks, timeout=self.settings.visibility_timeout)
             self._draining = True
-            self._ack_wanted.set()
+            for lane in self._lanes.values():
+                lane.ack_wanted.set()
             # The ack loop flushes what is handled, then ends. If Redis stays down the
             # entries stay pending and another worker reclaims them (a counted duplicate).
             await supervisor.close(ACK_FLUSH_GRACE)
@@ -187,11 +256,15 @@ class Worker:
                 died=supervisor.failed is not None,
             )
 
-    async def _regroup(self, exc: BaseException, during: str) -> bool:
+    async def _ensure_groups(self) -> None:
+        await asyncio.gather(*(lane.store.ensure_group() for lane in self._lanes.values()))
+
+    async def _regroup(self, lane: _Lane, exc: BaseException, during: str) -> bool:
         """On NOGROUP (the stream or its group was lost), make the group anew; whether it did.
 
         Every loop meets it (read, reclaim, extend, the own pending read); whichever does
-        first makes the group, the others find it there (BUSYGROUP is success).
+        first makes the group, the others find it there (BUSYGROUP is success). Per
+        partition: each has its own stream and group.
         """
         if not group_missing(exc):
             return False
@@ -200,55 +273,95 @@ class Worker:
             worker=self.consumer,
             during=during,
             error=describe(exc),
+            **self._where(lane),
         )
         try:
-            await self.store.ensure_group()
-        except (RedisError, OSError) as err:
+            await lane.store.ensure_group()
+        except RETRIED as err:
             log.warning("could not make the consumer group", error=describe(err))
             return False
         return True
 
-    async def _own_pending(self) -> list[Delivery]:
+    def _where(self, lane: _Lane) -> dict[str, int]:
+        """The partition a log line is about, when there are several."""
+        return {"partition": lane.partition} if self._fan_in else {}
+
+    async def _own_pending(self, lane: _Lane | None = None) -> list[Delivery]:
+        """The entries delivered to this name before a restart, in ``lane``'s partition (by
+        default the first)."""
+        lane = lane or next(iter(self._lanes.values()))
         try:
-            return await self.store.read(self.consumer, 10_000, None, own_pending=True)
-        except (RedisError, OSError) as exc:
-            if await self._regroup(exc, "reading own pending entries"):
+            return await lane.store.read(self.consumer, 10_000, None, own_pending=True)
+        except RETRIED as exc:
+            if await self._regroup(lane, exc, "reading own pending entries"):
                 return []  # a new group holds nothing of ours
             raise
 
-    async def _consume(self) -> None:
+    async def _consume(self, lane: _Lane) -> None:
         """Entries delivered to this name before a restart first, then new ones."""
         asked = time.monotonic()
         try:
-            own = await until_done(self._own_pending, self._stopping, "reading own pending entries")
+            own = await until_done(
+                lambda: self._own_pending(lane), self._stopping, "reading own pending entries"
+            )
         except Stopped:
             return
         finally:
-            self._own_read.set()
-        await self._dispatch(await self._still_ours(own, asked))
-        await self._read_loop()
+            lane.own_read.set()
+        self._hold(lane, own)
+        await self._dispatch(lane, await self._still_ours(lane, own, asked))
+        await self._read_loop(lane)
 
-    async def _read_loop(self) -> None:
+    async def _read_loop(self, lane: _Lane) -> None:
         backoff = Backoff(0.05, 2.0)
+        more = False  # the last read came back full: more may be waiting in this partition
         while not self._stopping.is_set():
             free = await self._wait_for_capacity()
             if self._stopping.is_set():
                 return
             asked = time.monotonic()
+            if more:
+                # Reserved until what it brings is in hand: reads of other partitions under
+                # way meanwhile cannot take the same slots. Non-blocking, so it holds them
+                # for one round trip only.
+                count, block, reserved = min(free, self.settings.read_count), None, True
+                self._reserved += count
+            else:
+                count, block, reserved = self._read_size(free), BLOCK_MS, False
             try:
-                deliveries = await self.store.read(
-                    self.consumer, min(free, self.settings.read_count), BLOCK_MS
-                )
-            except (RedisError, OSError) as exc:
-                if await self._regroup(exc, "read"):
+                deliveries = await lane.store.read(self.consumer, count, block)
+            except RETRIED as exc:
+                more = False
+                if await self._regroup(lane, exc, "read"):
                     continue
-                log.warning("read failed", worker=self.consumer, error=describe(exc))
+                log.warning(
+                    "read failed", worker=self.consumer, error=describe(exc), **self._where(lane)
+                )
                 await backoff.wait(self._stopping)
                 continue
+            finally:
+                if reserved:
+                    self._reserved -= count
+                    self._room.set()
             backoff.reset()
-            await self._dispatch(await self._still_ours(deliveries, asked))
+            self._hold(lane, deliveries)
+            more = self._fan_in and not self._inline and len(deliveries) >= count
+            await self._dispatch(lane, await self._still_ours(lane, deliveries, asked))
 
-    async def _still_ours(self, deliveries: list[Delivery], asked: float) -> list[Delivery]:
+    def _read_size(self, free: int) -> int:
+        """How many entries a blocking read asks for. With one partition, every free slot
+        (one loop reads). With several, one: the blocked read of each partition is a
+        doorbell, and the non-blocking read that follows a full one takes what else is
+        there within the free slots. A burst landing in every partition at once then
+        brings at most one entry per partition beyond the slots, not the free slots
+        once per partition."""
+        if self._fan_in and not self._inline:
+            return 1
+        return min(free, self.settings.read_count)
+
+    async def _still_ours(
+        self, lane: _Lane, deliveries: list[Delivery], asked: float
+    ) -> list[Delivery]:
         """Drop entries another worker may have taken over while this process stalled.
 
         Redis handed them over at some moment after ``asked``. When more than half
@@ -265,12 +378,14 @@ class Worker:
         kept: list[Delivery] = []
         for delivery in deliveries:
             try:
-                renewed = await self.store.extend(self.consumer, [delivery.id])
-            except (RedisError, OSError) as exc:
+                renewed = await lane.store.extend(self.consumer, [delivery.id])
+            except RETRIED as exc:
                 log.warning("claim check failed", uuid=delivery.uuid, error=describe(exc))
                 renewed = 0
             if renewed:
                 kept.append(delivery)
+            else:
+                self._let_go(lane, delivery)
         if len(kept) < len(deliveries):
             ours = {d.id for d in kept}
             log.warning(
@@ -278,35 +393,52 @@ class Worker:
                 worker=self.consumer,
                 stalled_s=round(time.monotonic() - asked, 3),
                 uuids=[d.uuid for d in deliveries if d.id not in ours],
+                **self._where(lane),
             )
         return kept
 
     async def _wait_for_capacity(self) -> int:
+        """Free slots (at least one): slots not held by an entry in hand or reserved by a
+        read under way. Waiters are woken in the order they began to wait."""
         if self._inline:
             # An inline batch is finished before the next read: a full read is always room.
             return self.settings.read_count
-        free = self.concurrency - len(self._in_flight)
-        if free > 0:
-            return free
-        # Wait for one slot, then hand it straight back: only the count matters here.
-        await self._slots.acquire()
-        self._slots.release()
-        return max(1, self.concurrency - len(self._in_flight))
+        while (free := self.concurrency - self._in_hand - self._reserved) <= 0:
+            if self._stopping.is_set():
+                return 0
+            self._room.clear()
+            await self._room.wait()
+        return free
 
-    async def _dispatch(self, deliveries: list[Delivery]) -> None:
+    def _hold(self, lane: _Lane, deliveries: list[Delivery]) -> None:
+        """Entries read: in hand from now on (counted against the slots, claims renewed)."""
+        if self._inline or not deliveries:
+            return
+        now = time.monotonic()
+        for delivery in deliveries:
+            if delivery.id not in lane.in_flight:
+                lane.in_flight[delivery.id] = now
+                self._in_hand += 1
+
+    def _let_go(self, lane: _Lane, delivery: Delivery) -> None:
+        """An entry no longer in hand (finished, or left to another worker)."""
+        if lane.in_flight.pop(delivery.id, None) is not None:
+            self._in_hand -= 1
+            self._room.set()
+
+    async def _dispatch(self, lane: _Lane, deliveries: list[Delivery]) -> None:
         if self._inline:
-            await self._handle_inline(deliveries)
+            await self._handle_inline(lane, deliveries)
             return
         for delivery in deliveries:
             await self._slots.acquire()
-            self._in_flight[delivery.id] = time.monotonic()
             task = asyncio.create_task(self._handle(delivery), name=f"handle-{delivery.id}")
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
             # An exception escaping _handle is a bug: it fails the worker, not just one message.
             self._supervisor.watch(task)
 
-    async def _handle_inline(self, deliveries: list[Delivery]) -> None:
+    async def _handle_inline(self, lane: _Lane, deliveries: list[Delivery]) -> None:
         """Inline handlers never await: a whole read is handled here, in stream order.
 
         A handler with a ``batch`` method (echo: one write for all lines) takes the
@@ -336,8 +468,8 @@ class Worker:
         for delivery in done:
             lateness.observe(max(0.0, now - delivery.run_at / 1000))
         self.stats.handled += len(done)
-        self._to_ack.extend(done)
-        self._ack_wanted.set()
+        lane.to_ack.extend(done)
+        lane.ack_wanted.set()
         for delivery, exc in failures:
             self.stats.failed += 1
             await self._failed(delivery, exc)
@@ -351,10 +483,11 @@ class Worker:
         else:
             self.stats.handled += 1
             metrics.LATENESS.labels().observe(max(0.0, time.time() - delivery.run_at / 1000))
-            self._to_ack.append(delivery)
-            self._ack_wanted.set()
+            lane = self._lane(delivery)
+            lane.to_ack.append(delivery)
+            lane.ack_wanted.set()
         finally:
-            self._in_flight.pop(delivery.id, None)
+            self._let_go(self._lane(delivery), delivery)
             self._slots.release()
 
     async def _run_handler(self, delivery: Delivery) -> None:
@@ -388,8 +521,9 @@ class Worker:
         timed_out = isinstance(exc, HandlerTimeout)
         reason = exc.reason if timed_out else f"{type(exc).__name__}: {exc}"
         try:
-            outcome, attempts = await self.store.fail(delivery, int(delay * 1000), reason)
-        except (RedisError, OSError) as err:
+            store = self._lane(delivery).store
+            outcome, attempts = await store.fail(delivery, int(delay * 1000), reason)
+        except RETRIED as err:
             # Still pending: another worker reclaims it after the visibility timeout.
             log.error("could not record failure", uuid=delivery.uuid, error=describe(err))
             return
@@ -407,73 +541,91 @@ class Worker:
             retry_in_s=round(delay, 3) if outcome == "retrying" else None,
         )
 
-    async def _ack_loop(self) -> None:
-        """Acknowledge in batches: every handled entry waiting goes in one script call."""
+    async def _ack_loop(self, lane: _Lane) -> None:
+        """Acknowledge in batches: every handled entry of this partition waiting goes in one
+        script call."""
         backoff = Backoff(0.05, 2.0)
         while True:
-            await self._ack_wanted.wait()
-            self._ack_wanted.clear()
-            if self._to_ack:
-                batch, self._to_ack = self._to_ack, []
+            await lane.ack_wanted.wait()
+            lane.ack_wanted.clear()
+            if lane.to_ack:
+                batch, lane.to_ack = lane.to_ack, []
                 try:
-                    acked = await self.store.ack(batch)
+                    acked = await lane.store.ack(batch)
                     self.stats.acked += acked
                     metrics.DELIVERED.inc(acked)
                     backoff.reset()
-                except (RedisError, OSError) as exc:
-                    log.warning("ack failed, retrying", count=len(batch), error=describe(exc))
-                    self._to_ack[:0] = batch
-                    self._ack_wanted.set()
+                except RETRIED as exc:
+                    log.warning(
+                        "ack failed, retrying",
+                        count=len(batch),
+                        error=describe(exc),
+                        **self._where(lane),
+                    )
+                    lane.to_ack[:0] = batch
+                    lane.ack_wanted.set()
                     await asyncio.sleep(backoff.next())
                     continue
-            if self._draining and not self._to_ack:
+            if self._draining and not lane.to_ack:
                 return
 
-    async def _reclaim_loop(self) -> None:
+    async def _reclaim_loop(self, lane: _Lane) -> None:
         interval = min(max(self.settings.visibility_timeout / 2, 0.05), 5.0)
-        await self._own_read.wait()
-        cursor = "0-0"
+        await lane.own_read.wait()
         while not self._stopping.is_set():
             asked = time.monotonic()
             try:
-                free = max(1, self.concurrency - len(self._in_flight))
-                cursor, claimed, dead = await self.store.reclaim(
-                    self.consumer, cursor, min(free, self.settings.read_count)
+                free = max(1, self.concurrency - self._in_hand - self._reserved)
+                lane.reclaim_cursor, claimed, dead = await lane.store.reclaim(
+                    self.consumer, lane.reclaim_cursor, min(free, self.settings.read_count)
                 )
-            except (RedisError, OSError) as exc:
-                if not await self._regroup(exc, "reclaim"):
-                    log.warning("reclaim failed", error=describe(exc))
+            except RETRIED as exc:
+                if not await self._regroup(lane, exc, "reclaim"):
+                    log.warning("reclaim failed", error=describe(exc), **self._where(lane))
                 await self._sleep(interval)
                 continue
             self.stats.dead += dead
             metrics.DEAD_LETTERED.inc(dead)
             # An entry this process is still handling can come back if its renewal was late.
-            claimed = [d for d in claimed if d.id not in self._in_flight]
-            claimed = await self._still_ours(claimed, asked)
+            claimed = [d for d in claimed if d.id not in lane.in_flight]
+            self._hold(lane, claimed)
+            claimed = await self._still_ours(lane, claimed, asked)
             if claimed:
                 self.stats.reclaimed += len(claimed)
                 metrics.RECLAIMED.inc(len(claimed))
-                log.info("reclaimed", count=len(claimed), uuids=[d.uuid for d in claimed])
-                await self._dispatch(claimed)
+                log.info(
+                    "reclaimed",
+                    count=len(claimed),
+                    uuids=[d.uuid for d in claimed],
+                    **self._where(lane),
+                )
+                await self._dispatch(lane, claimed)
             if dead:
-                log.warning("dead-lettered unacknowledged entries", count=dead)
-            if cursor == "0-0":
+                log.warning("dead-lettered unacknowledged entries", count=dead, **self._where(lane))
+            if lane.reclaim_cursor == "0-0":
                 await self._sleep(interval)
 
     async def _extend_loop(self) -> None:
-        """Renew claims on entries handled for longer than a third of the visibility timeout."""
+        """Renew claims on entries in hand for longer than a third of the visibility timeout
+        (running, or waiting for a slot), each partition's on its own stream, the
+        partitions concurrently."""
         period = self.settings.visibility_timeout / 3
         while not self._stopping.is_set():
             await self._sleep(period)
             cutoff = time.monotonic() - period
-            ids = [eid for eid, started in self._in_flight.items() if started <= cutoff]
-            if not ids:
-                continue
-            try:
-                await self.store.extend(self.consumer, ids)
-            except (RedisError, OSError) as exc:
-                if not await self._regroup(exc, "claim renewal"):
-                    log.warning("claim renewal failed", error=describe(exc))
+            renewals = []
+            for lane in self._lanes.values():
+                ids = [eid for eid, started in lane.in_flight.items() if started <= cutoff]
+                if ids:
+                    renewals.append(self._extend(lane, ids))
+            await asyncio.gather(*renewals)
+
+    async def _extend(self, lane: _Lane, ids: list[str]) -> None:
+        try:
+            await lane.store.extend(self.consumer, ids)
+        except RETRIED as exc:
+            if not await self._regroup(lane, exc, "claim renewal"):
+                log.warning("claim renewal failed", error=describe(exc), **self._where(lane))
 
     async def _sleep(self, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):

@@ -192,6 +192,10 @@ async def open_client(settings: Settings, **kwargs: Any) -> StoreRedis | StoreCl
             await probe.aclose()
     if not cluster:
         return connect(settings, **kwargs)
+    # redis-py holds at most 100 connections per node by default, and refuses more
+    # (MaxConnectionsError): a worker keeps one blocking read per partition on its
+    # partition's master, so leave room for every partition besides the usual 100.
+    kwargs.setdefault("max_connections", 100 + settings.partitions)
     kwargs.setdefault("socket_connect_timeout", 1.0)
     kwargs.setdefault("socket_timeout", 5.0)
     if settings.redis_ca_file:

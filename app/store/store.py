@@ -106,6 +106,9 @@ class Delivery:
     message: str
     run_at: int
     attempts: int  # failed handler runs before this delivery
+    # The partition whose stream it came from (0 with one partition): its acknowledgement,
+    # failure, claim renewal and reclaim go to that partition's keys.
+    partition: int = 0
 
 
 _FIELD_ORDER = (b"u", b"m", b"r", b"a")
@@ -228,10 +231,10 @@ def _consumer_figures(members: list | Exception) -> tuple[ConsumerFigures, ...]:
     return tuple(figures)
 
 
-def parse_entry(entry_id: bytes | str, fields: list | dict) -> Delivery:
-    """A stream entry (raw XREADGROUP or XAUTOCLAIM fields) as a Delivery; CorruptEntry
-    when it is not one (a field missing, a uuid not of 16 bytes, runAt or attempts not an
-    integer, a body not UTF-8)."""
+def parse_entry(entry_id: bytes | str, fields: list | dict, partition: int = 0) -> Delivery:
+    """A stream entry (raw XREADGROUP or XAUTOCLAIM fields) of ``partition``'s stream as a
+    Delivery; CorruptEntry when it is not one (a field missing, a uuid not of 16 bytes,
+    runAt or attempts not an integer, a body not UTF-8)."""
     if (
         isinstance(fields, list)
         and len(fields) == 8
@@ -247,13 +250,15 @@ def parse_entry(entry_id: bytes | str, fields: list | dict) -> Delivery:
                 message=fields[3].decode("utf-8", "surrogatepass"),
                 run_at=int(fields[5]),
                 attempts=int(fields[7]),
+                partition=partition,
             )
         except ValueError:  # UnicodeDecodeError included; the slow path names the field
             pass
-    return _parse_checked(entry_id.decode() if isinstance(entry_id, bytes) else entry_id, fields)
+    text_id = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+    return _parse_checked(text_id, fields, partition)
 
 
-def _parse_checked(entry_id: str, fields: list | dict) -> Delivery:
+def _parse_checked(entry_id: str, fields: list | dict, partition: int) -> Delivery:
     """parse_entry for an entry not in the scripts' shape: each field checked, by name."""
     if isinstance(fields, list):
         if len(fields) % 2:
@@ -282,10 +287,11 @@ def _parse_checked(entry_id: str, fields: list | dict) -> Delivery:
         message=message,
         run_at=numbers[0],
         attempts=numbers[1],
+        partition=partition,
     )
 
 
-def parse_entries(entries) -> tuple[list[Delivery], list[CorruptEntry]]:
+def parse_entries(entries, partition: int = 0) -> tuple[list[Delivery], list[CorruptEntry]]:
     """parse_entry of each ``(id, fields)``: the deliveries, and the entries that are none.
     An entry without fields (deleted since it was delivered) is neither: nothing to do."""
     out: list[Delivery] = []
@@ -293,7 +299,7 @@ def parse_entries(entries) -> tuple[list[Delivery], list[CorruptEntry]]:
     for entry_id, fields in entries:
         if fields:
             try:
-                out.append(parse_entry(entry_id, fields))
+                out.append(parse_entry(entry_id, fields, partition))
             except CorruptEntry as bad:
                 corrupt.append(bad)
     return out, corrupt
@@ -446,7 +452,7 @@ class Store:
         streams = reply.values() if isinstance(reply, dict) else [e for _s, e in reply or []]
         out: list[Delivery] = []
         for entries in streams:
-            deliveries, corrupt = parse_entries(entries)
+            deliveries, corrupt = parse_entries(entries, self.partition)
             out.extend(deliveries)
             if corrupt:
                 await self.quarantine(corrupt, "read")
@@ -543,7 +549,7 @@ class Store:
         )
         if quarantined:
             self.report_quarantined("reclaim", quarantined)
-        claimed, corrupt = parse_entries(zip(flat[::2], flat[1::2], strict=True))
+        claimed, corrupt = parse_entries(zip(flat[::2], flat[1::2], strict=True), self.partition)
         if corrupt:
             await self.quarantine(corrupt, "reclaim")
         return next_cursor.decode(), claimed, int(dead)

@@ -4,9 +4,15 @@ Each test starts its own cluster (1 api, 2 schedulers, 2 workers unless said
 otherwise) on its own prefix, talks to it over HTTP, and reads what the workers
 echoed on stdout. "Nothing lost" is the set of uuids answered 201/200 equal to
 the set of echoed uuids; "once" is each uuid's echo count. Before counting, a
-test waits until the prefix's delayed set and stream are empty: every entry is
+test waits until the prefix's delayed sets and streams are empty: every entry is
 then acknowledged, and an entry is acknowledged only after its echo line was
 written, so no further echo can appear.
+
+The tests that prove the pipeline end to end (exactly once and on time, order,
+the leader's kill -9, a SIGTERM mid-batch) run twice: on one Redis with one
+partition, and on the session's 3-master Redis Cluster with 16 partitions
+(``backend``). The others look at what one partition holds, or at the api's
+answers, and run on the single Redis only.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ import redis
 from app.model import State
 from app.store.codec import decode_record, member_uuid, uuid_key, uuid_text
 from app.store.keys import CONSUMER_GROUP, Keyspace
+from tests.e2e.conftest import BACKENDS, Backend
 from tests.e2e.harness import (
     ApiClient,
     Cluster,
@@ -53,13 +60,15 @@ def is_drained(client: redis.Redis, keys: Keyspace) -> bool:
 
 
 def settle(
-    c: Cluster, client: redis.Redis, keys: Keyspace, expected: set[str], seconds: float
+    c: Cluster, backend: Backend, expected: set[str], seconds: float
 ) -> list[dict[str, Any]]:
-    """Wait until every expected uuid is echoed and the prefix is drained; the echoes."""
+    """Wait until every expected uuid is echoed and every partition is drained; the echoes."""
 
     def done() -> bool:
         echoed = {e["uuid"] for e in c.all_echoes()}
-        return expected <= echoed and is_drained(client, keys)
+        return expected <= echoed and all(
+            is_drained(backend.client, keys) for keys in backend.keyspaces
+        )
 
     c.wait_until(done, f"{len(expected)} messages echoed and queues drained", seconds)
     return c.all_echoes()
@@ -100,7 +109,7 @@ def report_lateness(label: str, echoes: list[dict[str, Any]], posts: list[Posted
 
 
 def test_future_messages_wait_in_the_delayed_set_and_a_due_message_goes_straight_to_the_stream(
-    cluster: Callable[..., Cluster], redis_client: redis.Redis, prefix: str
+    cluster: Callable[..., Cluster], backend: Backend, redis_client: redis.Redis, prefix: str
 ) -> None:
     c = cluster()
     keys = Keyspace(prefix)
@@ -126,21 +135,21 @@ def test_future_messages_wait_in_the_delayed_set_and_a_due_message_goes_straight
     assert due.uuid in streamed or due.uuid in echoed, "the due message is neither queued nor done"
 
     posts = [later, latest, due]
-    echoes = settle(c, redis_client, keys, accepted_uuids(posts), 10)
+    echoes = settle(c, backend, accepted_uuids(posts), 10)
     assert_echoed_exactly_once(accepted_uuids(posts), echoes)
 
 
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
 def test_every_message_is_echoed_exactly_once_never_before_its_runat_and_within_1s(
-    cluster: Callable[..., Cluster], redis_client: redis.Redis, prefix: str
+    cluster: Callable[..., Cluster], backend: Backend
 ) -> None:
     c = cluster()
-    keys = Keyspace(prefix)
     posts = list(post_original_three(c.client()))
     assert all(p.status == 201 for p in posts), [p.body for p in posts]
 
-    echoes = settle(c, redis_client, keys, accepted_uuids(posts), 10)
+    echoes = settle(c, backend, accepted_uuids(posts), 10)
     assert_echoed_exactly_once(accepted_uuids(posts), echoes)
-    report_lateness("healthy", echoes, posts)
+    report_lateness(f"healthy, {backend.name}", echoes, posts)
     by_uuid = {e["uuid"]: e for e in echoes}
     for post in posts:
         echo = by_uuid[post.uuid]
@@ -154,10 +163,9 @@ def test_every_message_is_echoed_exactly_once_never_before_its_runat_and_within_
 
 
 def test_a_reposted_uuid_is_answered_200_with_the_same_record_and_echoed_once(
-    cluster: Callable[..., Cluster], redis_client: redis.Redis, prefix: str
+    cluster: Callable[..., Cluster], backend: Backend
 ) -> None:
     c = cluster()
-    keys = Keyspace(prefix)
     api = c.client()
     uuid = new_uuid()
     first = api.post("original", now_ms() + 1000, uuid)
@@ -172,7 +180,7 @@ def test_a_reposted_uuid_is_answered_200_with_the_same_record_and_echoed_once(
         "duplicate": True,
     }
 
-    echoes = settle(c, redis_client, keys, {uuid}, 10)
+    echoes = settle(c, backend, {uuid}, 10)
     assert_echoed_exactly_once({uuid}, echoes)
     assert echoes[0]["message"] == "original"
 
@@ -181,18 +189,18 @@ def test_a_reposted_uuid_is_answered_200_with_the_same_record_and_echoed_once(
     assert late.status == 200, late.body
     assert late.body["runAt"] == first.run_at
     assert late.body["state"] == "delivered"
-    echoes = settle(c, redis_client, keys, {uuid}, 10)
+    echoes = settle(c, backend, {uuid}, 10)
     assert_echoed_exactly_once({uuid}, echoes)
 
 
 # -- order ------------------------------------------------------------------------------
 
 
-def test_one_worker_echoes_messages_with_equal_runat_in_posting_order(
-    cluster: Callable[..., Cluster], redis_client: redis.Redis, prefix: str
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+def test_one_worker_echoes_messages_with_equal_runat_in_posting_order_within_a_partition(
+    cluster: Callable[..., Cluster], backend: Backend
 ) -> None:
     c = cluster(workers=1, worker_concurrency=1)
-    keys = Keyspace(prefix)
     api = c.client()
     run_at = now_ms() + 2000
     posts = [api.post(f"message {i}", run_at, new_uuid()) for i in range(100)]
@@ -202,10 +210,17 @@ def test_one_worker_echoes_messages_with_equal_runat_in_posting_order(
     assert {p.body["state"] for p in posts} == {"scheduled"}
 
     expected = accepted_uuids(posts)
-    echoes = settle(c, redis_client, keys, expected, 15)
+    echoes = settle(c, backend, expected, 15)
     assert_echoed_exactly_once(expected, echoes)
     (worker,) = c.workers
-    assert [e["uuid"] for e in worker.echo_lines()] == [p.uuid for p in posts]
+    # Order is per partition: each partition's stream is read in its order (with one
+    # partition, that is every message's posting order).
+    echoed = [e["uuid"] for e in worker.echo_lines()]
+    for partition in range(backend.partitions):
+        mine = [u for u in echoed if backend.partition_of(u) == partition]
+        assert mine == [p.uuid for p in posts if backend.partition_of(p.uuid) == partition]
+    if backend.partitions > 1:
+        assert len({backend.partition_of(p.uuid) for p in posts}) > 8, "too few partitions used"
     assert min(e["handledAt"] for e in echoes) >= run_at
     print(f"[order] lateness of the last of 100: {worker.echo_lines()[-1]['lateness_ms']} ms")
 
@@ -213,11 +228,11 @@ def test_one_worker_echoes_messages_with_equal_runat_in_posting_order(
 # -- crashes and restarts -----------------------------------------------------------------
 
 
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
 def test_kill_9_of_the_leader_hands_over_within_session_timeout_and_loses_nothing(
-    cluster: Callable[..., Cluster], redis_client: redis.Redis, prefix: str
+    cluster: Callable[..., Cluster], backend: Backend
 ) -> None:
     c = cluster()
-    keys = Keyspace(prefix)
     session = c.session_timeout
     api = c.client()
     start = now_ms()
@@ -245,9 +260,9 @@ def test_kill_9_of_the_leader_hands_over_within_session_timeout_and_loses_nothin
     assert failover <= session + 1.0, f"failover took {failover:.2f} s"
 
     expected = accepted_uuids(posts)
-    echoes = settle(c, redis_client, keys, expected, session + 10)
+    echoes = settle(c, backend, expected, session + 10)
     assert_echoed_exactly_once(expected, echoes)
-    report_lateness("failover", echoes, posts)
+    report_lateness(f"failover, {backend.name}", echoes, posts)
     bound_ms = int((session + 1.5) * 1000)
     by_uuid = {e["uuid"]: e for e in echoes}
     for post in posts:
@@ -259,7 +274,7 @@ def test_kill_9_of_the_leader_hands_over_within_session_timeout_and_loses_nothin
 
 
 def test_messages_due_while_schedulers_and_workers_are_down_are_echoed_once_on_restart(
-    cluster: Callable[..., Cluster], redis_client: redis.Redis, prefix: str
+    cluster: Callable[..., Cluster], backend: Backend, redis_client: redis.Redis, prefix: str
 ) -> None:
     c = cluster()
     keys = Keyspace(prefix)
@@ -286,15 +301,15 @@ def test_messages_due_while_schedulers_and_workers_are_down_are_echoed_once_on_r
     c.restart(*stopping)
     c.wait_for_leader(10)
     expected = accepted_uuids(posts)
-    echoes = settle(c, redis_client, keys, expected, 15)
+    echoes = settle(c, backend, expected, 15)
     assert_echoed_exactly_once(expected, echoes)
 
 
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
 def test_sigterm_stops_api_scheduler_and_a_mid_batch_worker_with_exit_0_losing_nothing(
-    cluster: Callable[..., Cluster], redis_client: redis.Redis, prefix: str
+    cluster: Callable[..., Cluster], backend: Backend
 ) -> None:
     c = cluster()
-    keys = Keyspace(prefix)
     victim, survivor = c.workers
     posts: list[Posted] = []
 
@@ -332,7 +347,7 @@ def test_sigterm_stops_api_scheduler_and_a_mid_batch_worker_with_exit_0_losing_n
     assert all(p.status == 201 for p in later)
 
     expected = accepted_uuids(posts) | accepted_uuids(later)
-    echoes = settle(c, redis_client, keys, expected, 15)
+    echoes = settle(c, backend, expected, 15)
     assert_echoed_exactly_once(expected, echoes)
     assert survivor.echo_lines(), "the surviving worker did nothing"
 

@@ -234,36 +234,6 @@ def test_a_handler_timeout_flag_parses_to_seconds() -> None:
     assert build_parser().parse_args(["worker"]).handler_timeout is None
 
 
-@pytest.mark.parametrize("environ", [{"EAT_PARTITIONS": "4"}, {"EAT_REDIS_CLUSTER": "true"}])
-def test_the_scheduler_and_worker_refuse_partitions_and_cluster_settings_until_they_use_them(
-    environ: dict[str, str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
-) -> None:
-    from app.cli import main
-
-    for name, value in environ.items():
-        monkeypatch.setenv(name, value)
-    for command in ("scheduler", "worker"):
-        assert main([command]) == 2
-        assert f"not supported by this release's {command}" in capsys.readouterr().err
-
-
-@pytest.mark.parametrize(
-    "environ",
-    [{"EAT_PARTITIONS": "4"}, {"EAT_REDIS_CLUSTER": "true"}, {"EAT_WAIT_REPLICAS": "1"}],
-)
-def test_the_api_takes_partitions_cluster_and_wait_replicas(environ: dict[str, str]) -> None:
-    from app.cli import _not_wired_yet
-
-    assert _not_wired_yet("api", Settings.from_env(environ)) is None
-
-
-def test_wait_replicas_is_the_apis_alone_and_refuses_no_process() -> None:
-    from app.cli import _not_wired_yet
-
-    settings = Settings.from_env({"EAT_WAIT_REPLICAS": "1"})
-    assert [_not_wired_yet(c, settings) for c in ("api", "scheduler", "worker")] == [None] * 3
-
-
 @pytest.mark.parametrize("value", ["0", "1025", "x", "١٦"])
 def test_up_partitions_outside_1_to_1024_exit_2_naming_the_flag(
     value: str, capsys: pytest.CaptureFixture[str]
