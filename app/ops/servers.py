@@ -30,6 +30,7 @@ import signal
 import socket
 import threading
 import time
+from collections import deque
 from pathlib import Path
 from types import TracebackType
 from typing import ClassVar, Self
@@ -80,11 +81,22 @@ class ServerStartError(RuntimeError):
         self.log_text = log_text
 
 
+# The ports free_port() handed out lately. The OS may pick a port it picked a moment
+# ago, when nothing has bound it yet: two servers started together (two apis of one
+# test) would then be given one port, and the second fails to bind.
+_RECENT_PORTS: deque[int] = deque(maxlen=4096)
+
+
 def free_port() -> int:
-    """A TCP port that was free on 127.0.0.1 a moment ago (the OS picks it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((LOCALHOST, 0))
-        return int(sock.getsockname()[1])
+    """A TCP port that was free on 127.0.0.1 a moment ago (the OS picks it), and not one
+    this process was handed lately."""
+    while True:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.bind((LOCALHOST, 0))
+            port = int(sock.getsockname()[1])
+        if port not in _RECENT_PORTS:
+            _RECENT_PORTS.append(port)
+            return port
 
 
 def redis_answers_ping(host: str, port: int, timeout: float = _PROBE_TIMEOUT) -> bool:
