@@ -3,8 +3,8 @@ VENV := .venv/bin
 
 .PHONY: run test lint bootstrap chaos bench
 
-run: bootstrap  ## the all-in-one local stack: Redis, ZooKeeper, api, 2 schedulers, 2 workers
-	$(VENV)/echo-at-time up
+run: bootstrap  ## the all-in-one local stack: Redis, ZooKeeper, api, 2 schedulers, 2 workers (ARGS=--cluster: a 3-master Redis Cluster)
+	$(VENV)/echo-at-time up $(ARGS)
 
 test: bootstrap lint  ## ruff, then every test against real Redis and ZooKeeper
 	$(VENV)/python -m pytest

@@ -46,6 +46,15 @@ def _port_if_free(port: int) -> int | None:
     return port
 
 
+# The legacy list names `up --cluster` gives the processes unless set: the usual names
+# under one hash tag, which the old producers must then use too.
+LEGACY_CLUSTER_LISTS = {
+    "EAT_LEGACY_QUEUE": "{legacy}Queue",
+    "EAT_LEGACY_DELAYED": "{legacy}QueueDelayed",
+    "EAT_LEGACY_IN_FLIGHT": "{legacy}QueueDead",
+}
+
+
 def _local_cluster(data_dir: Path) -> RedisCluster:
     """The local 3-master cluster, on the ports it had before (its nodes.conf names them)."""
     base = data_dir / "redis-cluster"
@@ -97,6 +106,10 @@ def run_stack(args: argparse.Namespace) -> int:
                 env["EAT_REDIS_URL"] = cluster.url
                 env["EAT_REDIS_CLUSTER"] = "true"
                 env.setdefault("EAT_PARTITIONS", str(args.partitions))
+                # The bridge moves items between the legacy lists in one command, so on a
+                # cluster they need one hash tag (docs/legacy.md#redis-cluster).
+                for name, value in LEGACY_CLUSTER_LISTS.items():
+                    env.setdefault(name, value)
                 log.info(
                     "redis cluster started", ports=cluster.ports, partitions=env["EAT_PARTITIONS"]
                 )

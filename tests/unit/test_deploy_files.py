@@ -31,8 +31,8 @@ import pytest
 import yaml
 
 from app.settings import Settings, SettingsError
-from app.store.keys import CONSUMER_GROUP, Keyspace
-from tests.chart import CHART, EXAMPLES, helm, kinds, render
+from app.store.keys import CONSUMER_GROUP, Keyspace, keyspaces
+from tests.chart import CHART, EXAMPLES, helm, kinds, manifest_errors, render
 from tests.known import EAT_NAME, assert_known_command, assert_known_settings
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -490,13 +490,65 @@ def test_keda_template_targets_the_stream_and_group_the_workers_use() -> None:
     text = (TEMPLATES / "worker-scaledobject.yaml").read_text(encoding="utf-8")
     assert "apiVersion: keda.sh/v1alpha1" in text
     assert "kind: ScaledObject" in text
-    assert "- type: redis-streams" in text
     assert f"consumerGroup: {CONSUMER_GROUP}" in text
-    (stream_format,) = re.findall(r'stream: \{\{ printf "([^"]+)" \.Values\.prefix', text)
-    for prefix in ("eat", "eat-prod"):
-        assert stream_format.replace("%s", prefix) == Keyspace(prefix).stream
     for field in ("address:", "lagCount:", "activationLagCount:", "databaseIndex:", "enableTLS:"):
         assert field in text, field
+    for prefix in ("eat", "eat-prod"):
+        (scaled,) = kinds(render(extra=(*KEDA_ON, "--set", f"prefix={prefix}")))["ScaledObject"]
+        (trigger,) = scaled["spec"]["triggers"]
+        assert trigger["type"] == "redis-streams"
+        assert trigger["metadata"]["stream"] == Keyspace(prefix).stream
+        assert "advanced" not in scaled["spec"], "one partition needs no formula"
+
+
+KEDA_ON = ("--set", "keda.enabled=true", "--set", "keda.redis.address=r:6379")
+
+
+@pytest.mark.parametrize(
+    ("cluster", "kind"), [("auto", "redis-streams"), ("true", "redis-cluster-streams")]
+)
+def test_keda_scales_on_the_sum_of_every_partitions_lag(cluster: str, kind: str) -> None:
+    extra = (*KEDA_ON, "--set", "config.partitions=4", "--set-string", f"redis.cluster={cluster}")
+    extra += ("--set", "keda.lagCount=25", "--set", "prefix=p")
+    (scaled,) = kinds(render(extra=extra))["ScaledObject"]
+    triggers = scaled["spec"]["triggers"]
+    assert [t["type"] for t in triggers] == [kind] * 4
+    assert [t["metadata"]["stream"] for t in triggers] == [k.stream for k in keyspaces("p", 4)]
+    assert all(t["metadata"]["consumerGroup"] == CONSUMER_GROUP for t in triggers)
+    address = "addresses" if cluster == "true" else "address"
+    assert all(t["metadata"][address] == "r:6379" for t in triggers)
+    # The HPA takes the largest of several metrics; the formula makes it the sum, so
+    # the pods follow the total lag, lagCount entries each.
+    modifiers = scaled["spec"]["advanced"]["scalingModifiers"]
+    assert [t["name"] for t in triggers] == ["p0", "p1", "p2", "p3"]
+    assert modifiers["formula"] == "p0 + p1 + p2 + p3"
+    assert (modifiers["target"], modifiers["metricType"]) == ("25", "AverageValue")
+    assert manifest_errors(scaled) == []
+
+
+def test_helm_template_cluster_example() -> None:
+    example = CHART / "examples" / "cluster.yaml"
+    values = merged_values(example)
+    by_kind = kinds(render(example))
+    check_deployments(by_kind["Deployment"], values)
+    (scaled,) = by_kind["ScaledObject"]
+    partitions = values["config"]["partitions"]
+    assert len(scaled["spec"]["triggers"]) == partitions == 16
+    assert {t["type"] for t in scaled["spec"]["triggers"]} == {"redis-cluster-streams"}
+    worker = next(
+        d
+        for d in by_kind["Deployment"]
+        if d["metadata"]["labels"]["app.kubernetes.io/component"] == "worker"
+    )
+    env = {
+        e["name"]: e.get("value")
+        for e in worker["spec"]["template"]["spec"]["containers"][0]["env"]
+    }
+    assert env["EAT_REDIS_CLUSTER"] == "true" and env["EAT_PARTITIONS"] == "16"
+    assert env["EAT_WAIT_REPLICAS"] == "1"
+    # One hash tag for the three legacy lists, as a cluster requires.
+    names = [env["EAT_LEGACY_QUEUE"], env["EAT_LEGACY_DELAYED"], env["EAT_LEGACY_IN_FLIGHT"]]
+    assert {name[: name.index("}") + 1] for name in names} == {"{legacy}"}
 
 
 def test_other_templates_use_the_expected_apis() -> None:

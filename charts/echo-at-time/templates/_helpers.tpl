@@ -145,6 +145,14 @@ the health server for schedulers and workers, and the tunables.
   value: {{ $v.config.logLevel | quote }}
 - name: EAT_LEGACY_HTTP
   value: {{ $v.config.legacyHttp | quote }}
+- name: EAT_LEGACY_BRIDGE
+  value: {{ $v.config.legacyBridge | quote }}
+- name: EAT_LEGACY_QUEUE
+  value: {{ $v.config.legacyQueue | quote }}
+- name: EAT_LEGACY_DELAYED
+  value: {{ $v.config.legacyDelayed | quote }}
+- name: EAT_LEGACY_IN_FLIGHT
+  value: {{ $v.config.legacyInFlight | quote }}
 - name: EAT_REDIS_CLUSTER
   value: {{ $v.redis.cluster | default "auto" | quote }}
 - name: EAT_PARTITIONS
@@ -273,4 +281,27 @@ the chart's ServiceMonitor makes (its job label is the name of the Service scrap
 {{- else }}
 {{- printf "namespace=%q,job=~%q" .Release.Namespace (printf "%s-(api|scheduler-metrics|worker-metrics)" (include "echo-at-time.fullname" . | trunc 52 | trimSuffix "-")) }}
 {{- end }}
+{{- end }}
+
+{{/*
+A partition's stream, as app/store/keys.py spells it: "{<prefix>}:stream" with one
+partition, "{<prefix>:<p>}:stream" with several.
+*/}}
+{{- define "echo-at-time.stream" -}}
+{{- if eq (int .partitions) 1 -}}
+{{ printf "{%s}:stream" .prefix }}
+{{- else -}}
+{{ printf "{%s:%d}:stream" .prefix (int .partition) }}
+{{- end -}}
+{{- end }}
+
+{{/*
+The KEDA formula adding every partition's trigger: "p0 + p1 + ...".
+*/}}
+{{- define "echo-at-time.partitionSum" -}}
+{{- $names := list -}}
+{{- range $p := until (int .) -}}
+{{- $names = append $names (printf "p%d" $p) -}}
+{{- end -}}
+{{ join " + " $names }}
 {{- end }}
