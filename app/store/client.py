@@ -50,6 +50,9 @@ SAFE_TO_RETRY = frozenset(
     }
 )  # fmt: skip
 _LOST = (RedisConnectionError, RedisTimeoutError, OSError)
+# What a command meets when another task closed its connection under it (see
+# _NoBlindResend._raise_if_closed_under_us); anything else of these types is a bug.
+_CLOSED_UNDER_US = (AttributeError, RuntimeError)
 
 
 class OutcomeUnknown(RedisError):
@@ -93,7 +96,11 @@ class _NoBlindResend:
         changes, pipelined = self._next_request
         self._change_sent = False
         try:
-            await super().send_packed_command(command, check_health)  # type: ignore[misc]
+            try:
+                await super().send_packed_command(command, check_health)  # type: ignore[misc]
+            except _CLOSED_UNDER_US as exc:
+                self._raise_if_closed_under_us(exc)
+                raise
         except _LOST as exc:
             if changes and pipelined:
                 raise OutcomeUnknown(f"pipeline not sent whole ({type(exc).__name__})") from exc
@@ -102,13 +109,30 @@ class _NoBlindResend:
 
     async def read_response(self, *args: Any, **kwargs: Any) -> Any:
         try:
-            return await super().read_response(*args, **kwargs)  # type: ignore[misc]
+            try:
+                return await super().read_response(*args, **kwargs)  # type: ignore[misc]
+            except _CLOSED_UNDER_US as exc:
+                self._raise_if_closed_under_us(exc)
+                raise
         except _LOST as exc:
             if not self._change_sent:
                 raise
             self._change_sent = False
             await self.disconnect()  # type: ignore[attr-defined]
             raise OutcomeUnknown(f"reply lost ({type(exc).__name__})") from exc
+
+    def _raise_if_closed_under_us(self, exc: BaseException) -> None:
+        """Another task closed this connection while it carried a command: redis-py's
+        cluster client disconnects every node's connections, those in use too, when it
+        rebuilds its slot map after CLUSTERDOWN (a master failing over), and the command
+        then fails inside the stream (no writer, or a closed transport: AttributeError,
+        RuntimeError) instead of with a ConnectionError. It is a lost connection: raise it
+        as one, so that it is retried, or is an outcome unknown, like any other."""
+        writer = getattr(self, "_writer", None)
+        if writer is None or writer.transport is None or writer.transport.is_closing():
+            raise RedisConnectionError(
+                f"connection closed by another task ({type(exc).__name__}: {exc})"
+            ) from exc
 
 
 @functools.cache
