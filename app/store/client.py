@@ -21,6 +21,7 @@ import functools
 from typing import Any, cast
 
 import redis.asyncio as aioredis
+from redis._parsers import AsyncCommandsParser
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
@@ -161,6 +162,23 @@ class StoreRedis(aioredis.Redis):
         pool.connection_class = guarded(pool.connection_class)
 
 
+class _CommandTableOnce(AsyncCommandsParser):
+    """redis-py's command table, read once.
+
+    The cluster client reads the table (COMMAND) from its default node, the first master
+    of its slot map, on every refresh of that map, and fails the refresh, so every
+    command of every partition, when that node is the master that just died: until the
+    failover takes it out of the map, nothing at all is served. The table does not change
+    with the topology; the node is still updated (it answers COMMAND GETKEYS).
+    """
+
+    async def initialize(self, node: Any = None) -> None:
+        if node is not None:
+            self.node = node
+        if not self.commands:
+            await super().initialize(node)
+
+
 class StoreCluster(RedisCluster):
     """:class:`StoreRedis` for a Redis Cluster: the same guarded connections (on every
     node it learns about, now and after a failover) and raw XREADGROUP replies. Every
@@ -177,6 +195,15 @@ class StoreCluster(RedisCluster):
         )
         for node in self.startup_nodes:
             node.connection_class = guarded(node.connection_class)
+        self.commands_parser = _CommandTableOnce()
+
+    async def _determine_slot(self, command: str, *args: Any) -> int:
+        # Store.read names one stream (... STREAMS <key> <id>): its slot is that key's.
+        # redis-py would ask the default node (COMMAND GETKEYS) on every read, a round trip
+        # that fails while that node is a dead master.
+        if command.upper() == "XREADGROUP" and len(args) >= 3 and args[-3] == "STREAMS":
+            return self.keyslot(args[-2])
+        return await super()._determine_slot(command, *args)
 
 
 def connect(settings: Settings, **kwargs: Any) -> StoreRedis:
