@@ -322,6 +322,10 @@ def analyze(
 
     inversions = 0
     examples: list[str] = []
+    # On a cluster a killed master undoes promotions and acknowledgements, and the
+    # messages run again in their order, after later ones: a second run is a duplicate
+    # (explained or not, above), not an inversion. Only first runs are compared there.
+    first_runs = {id(min(es, key=lambda e: e.handled_at)) for es in per_uuid.values()}
     for proc in cluster.history:
         if proc.role != "worker":
             continue
@@ -331,6 +335,8 @@ def analyze(
         for echo in sorted((e for e in echoes if e.process is proc), key=lambda e: e.index):
             post = by_uuid.get(echo.uuid)
             if post is None or post.group is None:
+                continue
+            if partition_of is not None and id(echo) not in first_runs:
                 continue
             part = partition_of(post.uuid) if partition_of is not None else 0
             earlier = seen_in_group[(post.group, part)]
