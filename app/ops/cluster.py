@@ -96,6 +96,10 @@ class ClusterNode(RedisServer):
             "--cluster-enabled", "yes",
             "--cluster-config-file", str(self.data_dir / "nodes.conf"),
             "--cluster-node-timeout", str(self.node_timeout_ms),
+            # Partitions are independent: while one master fails over, the others keep
+            # serving theirs. Redis' default (yes) refuses every slot (CLUSTERDOWN) from
+            # the moment a master is marked failed until its replica is promoted.
+            "--cluster-require-full-coverage", "no",
         ]  # fmt: skip
 
     @property

@@ -21,6 +21,7 @@ import functools
 from typing import Any, cast
 
 import redis.asyncio as aioredis
+from redis._parsers import AsyncCommandsParser
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
@@ -50,6 +51,9 @@ SAFE_TO_RETRY = frozenset(
     }
 )  # fmt: skip
 _LOST = (RedisConnectionError, RedisTimeoutError, OSError)
+# What a command meets when another task closed its connection under it (see
+# _NoBlindResend._raise_if_closed_under_us); anything else of these types is a bug.
+_CLOSED_UNDER_US = (AttributeError, RuntimeError)
 
 
 class OutcomeUnknown(RedisError):
@@ -93,7 +97,11 @@ class _NoBlindResend:
         changes, pipelined = self._next_request
         self._change_sent = False
         try:
-            await super().send_packed_command(command, check_health)  # type: ignore[misc]
+            try:
+                await super().send_packed_command(command, check_health)  # type: ignore[misc]
+            except _CLOSED_UNDER_US as exc:
+                self._raise_if_closed_under_us(exc)
+                raise
         except _LOST as exc:
             if changes and pipelined:
                 raise OutcomeUnknown(f"pipeline not sent whole ({type(exc).__name__})") from exc
@@ -102,13 +110,30 @@ class _NoBlindResend:
 
     async def read_response(self, *args: Any, **kwargs: Any) -> Any:
         try:
-            return await super().read_response(*args, **kwargs)  # type: ignore[misc]
+            try:
+                return await super().read_response(*args, **kwargs)  # type: ignore[misc]
+            except _CLOSED_UNDER_US as exc:
+                self._raise_if_closed_under_us(exc)
+                raise
         except _LOST as exc:
             if not self._change_sent:
                 raise
             self._change_sent = False
             await self.disconnect()  # type: ignore[attr-defined]
             raise OutcomeUnknown(f"reply lost ({type(exc).__name__})") from exc
+
+    def _raise_if_closed_under_us(self, exc: BaseException) -> None:
+        """Another task closed this connection while it carried a command: redis-py's
+        cluster client disconnects every node's connections, those in use too, when it
+        rebuilds its slot map after CLUSTERDOWN (a master failing over), and the command
+        then fails inside the stream (no writer, or a closed transport: AttributeError,
+        RuntimeError) instead of with a ConnectionError. It is a lost connection: raise it
+        as one, so that it is retried, or is an outcome unknown, like any other."""
+        writer = getattr(self, "_writer", None)
+        if writer is None or writer.transport is None or writer.transport.is_closing():
+            raise RedisConnectionError(
+                f"connection closed by another task ({type(exc).__name__}: {exc})"
+            ) from exc
 
 
 @functools.cache
@@ -137,6 +162,23 @@ class StoreRedis(aioredis.Redis):
         pool.connection_class = guarded(pool.connection_class)
 
 
+class _CommandTableOnce(AsyncCommandsParser):
+    """redis-py's command table, read once.
+
+    The cluster client reads the table (COMMAND) from its default node, the first master
+    of its slot map, on every refresh of that map, and fails the refresh, so every
+    command of every partition, when that node is the master that just died: until the
+    failover takes it out of the map, nothing at all is served. The table does not change
+    with the topology; the node is still updated (it answers COMMAND GETKEYS).
+    """
+
+    async def initialize(self, node: Any = None) -> None:
+        if node is not None:
+            self.node = node
+        if not self.commands:
+            await super().initialize(node)
+
+
 class StoreCluster(RedisCluster):
     """:class:`StoreRedis` for a Redis Cluster: the same guarded connections (on every
     node it learns about, now and after a failover) and raw XREADGROUP replies. Every
@@ -153,6 +195,15 @@ class StoreCluster(RedisCluster):
         )
         for node in self.startup_nodes:
             node.connection_class = guarded(node.connection_class)
+        self.commands_parser = _CommandTableOnce()
+
+    async def _determine_slot(self, command: str, *args: Any) -> int:
+        # Store.read names one stream (... STREAMS <key> <id>): its slot is that key's.
+        # redis-py would ask the default node (COMMAND GETKEYS) on every read, a round trip
+        # that fails while that node is a dead master.
+        if command.upper() == "XREADGROUP" and len(args) >= 3 and args[-3] == "STREAMS":
+            return self.keyslot(args[-2])
+        return await super()._determine_slot(command, *args)
 
 
 def connect(settings: Settings, **kwargs: Any) -> StoreRedis:

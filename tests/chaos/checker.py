@@ -11,8 +11,12 @@ what each scheduler logged, and when the test injected each fault
 * **duplicated**: echoed more than once. Each duplicate is *explained* when one
   of its echoes came from a worker process that was then killed or paused, and
   was written before that fault: the one way the design allows a second run (a
-  worker died or stalled between handling and acknowledging). Anything else is
-  *unexplained*, a bug.
+  worker died or stalled between handling and acknowledging). On a Redis Cluster,
+  a master killed before its replica had its last writes loses the acknowledgements
+  and promotions among them, which are undone, not lost (docs/cluster.md): a
+  duplicate of a message of one of its partitions is explained too when one echo
+  came before that kill and the others after it. Anything else is *unexplained*,
+  a bug.
 * **early**: an echo whose ``handledAt`` is before its ``runAt``.
 * **order inversions**: within one worker process's echo order, two messages
   of one equal-``runAt`` group (posted one after the other by one thread, so
@@ -30,7 +34,7 @@ from __future__ import annotations
 import math
 import time
 from collections import defaultdict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -185,6 +189,31 @@ def _explains(fault_times: Mapping[ServiceProcess, list[float]], echoes: list[Ec
     return False
 
 
+def master_kills(timeline: Timeline) -> list[tuple[float, frozenset[int]]]:
+    """(when, the partitions it served) of every Redis Cluster master killed."""
+    return [
+        (fault.at, frozenset(fault.detail["partitions"]))
+        for fault in timeline.of("kill")
+        if "partitions" in fault.detail
+    ]
+
+
+def _explained_by_failover(
+    kills: list[tuple[float, frozenset[int]]], partition: int | None, echoes: list[Echo]
+) -> bool:
+    """A duplicate of a message whose master was killed: one echo before the kill (its
+    acknowledgement, or its promotion, went with the writes the replica never had), the
+    others after it (the promoted replica delivered it again)."""
+    for at, partitions in kills:
+        if partition not in partitions:
+            continue
+        fault_ms = at * 1000 + FAULT_TOLERANCE_MS
+        before = [e for e in echoes if e.handled_at <= fault_ms]
+        if len(before) == 1 and all(e.handled_at >= fault_ms for e in echoes if e is not before[0]):
+            return True
+    return False
+
+
 def leader_gaps(
     cluster: Cluster, timeline: Timeline, start: float, end: float
 ) -> tuple[float, float, int]:
@@ -249,8 +278,12 @@ def analyze(
     end: float,
     exclude: set[str] | None = None,
     accounted: Mapping[str, str] | None = None,
+    partition_of: Callable[[str], int] | None = None,
 ) -> Report:
     """Figures for the messages in ``posts`` (minus ``exclude``, e.g. poison messages).
+
+    ``partition_of`` (uuid -> partition) on a Redis Cluster, to explain the duplicates a
+    killed master causes.
 
     ``accounted`` maps the uuids a scenario knows went with data Redis lost to the reason
     (the first that applies): those of them never echoed are reported as accounted for,
@@ -271,7 +304,13 @@ def analyze(
         if fault.process is not None and fault.process.role == "worker":
             fault_times[fault.process].append(fault.at)
     duplicated = {u: es for u, es in per_uuid.items() if len(es) > 1}
-    unexplained = {u: es for u, es in duplicated.items() if not _explains(fault_times, es)}
+    kills = master_kills(timeline)
+    unexplained = {
+        u: es
+        for u, es in duplicated.items()
+        if not _explains(fault_times, es)
+        and not (partition_of is not None and _explained_by_failover(kills, partition_of(u), es))
+    }
 
     lateness: list[int] = []
     lateness_delayed: list[int] = []
@@ -283,15 +322,24 @@ def analyze(
 
     inversions = 0
     examples: list[str] = []
+    # On a cluster a killed master undoes promotions and acknowledgements, and the
+    # messages run again in their order, after later ones: a second run is a duplicate
+    # (explained or not, above), not an inversion. Only first runs are compared there.
+    first_runs = {id(min(es, key=lambda e: e.handled_at)) for es in per_uuid.values()}
     for proc in cluster.history:
         if proc.role != "worker":
             continue
-        seen_in_group: dict[int, list[int]] = defaultdict(list)  # group -> seqs in echo order
+        # group -> seqs in echo order; with partitions, a group's members in one partition
+        # (order holds within a partition only: docs/cluster.md).
+        seen_in_group: dict[tuple[int, int], list[int]] = defaultdict(list)
         for echo in sorted((e for e in echoes if e.process is proc), key=lambda e: e.index):
             post = by_uuid.get(echo.uuid)
             if post is None or post.group is None:
                 continue
-            earlier = seen_in_group[post.group]
+            if partition_of is not None and id(echo) not in first_runs:
+                continue
+            part = partition_of(post.uuid) if partition_of is not None else 0
+            earlier = seen_in_group[(post.group, part)]
             later_accepted = [s for s in earlier if s > post.seq]
             if later_accepted:
                 inversions += len(later_accepted)

@@ -1,7 +1,8 @@
 """Fixtures for the chaos suite: its own servers, a cluster, fault injectors, the table.
 
 Each test gets a fresh Redis (AOF, ``appendfsync always``; not the session
-Redis, since tests kill and restart it) and a fresh 3-node ZooKeeper ensemble
+Redis, since tests kill and restart it), or with ``cluster_chaos`` a fresh Redis
+Cluster of 3 masters and 3 replicas, and a fresh 3-node ZooKeeper ensemble
 (tickTime 500 ms, so the 2 s session timeout is allowed). ``chaos`` builds the
 cluster on them; ``faults`` and the fixtures after it inject failures and
 record them in the test's timeline. Each scenario adds one row to a table
@@ -18,6 +19,13 @@ from pathlib import Path
 import pytest
 
 from tests.chaos.checker import Report, Timeline, table_header, table_row, table_rule
+from tests.chaos.cluster_rig import (
+    NODE_TIMEOUT_MS,
+    ChaosRedisCluster,
+    ClusterChaosEnv,
+    ClusterFaults,
+    cluster_chaos_env,
+)
 from tests.chaos.rig import ChaosEnv, Faults, chaos_env
 from tests.e2e.harness import ServiceProcess
 from tests.servers import RedisServer, ZooKeeperEnsemble
@@ -129,11 +137,15 @@ def chaos(
         try:
             yield env
         finally:
-            reports = request.node.stash.get(_REPORTS, {})
-            if any(r.failed for r in reports.values()) and env.cluster is not None:
-                print(f"\n===== chaos cluster in {env.workdir} =====")
-                print("faults:", timeline.describe(env.created))
-                print(env.cluster.describe(lines=40))
+            _describe_if_failed(request, env)
+
+
+def _describe_if_failed(request: pytest.FixtureRequest, env: ChaosEnv) -> None:
+    reports = request.node.stash.get(_REPORTS, {})
+    if any(r.failed for r in reports.values()) and env.cluster is not None:
+        print(f"\n===== chaos cluster in {env.workdir} =====")
+        print("faults:", env.timeline.describe(env.created))
+        print(env.cluster.describe(lines=40))
 
 
 @pytest.fixture
@@ -181,8 +193,68 @@ def record_scenario(
 ) -> Callable[[str, Report], None]:
     """``record(label, report)``: add this scenario's row to the table."""
 
+    return _recorder(scenario_rows, chaos)
+
+
+def _recorder(scenario_rows: list[str], env: ChaosEnv) -> Callable[[str, Report], None]:
     def record(label: str, report: Report) -> None:
-        scenario_rows.append(table_row(label, report, time.time() - chaos.created))
+        scenario_rows.append(table_row(label, report, time.time() - env.created))
         print(f"[{label}] {report.summary()}")
 
     return record
+
+
+# -- on a Redis Cluster -----------------------------------------------------------------
+
+
+@pytest.fixture
+def chaos_redis_cluster(tmp_path: Path) -> Iterator[ChaosRedisCluster]:
+    """3 masters + 3 replicas of this test's own (AOF ``appendfsync always``,
+    ``cluster-node-timeout`` 1 s), every replica in sync before the test starts."""
+    servers = ChaosRedisCluster(
+        tmp_path / "redis-cluster", masters=3, replicas=1, node_timeout_ms=NODE_TIMEOUT_MS
+    )
+    servers.start()
+    try:
+        servers.wait_replicas_in_sync()
+        yield servers
+    finally:
+        servers.stop()
+
+
+@pytest.fixture
+def cluster_chaos(
+    request: pytest.FixtureRequest,
+    chaos_redis_cluster: ChaosRedisCluster,
+    zk_ensemble: ZooKeeperEnsemble,
+    prefix: str,
+    tmp_path: Path,
+    timeline: Timeline,
+) -> Iterator[ClusterChaosEnv]:
+    """``chaos`` on the Redis Cluster: the processes run with 16 partitions."""
+    with cluster_chaos_env(chaos_redis_cluster, zk_ensemble, prefix, tmp_path, timeline) as env:
+        try:
+            yield env
+        finally:
+            _describe_if_failed(request, env)
+
+
+@pytest.fixture
+def cluster_faults(cluster_chaos: ClusterChaosEnv) -> Iterator[ClusterFaults]:
+    """Every fault injector, a cluster's too. At teardown frozen nodes and processes are
+    resumed, partitions healed, stopped ZooKeeper nodes restarted."""
+    injector = ClusterFaults(cluster_chaos)
+    try:
+        yield injector
+    finally:
+        injector.thaw_all()
+        injector.resume_all()
+        injector.heal_all()
+        injector.restore_zk()
+
+
+@pytest.fixture
+def record_cluster_scenario(
+    scenario_rows: list[str], cluster_chaos: ClusterChaosEnv
+) -> Callable[[str, Report], None]:
+    return _recorder(scenario_rows, cluster_chaos)

@@ -70,6 +70,8 @@ class LoadGenerator:
     :param duration: seconds over which to spread the first sends.
     :param threads: poster threads (default: one per api).
     :param make_message: ``(thread, seq) -> text``; default ``"<label>-<thread>-<seq>"``.
+    :param make_uuid: ``() -> uuid text``; default a random uuid4 (a skewed load picks
+        uuids of one partition).
     """
 
     def __init__(
@@ -87,6 +89,7 @@ class LoadGenerator:
         give_up_after: float = 60.0,
         label: str = "m",
         make_message: Callable[[int, int], str] | None = None,
+        make_uuid: Callable[[], str] | None = None,
         seed: int | None = None,
         request_timeout: float = 10.0,
     ) -> None:
@@ -102,6 +105,7 @@ class LoadGenerator:
         self.give_up_after = give_up_after
         self.label = label
         self.make_message = make_message
+        self.make_uuid = make_uuid or (lambda: str(uuidlib.uuid4()))
         self.request_timeout = request_timeout
         self.seed = random.randrange(2**32) if seed is None else seed
         self.posts: list[Post] = []
@@ -193,7 +197,7 @@ class LoadGenerator:
                     kind, run_at, group = "due", now, None
                 else:
                     kind, run_at, group = "delayed", now + rng.randint(0, self.max_delay_ms), None
-                post = Post(str(uuidlib.uuid4()), text, run_at, kind, thread, seq, group)
+                post = Post(self.make_uuid(), text, run_at, kind, thread, seq, group)
                 with self._lock:
                     self.posts.append(post)
                 self._deliver(post, thread + seq, clients)

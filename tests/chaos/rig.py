@@ -74,6 +74,11 @@ class ChaosEnv:
         self.created = time.time()
         self.loads: list[LoadGenerator] = []
 
+    @property
+    def redis_url(self) -> str:
+        """What the processes get as EAT_REDIS_URL (a cluster rig gives its seed node)."""
+        return self.redis_server.url
+
     # -- building ---------------------------------------------------------------------
 
     def _redis_proxy(self, slot: str) -> dict[str, str]:
@@ -109,7 +114,7 @@ class ChaosEnv:
         base_env = {"EAT_ZK_SESSION_TIMEOUT": f"{SESSION_TIMEOUT:g}", "PYTHONPATH": pythonpath}
         base_env.update(env or {})
         cluster = Cluster(
-            self.redis_server.url,
+            self.redis_url,
             self.ensemble.hosts,
             self.prefix,
             self.workdir / "processes",

@@ -8,7 +8,8 @@ from pathlib import Path
 import redis
 from redis.cluster import RedisCluster as ClusterClient
 
-from app.ops.cluster import SLOTS, RedisCluster, cluster_info, cluster_ports
+from app.ops.cluster import SLOTS, RedisCluster, cluster_info, cluster_ports, redis_command
+from tests.wait import wait_until
 
 
 def test_cluster_ports_leave_room_for_each_bus_port() -> None:
@@ -54,5 +55,41 @@ def test_with_replicas_each_master_has_one(tmp_path: Path) -> None:
             with redis.Redis(port=node.port) as client:
                 roles.append(client.info("replication")["role"])
         assert sorted(roles) == ["master"] * 3 + ["slave"] * 3
+    finally:
+        cluster.stop()
+
+
+def test_with_one_master_down_and_no_replica_the_other_masters_keep_serving_their_slots(
+    tmp_path: Path,
+) -> None:
+    """cluster-require-full-coverage no: partitions are independent, so a master that
+    fails does not take the others' partitions with it (Redis' default refuses every
+    slot, CLUSTERDOWN, once the cluster marks a master failed)."""
+    cluster = RedisCluster(tmp_path, masters=3, node_timeout_ms=500).start()
+    try:
+        seed = ClusterClient(host="127.0.0.1", port=cluster.nodes[0].port)
+        victim = cluster.nodes[1]
+        live_key = next(
+            f"k{i}"
+            for i in range(10_000)
+            if seed.get_node_from_key(f"k{i}").port == cluster.nodes[2].port
+        )
+        victim.process.kill()
+        # Once the others have marked it failed (node timeout, then a majority agreeing).
+        wait_until(
+            lambda: (
+                "fail"
+                in redis_command(cluster.nodes[2].port, "CLUSTER", "NODES")
+                .split(f":{victim.port}@", 1)[1]
+                .split()[1]
+                .split(",")
+            ),
+            "the live masters to mark the dead one failed",
+            10,
+        )
+        with redis.Redis(port=cluster.nodes[2].port) as live:
+            assert live.set(live_key, "still served")
+            assert live.get(live_key) == b"still served"
+        seed.close()
     finally:
         cluster.stop()
