@@ -69,6 +69,20 @@ BLOCK_MS = 1000  # longest XREADGROUP wait; also bounds how long a stop waits fo
 
 ACK_FLUSH_GRACE = 10.0  # seconds the ack loop gets, once stopping, to acknowledge what is handled
 DEFAULT_HANDLER_TIMEOUT = 300.0
+# Every worker process reads under a name of its own, so dead workers (restarts, pods
+# scaled away) leave consumers behind in each partition's group. Every FORGET_EVERY
+# seconds a worker records that it lives and deletes the consumers with no such record
+# for FORGET_AFTER_MIN seconds or 10 visibility timeouts, whichever is longer, idle as
+# long and holding nothing (their entries were reclaimed).
+FORGET_EVERY = 60.0
+FORGET_AFTER_MIN = 300.0
+
+
+def forget_after_default(visibility_timeout: float) -> float:
+    """Seconds a consumer holding nothing must be idle before it is deleted: long past
+    any read a live worker makes (each blocks at most a second), and long enough for the
+    dashboard to show a worker that just died."""
+    return max(FORGET_AFTER_MIN, 10 * visibility_timeout)
 
 
 class _HandleOneByOne(Exception):
@@ -132,6 +146,10 @@ class Worker:
         :meth:`run`), then periodically as one of the supervised loops.
     :param history: files what this process counts into the dashboard's per-minute
         history (``app.store.history``), as one of the supervised loops; None: not kept.
+    :param forget_after: seconds a consumer holding nothing, whose worker stopped saying
+        it lives, must be idle before this worker deletes it from the group (default
+        :func:`forget_after_default`); it says it lives and looks every ``forget_every``
+        seconds. A worker that stops deletes its own consumer if it holds nothing.
     """
 
     def __init__(
@@ -143,6 +161,8 @@ class Worker:
         handler_timeout: float = DEFAULT_HANDLER_TIMEOUT,
         memory_policy: MemoryPolicy | None = None,
         history: HistoryRecorder | None = None,
+        forget_after: float | None = None,
+        forget_every: float = FORGET_EVERY,
     ) -> None:
         if concurrency < 1:
             raise ValueError("concurrency must be at least 1")
@@ -159,6 +179,12 @@ class Worker:
             stores[0].client, self.settings.allow_eviction, self.settings.memory_policy_interval
         )
         self.history = history
+        self.forget_after = (
+            forget_after_default(self.settings.visibility_timeout)
+            if forget_after is None
+            else forget_after
+        )
+        self.forget_every = forget_every
         self.stats = WorkerStats()
         self._inline = bool(getattr(handler, "inline", False))
         self._async = is_async(handler)
@@ -219,6 +245,7 @@ class Worker:
         self._spawn_per_lane(self._ack_loop, "ack")
         supervisor.spawn(self._extend_loop(), "extend")
         supervisor.spawn(self.memory_policy.watch(stop), "memory-policy")
+        supervisor.spawn(self._forget_loop(), "forget-consumers")
         if self.history is not None:
             supervisor.spawn(self.history.run(stop), "history")
         # The loops that hand out work: all end before the ack queues are drained.
@@ -245,6 +272,7 @@ class Worker:
             # The ack loop flushes what is handled, then ends. If Redis stays down the
             # entries stay pending and another worker reclaims them (a counted duplicate).
             await supervisor.close(ACK_FLUSH_GRACE)
+            await self._leave_groups()
             if self.history is not None:
                 await self.history.close()  # after the last acknowledgements are counted
             log.info(
@@ -626,6 +654,31 @@ class Worker:
         except RETRIED as exc:
             if not await self._regroup(lane, exc, "claim renewal"):
                 log.warning("claim renewal failed", error=describe(exc), **self._where(lane))
+
+    async def _forget_loop(self) -> None:
+        """Say this worker lives, and delete the consumers gone workers left, in every
+        partition (every worker does: deleting one twice is nothing)."""
+        after_ms = int(self.forget_after * 1000)
+        while not self._stopping.is_set():
+            for lane in self._lanes.values():
+                try:
+                    forgotten = await lane.store.forget_consumers(self.consumer, after_ms)
+                except RETRIED as exc:
+                    log.warning("forgetting gone workers failed", error=describe(exc))
+                    continue
+                if forgotten:
+                    log.info("forgot gone workers", count=forgotten, **self._where(lane))
+            await self._sleep(self.forget_every)
+
+    async def _leave_groups(self) -> None:
+        """Delete this worker's own consumer from each group where it holds nothing (what
+        it still holds, when Redis did not take the last acknowledgements, stays pending
+        under its name for another worker to reclaim)."""
+        for lane in self._lanes.values():
+            try:
+                await lane.store.forget_consumers(self.consumer, 0, leaving=True, most=1)
+            except RETRIED as exc:
+                log.warning("leaving the group failed", error=describe(exc), **self._where(lane))
 
     async def _sleep(self, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):

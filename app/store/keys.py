@@ -125,6 +125,12 @@ class Keyspace:
         return f"{self.tag}:epoch"
 
     @property
+    def workers(self) -> str:
+        """HASH: worker consumer name -> when it last said it lives (ms), so consumers that
+        dead workers left in the group can be told from quiet live ones and deleted."""
+        return f"{self.tag}:workers"
+
+    @property
     def leader(self) -> str:
         """HASH: identifier, epoch, since of the scheduler that promotes now (for /stats).
 

@@ -13,7 +13,16 @@ from importlib import resources
 
 from redis.commands.core import AsyncScript
 
-NAMES = ("accept", "promote", "ack", "fail", "reclaim", "extend", "quarantine")
+NAMES = (
+    "accept",
+    "promote",
+    "ack",
+    "fail",
+    "reclaim",
+    "extend",
+    "quarantine",
+    "forget_consumers",
+)
 
 
 def _read(name: str) -> str:
@@ -38,6 +47,7 @@ class Scripts:
     reclaim: AsyncScript
     extend: AsyncScript
     quarantine: AsyncScript
+    forget_consumers: AsyncScript
 
     @classmethod
     def register(cls, client) -> Scripts:  # client: redis.asyncio.Redis

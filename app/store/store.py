@@ -561,6 +561,21 @@ class Store:
             keys=[self.keys.stream], args=[CONSUMER_GROUP, consumer, *ids]
         )
 
+    async def forget_consumers(
+        self, me: str, after_ms: int, *, leaving: bool = False, most: int = 100
+    ) -> int:
+        """Record that worker ``me`` lives and delete the group's consumers of workers that
+        are gone (no record for ``after_ms``, idle as long, holding nothing); or, leaving,
+        delete ``me``'s record and its consumer if it holds nothing. How many consumers
+        were deleted."""
+        k = self.keys
+        return int(
+            await self.scripts.forget_consumers(
+                keys=[k.stream, k.workers],
+                args=[CONSUMER_GROUP, me, after_ms, "1" if leaving else "0", most],
+            )
+        )
+
     async def queue_stats(self) -> QueueStats:
         reads = queue_figures_reads(self.keys)
         return queue_figures(await read_pipelined(self.client, self.keys.delayed, reads))

@@ -54,10 +54,17 @@ async def stop_promoter(promoter: Promoter, task: asyncio.Task) -> None:
         await reap(task)
 
 
+# The uuids accepted straight into the stream: due by the time the accept script ran
+# (a runAt a few ms ahead, on a loaded machine). No promoter moves those.
+QUEUED_AT_ACCEPT: set[str] = set()
+
+
 async def accept(store: Store, run_at: int, message: str = "hello") -> str:
     uuid = new_uuid()
     accepted = await store.accept(NewMessage(uuid=uuid, message=message, run_at=run_at))
     assert accepted.created
+    if accepted.state == "queued":
+        QUEUED_AT_ACCEPT.add(uuid)
     return uuid
 
 
@@ -168,7 +175,8 @@ def test_zombie_leader_is_refused_once_a_newer_epoch_promoted_and_nothing_is_pro
                     await async_wait_until(
                         lambda: promoter_b.stats.calls >= 1, "B promoted once", 2.0
                     )
-                    uuids += [await accept(store_b, now_ms() + 50, f"b{i}") for i in range(5)]
+                    b_uuids = [await accept(store_b, now_ms() + 50, f"b{i}") for i in range(5)]
+                    uuids += b_uuids
                     promoter_a.poke()
                     await async_wait_until(lambda: promoter_a.stats.refused >= 1, "A refused", 2.0)
                     assert not gate_a.is_open and gate_a.role is Role.SUSPENDED
@@ -189,8 +197,9 @@ def test_zombie_leader_is_refused_once_a_newer_epoch_promoted_and_nothing_is_pro
             in_stream = await stream_uuids(store_a)
             assert sorted(in_stream) == sorted(uuids), "each uuid exactly once"
             assert len(in_stream) == len(set(in_stream))
-            assert promoter_a.stats.moved + promoter_b.stats.moved == len(uuids)
-            assert promoter_b.stats.moved >= 5
+            promoted = [u for u in uuids if u not in QUEUED_AT_ACCEPT]
+            assert promoter_a.stats.moved + promoter_b.stats.moved == len(promoted)
+            assert promoter_b.stats.moved >= len(set(b_uuids) - QUEUED_AT_ACCEPT)
 
     asyncio.run(scenario())
 
