@@ -134,7 +134,7 @@ def normalise_cron(expression: str) -> str:
     text = " ".join(fields)
     try:
         CronSim(text, datetime(2000, 1, 1, tzinfo=UTC))
-    except (CronSimError, ValueError) as exc:
+    except (CronSimError, ValueError, LookupError, TypeError) as exc:
         raise InvalidInput(f"bad cron expression: {exc}", "cron") from None
     return text
 
