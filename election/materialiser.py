@@ -26,6 +26,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, replace
 
+from app import metrics
 from app.backoff import RETRIED, Backoff, describe
 from app.log import get_logger
 from app.model import RUN_AT_MAX, NewMessage
@@ -134,6 +135,7 @@ class Materialiser(WakeableLoop):
                 moved[name] = replace(stored, progress_ms=p.through)
             self.stats.skipped += p.skipped
             if p.skipped:
+                metrics.SCHEDULE_SKIPPED.inc(p.skipped)
                 log.info("missed occurrences skipped", schedule=name, skipped=p.skipped)
             msgs.extend(
                 NewMessage(
@@ -145,8 +147,10 @@ class Materialiser(WakeableLoop):
             self._next[name] = (stored.generation, math.inf if after is None else after)
         for i in range(0, len(msgs), PRODUCE_CHUNK):
             accepted = await s.produce(msgs[i : i + PRODUCE_CHUNK])
+            created = sum(1 for a in accepted if a.created)
             self.stats.produced += len(accepted)
-            self.stats.created += sum(1 for a in accepted if a.created)
+            self.stats.created += created
+            metrics.SCHEDULE_OCCURRENCES.inc(created)
         if not rows:
             return
         refused_by, stale = await s.record_progress(epoch, rows)
