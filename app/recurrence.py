@@ -29,6 +29,7 @@ whichever leader it is produced (the accept script keeps the first).
 
 from __future__ import annotations
 
+import math
 import re
 import uuid as uuidlib
 from collections.abc import Iterator
@@ -206,9 +207,9 @@ def occurrences(
     definition: Definition, created_ms: int, after_ms: int, until_ms: int, limit: int
 ) -> Iterator[int]:
     """The definition's occurrences strictly after ``after_ms`` and at most ``until_ms``,
-    in order, at most ``limit`` (and MAX_PER_CALL) of them. ``created_ms`` is when this
+    in order, at most ``limit`` (and MAX_PER_CALL + 1) of them. ``created_ms`` is when this
     generation was stored (an interval without ``startAt`` counts from it)."""
-    limit = min(limit, MAX_PER_CALL)
+    limit = min(limit, MAX_PER_CALL + 1)
     low = after_ms if definition.start_at is None else max(after_ms, definition.start_at - 1)
     high = until_ms if definition.end_at is None else min(until_ms, definition.end_at)
     if high <= low or limit <= 0:
@@ -295,6 +296,9 @@ class Plan:
     produce: list[int]
     through: int
     skipped: int = 0
+    # The first occurrence after the horizon: no pass need plan this schedule before it
+    # enters the horizon (inf: none ever; 0: not known, plan it on the next pass).
+    next_ms: float = 0
 
 
 CATCHUP = ("latest", "all", "none")
@@ -317,8 +321,8 @@ def plan(
     cutoff = now_ms - horizon_ms
     until = now_ms + horizon_ms
     if catchup == "all":
-        found = list(occurrences(definition, created_ms, last_ms, until, MAX_PER_CALL))
-        return Plan(found, found[-1]) if found else Plan([], last_ms)
+        found, beyond = _upto(definition, created_ms, last_ms, until)
+        return Plan(found, found[-1] if found else last_ms, 0, beyond)
     # latest or none: the missed ones are not walked one by one (a minutely schedule after
     # a month's outage has 43,200): one look back for the newest, one count (bounded).
     kept: list[int] = []
@@ -331,7 +335,20 @@ def plan(
             kept = [at for at in previous(definition, created_ms, cutoff - 1, 1) if at > last_ms]
             skipped -= len(kept)
     start = max(last_ms, cutoff - 1)
-    current = list(occurrences(definition, created_ms, start, until, MAX_PER_CALL))
+    current, beyond = _upto(definition, created_ms, start, until)
     produce = kept + current
     through = current[-1] if current else (start if produce or skipped else last_ms)
-    return Plan(produce, through, skipped)
+    return Plan(produce, through, skipped, beyond)
+
+
+def _upto(definition: Definition, created_ms: int, after_ms: int, until_ms: int):
+    """The occurrences after ``after_ms`` up to ``until_ms`` (at most MAX_PER_CALL), and the
+    first one after ``until_ms`` (see Plan.next_ms), from one walk of the expression."""
+    found: list[int] = []
+    for at in occurrences(definition, created_ms, after_ms, RUN_AT_MAX, MAX_PER_CALL + 1):
+        if at > until_ms:
+            return found, at
+        if len(found) == MAX_PER_CALL:
+            return found, 0
+        found.append(at)
+    return found, math.inf

@@ -23,14 +23,13 @@ accept in 3 changes nothing; 4 then names it stale and the next pass reloads.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, replace
 
 from app import metrics
 from app.backoff import RETRIED, Backoff, describe
 from app.log import get_logger
-from app.model import RUN_AT_MAX, NewMessage
-from app.recurrence import occurrence_uuid, occurrences, plan
+from app.model import NewMessage
+from app.recurrence import occurrence_uuid, plan
 from app.store.schedules import HORIZON_MS, RETIRED_GRACE_MS, Schedules, Stored
 from election.gate import LeadershipGate
 from election.wakeable import WakeableLoop
@@ -143,8 +142,7 @@ class Materialiser(WakeableLoop):
                 )
                 for at in p.produce
             )
-            after = next(iter(occurrences(d, stored.created_ms, p.through, RUN_AT_MAX, 1)), None)
-            self._next[name] = (stored.generation, math.inf if after is None else after)
+            self._next[name] = (stored.generation, p.next_ms)
         for i in range(0, len(msgs), PRODUCE_CHUNK):
             accepted = await s.produce(msgs[i : i + PRODUCE_CHUNK])
             created = sum(1 for a in accepted if a.created)

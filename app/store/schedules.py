@@ -30,7 +30,15 @@ from dataclasses import dataclass
 from redis.commands.core import AsyncScript
 
 from app.model import NewMessage, Record
-from app.recurrence import Definition, decode, encode, occurrence_uuid, occurrences, previous
+from app.recurrence import (
+    MAX_PER_CALL,
+    Definition,
+    decode,
+    encode,
+    occurrence_uuid,
+    occurrences,
+    previous,
+)
 from app.store.codec import uuid_key
 from app.store.keys import Keyspace
 from app.store.partitions import Partitions
@@ -286,15 +294,18 @@ class Schedules:
     async def void(self, retired: Retired) -> tuple[int, int]:
         """(cancelled, tombstoned): every occurrence of ``retired`` from its change's time to
         its ``until``, whatever its state, made sure never to run (void.lua)."""
-        instants = list(
-            occurrences(
-                retired.definition,
-                retired.created_ms,
-                retired.at_ms - 1,
-                retired.until_ms,
-                1_000_000,
+        instants: list[int] = []
+        after = retired.at_ms - 1
+        while True:  # in slices: occurrences() yields at most MAX_PER_CALL at a time
+            found = list(
+                occurrences(
+                    retired.definition, retired.created_ms, after, retired.until_ms, MAX_PER_CALL
+                )
             )
-        )
+            instants += found
+            if len(found) < MAX_PER_CALL:
+                break
+            after = found[-1]
         uuids = [(occurrence_uuid(retired.name, retired.generation, at), at) for at in instants]
         return await self.void_uuids(uuids)
 

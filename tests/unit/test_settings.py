@@ -147,7 +147,7 @@ def test_ipv6_zookeeper_host_is_accepted():
         ({"EAT_ZK_AUTH": "no-colon"}, "EAT_ZK_AUTH"),
         ({"EAT_REDIS_CA_FILE": "/etc/hostname"}, "EAT_REDIS_CA_FILE"),
         ({"EAT_SCHEDULE_CATCHUP": "some"}, "EAT_SCHEDULE_CATCHUP"),
-        ({"EAT_SCHEDULE_MIN_INTERVAL": "0.0001"}, "EAT_SCHEDULE_MIN_INTERVAL"),
+        ({"EAT_SCHEDULE_MIN_INTERVAL": "0.05"}, "EAT_SCHEDULE_MIN_INTERVAL"),
         ({"EAT_SCHEDULE_MIN_INTERVAL": "90000"}, "EAT_SCHEDULE_MIN_INTERVAL"),
         (
             {"EAT_REDIS_URL": "rediss://h:6380/0", "EAT_REDIS_CA_FILE": "/no/such/ca.pem"},
