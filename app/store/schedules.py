@@ -56,8 +56,10 @@ HORIZON_MS = 30_000
 # Added to the horizon when voiding: clock differences between the Redis masters that
 # answered the change and the leader's pass (a failover of the definitions' master).
 VOID_SLACK_MS = 5_000
-# A retired definition older than this is voided by the leader (its api died part way).
-RETIRED_GRACE_MS = 5_000
+# A retired definition older than this is voided by the leader (its api died part way):
+# long enough that the api, which voids in milliseconds, is not doubled for nothing;
+# short, since an old occurrence due before the leader voids it may still run.
+RETIRED_GRACE_MS = 1_000
 
 
 @dataclass(frozen=True, slots=True)
