@@ -43,7 +43,7 @@ def ok(result: subprocess.CompletedProcess[str]) -> str:
 
 
 @pytest.mark.parametrize("backend", BACKENDS, indirect=True)
-def test_an_every_second_schedule_runs_each_occurrence_once_across_a_kill_9_and_a_rolling_restart(
+def test_every_occurrence_runs_once_across_a_kill_9_a_rolling_restart_and_a_replace(
     cluster: Callable[..., Cluster], backend: Backend
 ) -> None:
     c = cluster(env={"EAT_SCHEDULE_CATCHUP": "all"})
@@ -72,7 +72,15 @@ def test_an_every_second_schedule_runs_each_occurrence_once_across_a_kill_9_and_
         c.restart(proc)
         c.wait_for_leader(session + 5)
 
-    c.wait_until(lambda: now_ms() > first + 20_000, "20 s of occurrences", 30)
+    # Replaced while its next 30 s are pending: the old generation's never run after it.
+    c.wait_until(lambda: now_ms() > first + 14_000, "14 s of occurrences", 30)
+    assert "replaced" in ok(cli(c, "schedule", "set", "tick", "--every", "1s", "--message", "tock"))
+    replaced_ms = now_ms()
+    anew = json.loads(ok(cli(c, "schedule", "show", "tick", "--json")))
+    generation2, first2 = anew["generation"], anew["createdAt"] + 1000
+    assert generation2 != generation
+
+    c.wait_until(lambda: now_ms() > first2 + 6000, "6 s of the new definition", 30)
     assert "deleted tick" in ok(cli(c, "schedule", "delete", "tick"))
     deleted_ms = now_ms()
     c.wait_until(
@@ -81,19 +89,20 @@ def test_an_every_second_schedule_runs_each_occurrence_once_across_a_kill_9_and_
         session + 15,
     )
     echoes = c.all_echoes()
-    by_instant = Counter(e["runAt"] for e in echoes)
-    # Every occurrence due before the delete ran, exactly once.
-    due = range(first, deleted_ms - 1000, 1000)
-    missing = [at for at in due if by_instant[at] == 0]
-    twice = {at: n for at, n in by_instant.items() if n > 1}
-    assert not missing, f"occurrences never echoed: {missing}"
-    assert not twice, f"occurrences echoed more than once: {twice}"
-    # None after the delete (their messages were cancelled), none early, no stranger.
-    assert max(by_instant) <= deleted_ms + 1000, "an occurrence ran after its schedule was deleted"
     for e in echoes:
-        assert (e["runAt"] - first) % 1000 == 0
-        assert e["uuid"] == occurrence_uuid("tick", generation, e["runAt"])
+        gen, start = (generation, first) if e["message"] == "tick" else (generation2, first2)
+        assert (e["runAt"] - start) % 1000 == 0
+        assert e["uuid"] == occurrence_uuid("tick", gen, e["runAt"])
         assert e["handledAt"] >= e["runAt"], f"occurrence {e['runAt']} echoed early"
+    for message, start, end in (("tick", first, replaced_ms), ("tock", first2, deleted_ms)):
+        by_instant = Counter(e["runAt"] for e in echoes if e["message"] == message)
+        # Every occurrence due before the change ran, exactly once ...
+        missing = [at for at in range(start, end - 1000, 1000) if by_instant[at] == 0]
+        twice = {at: n for at, n in by_instant.items() if n > 1}
+        assert not missing, f"{message}: occurrences never echoed: {missing}"
+        assert not twice, f"{message}: occurrences echoed more than once: {twice}"
+        # ... and none due after it (their messages were cancelled or met a tombstone).
+        assert max(by_instant) <= end + 1000, f"{message}: an occurrence ran after the change"
     # The ones due while no leader ran were produced at once by the next leader: already
     # delayed messages (the horizon is 30 s), promoted by it as soon as it led.
     gap = [e for e in echoes if killed_ms <= e["runAt"] <= taken_ms]
