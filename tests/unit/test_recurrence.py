@@ -78,7 +78,7 @@ def test_an_hourly_expression_keeps_elapsed_time_through_spring_forward():
     ]
 
 
-def test_an_every_15_minutes_expression_runs_in_both_copies_of_the_repeated_hour():
+def test_an_every_30_minutes_expression_runs_in_both_copies_of_the_repeated_hour():
     quarters = listed(cron("*/30 * * * *"), "2026-10-25T01:45+02:00", "2026-10-25T03:00+01:00")
     assert quarters == [
         "2026-10-25T02:00:00+02:00",
