@@ -111,3 +111,53 @@ def test_every_occurrence_runs_once_across_a_kill_9_a_rolling_restart_and_a_repl
     late = [e["lateness_ms"] for e in gap]
     print(f"[schedules, {backend.name}] failover {taken_ms - killed_ms} ms; lateness {late}")
     assert all(e["handledAt"] <= max(e["runAt"], taken_ms) + bound_ms for e in gap), late
+
+
+def test_after_more_than_the_horizon_without_any_scheduler_only_the_latest_missed_occurrence_runs(
+    cluster: Callable[..., Cluster], backend: Backend
+) -> None:
+    """EAT_SCHEDULE_CATCHUP=latest (the default), with real processes: every scheduler
+    stopped, a schedule created meanwhile, and 42 s later (more than the 30 s horizon)
+    the schedulers back. Occurrences due more than 30 s before the new leader's first
+    pass were missed: only the newest of them runs; the later ones run, at once or on
+    time; none twice."""
+    c = cluster()
+    schedulers = list(c.schedulers)
+    for proc in schedulers:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(15) == 0
+    assert "created" in ok(cli(c, "schedule", "set", "gap", "--every", "2s", "--message", "gap"))
+    shown = json.loads(ok(cli(c, "schedule", "show", "gap", "--json")))
+    generation, first = shown["generation"], shown["createdAt"] + 2000
+    c.wait_until(lambda: now_ms() > first + 40_000, "40 s without a scheduler", 60)
+    restarted_ms = now_ms()
+    c.restart(*schedulers)
+    led = c.wait_for_leader(15)
+    # The new leader's first pass comes at most a second after it leads (its loop's pace).
+    last_pass_ms = int(led.at * 1000) + 2000
+    c.wait_until(lambda: now_ms() > last_pass_ms + 4000, "a few occurrences after", 15)
+    assert "deleted gap" in ok(cli(c, "schedule", "delete", "gap"))
+    deleted_ms = now_ms()
+    c.wait_until(
+        lambda: all(is_drained(backend.client, k) for k in backend.keyspaces),
+        "every produced occurrence handled",
+        15,
+    )
+    echoes = [e for e in c.all_echoes() if e["message"] == "gap"]
+    by_instant = Counter(e["runAt"] for e in echoes)
+    assert not {at: n for at, n in by_instant.items() if n > 1}, "an occurrence ran twice"
+    for e in echoes:
+        assert e["uuid"] == occurrence_uuid("gap", generation, e["runAt"])
+        assert e["handledAt"] >= e["runAt"]
+    grid = range(first, deleted_ms - 2000, 2000)
+    surely_missed = [at for at in grid if at < restarted_ms - 32_000]
+    border = [at for at in grid if restarted_ms - 32_000 <= at < last_pass_ms - 30_000]
+    produced = [at for at in grid if at >= last_pass_ms - 30_000]
+    assert len(surely_missed) >= 3, "the gap was too short to miss anything"
+    assert not [at for at in surely_missed if by_instant[at]], "a missed occurrence ran"
+    assert any(by_instant[at] for at in border), "the latest missed occurrence did not run"
+    assert all(by_instant[at] == 1 for at in produced), "a late or later occurrence is missing"
+    print(
+        f"[catch-up latest] missed {len(surely_missed)} skipped; border "
+        f"{[by_instant[at] for at in border]}; produced {len(produced)}"
+    )
