@@ -8,7 +8,7 @@ import signal
 import sys
 
 from app.log import configure, get_logger
-from app.ops import commands
+from app.ops import commands, schedule_commands
 from app.settings import Settings, SettingsError
 from app.supervise import TaskDied
 
@@ -101,6 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --cluster: EAT_PARTITIONS for the processes, unless set (16)",
     )
     commands.add_commands(sub)
+    schedule_commands.add_commands(sub)
     return parser
 
 
@@ -126,6 +127,8 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.command in commands.COMMANDS:
         return commands.run(args, settings)
+    if args.command == schedule_commands.COMMAND:
+        return schedule_commands.run(args, settings)
     if args.command == "api":
         if not 0 < args.port < 65536:
             return _fail("--port must be between 1 and 65535")

@@ -179,6 +179,17 @@ PROMOTE_REFUSED = Counter(
     "Promote calls refused because a newer leader epoch was stored (zombie leader).",
     registry=REGISTRY,
 )
+SCHEDULE_OCCURRENCES = Counter(
+    "eat_schedule_occurrences",
+    "Occurrences of recurring schedules the leader accepted as new messages (a repeat, a "
+    "duplicate by uuid, is not counted).",
+    registry=REGISTRY,
+)
+SCHEDULE_SKIPPED = Counter(
+    "eat_schedule_occurrences_skipped",
+    "Occurrences missed while no leader ran that EAT_SCHEDULE_CATCHUP dropped.",
+    registry=REGISTRY,
+)
 # Observed once per handled message, on the worker's event loop: lock-free.
 LATENESS = LoopHistogram(
     "eat_delivery_lateness_seconds",

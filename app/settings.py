@@ -314,6 +314,21 @@ class Settings:
             "names one hash tag."
         },
     )
+    schedule_catchup: str = field(
+        default="latest",
+        metadata={
+            "doc": "`latest`, `all` or `none`: what a schedule's occurrences missed while no "
+            "scheduler led (for longer than the 30 s it materialises ahead) produce when a "
+            "leader is back: only the newest, every one, or none (see docs/schedules.md)."
+        },
+    )
+    schedule_min_interval: float = field(
+        default=1.0,
+        metadata={
+            "doc": "Shortest `every` a schedule may have, seconds (0.1 at least); a shorter one "
+            "is refused (422, field `every`)."
+        },
+    )
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
@@ -400,6 +415,11 @@ class Settings:
         if api.scheme not in ("http", "https") or not api.netloc:
             raise SettingsError(_env("api_url"), "must be an http:// or https:// URL")
         _validate_legacy_names(self)
+        if self.schedule_catchup not in ("latest", "all", "none"):
+            raise SettingsError(_env("schedule_catchup"), "one of latest, all, none")
+        # Below 0.1 s a replace would have over 350 occurrences to cancel (35 s of them).
+        if not 0.1 <= self.schedule_min_interval <= 86400:
+            raise SettingsError(_env("schedule_min_interval"), "from 0.1 to 86400 seconds")
 
     @classmethod
     def documentation(cls) -> list[tuple[str, str, str]]:

@@ -6,8 +6,8 @@ partition, concurrently (a slow or failing master holds up its own partitions
 only), one wake-up listener for all of them, and the legacy bridge, which accepts
 each item into its uuid's partition.
 
-Its loops (promoters, wake-up listener, legacy bridge, the periodic check of Redis'
-maxmemory-policy) run under one
+Its loops (promoters, wake-up listener, the schedules' materialiser, legacy bridge,
+the periodic check of Redis' maxmemory-policy) run under one
 :class:`~app.supervise.Supervisor`: if one of them dies, the process leaves the
 election at once (deleting its node, so another scheduler leads without waiting
 for the session to expire) and :func:`run_scheduler` raises
@@ -31,10 +31,12 @@ from app.store import StoreCluster, open_client
 from app.store.keys import LegacyLists
 from app.store.memory import MemoryPolicy
 from app.store.partitions import Partitions
+from app.store.schedules import Schedules
 from app.supervise import Supervisor
 from election.bridge import LegacyBridge, check_lists_share_a_slot
 from election.gate import LeadershipGate, Role
 from election.leadership import LeaderElection
+from election.materialiser import Materialiser
 from election.promoter import Promoter, wake_promoters
 
 log = get_logger("scheduler")
@@ -91,6 +93,8 @@ async def _lead_while_elected(
     loop = asyncio.get_running_loop()
     gate = LeadershipGate()
     promoters = [Promoter(store, gate) for store in partitions]
+    # Recurring schedules: their next occurrences become delayed messages, while leading.
+    materialiser = Materialiser(Schedules(partitions), gate, settings.schedule_catchup)
     keys = partitions.stores[0].keys
     # The legacy list bridge works only while this process leads (the gate is open).
     bridge = (
@@ -143,6 +147,7 @@ async def _lead_while_elected(
             name = "promoter" if len(promoters) == 1 else f"promoter-{promoter.store.partition}"
             supervisor.spawn(promoter.run(), name)
         supervisor.spawn(wake_promoters(partitions.client, promoters), "wakeups")
+        supervisor.spawn(materialiser.run(), "schedules")
         supervisor.spawn(memory_policy.watch(stop), "memory-policy")
         if bridge is not None:
             supervisor.spawn(bridge.run(), "legacy-bridge")
@@ -152,6 +157,7 @@ async def _lead_while_elected(
         stop.set()  # for the loops that end on it (a loop that died got here without it)
         for promoter in promoters:
             promoter.stop()
+        materialiser.stop()
         if bridge is not None:
             bridge.stop()
         gate.set_role(Role.FOLLOWER)
@@ -165,5 +171,6 @@ async def _lead_while_elected(
             "scheduler stopped",
             promoted=sum(p.stats.moved for p in promoters),
             refused=sum(p.stats.refused for p in promoters),
+            occurrences=materialiser.stats.produced,
             failed=supervisor.failed is not None,
         )

@@ -25,6 +25,7 @@ from app.http.ingest import BODY_OVERHEAD as BODY_OVERHEAD  # re-exported: tests
 from app.http.ingest import SAVE_PATH, SaveMessageHandler
 from app.http.openapi import INVALID, MALFORMED, NOT_JSON, UNAUTHORIZED, Doc, Operation, Reply
 from app.http.routes import lifecycle_routes
+from app.http.schedule_routes import schedule_routes
 from app.http.ui import install as install_dashboard
 from app.http.wire import Health, LegacySaved, Ready, Saved, SaveMessageBody
 from app.log import get_logger
@@ -33,6 +34,7 @@ from app.store import Accepted, QueueStats, StorageFormatError, open_client
 from app.store.lifecycles import Lifecycles
 from app.store.memory import EvictingPolicyError, MemoryPolicy
 from app.store.partitions import Partitions
+from app.store.schedules import Schedules
 
 log = get_logger("api")
 
@@ -176,6 +178,7 @@ def create_app(settings: Settings | None = None, stop: Callable[[], None] | None
         state = app.state
         state.client = state.store = state.partitions = state.lifecycle = None
         state.memory_policy = state.refused = None
+        state.schedules = None
         state.memory_policy_watch = None
         # Set once Redis is reached and its data checked: what else needs the client
         # (the dashboard, its history recorder) waits for it.
@@ -205,6 +208,7 @@ def create_app(settings: Settings | None = None, stop: Callable[[], None] | None
             else:
                 ingest.batcher = PartitionBatchers(partitions)  # type: ignore[assignment]
             state.lifecycle = Lifecycles(partitions)
+            state.schedules = Schedules(partitions)
             watch = state.memory_policy_watch = asyncio.create_task(
                 memory_policy.watch(stopping), name="memory-policy"
             )
@@ -310,6 +314,7 @@ def create_app(settings: Settings | None = None, stop: Callable[[], None] | None
             name="save_message",
         ),
         *lifecycle_routes(settings),
+        *schedule_routes(settings),
         *openapi.documented(health_routes(ready, queue_figures), HEALTH_DOCS),
     ]
     app = ApiApp(

@@ -113,7 +113,14 @@ PATH_PARAMETERS = {
         "required": True,
         "description": "Canonical UUID of the message (any case).",
         "schema": {"type": "string", "pattern": UUID_PATTERN},
-    }
+    },
+    "name": {
+        "name": "name",
+        "in": "path",
+        "required": True,
+        "description": "Name of the schedule.",
+        "schema": {"type": "string", "pattern": r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$"},
+    },
 }
 
 
@@ -194,6 +201,7 @@ def build(routes: Iterable[BaseRoute]) -> dict[str, Any]:
             "operationId": f"{op.method}_{op.path.strip('/').replace('/', '_')}".replace(
                 "{uuid}", "uuid"
             )
+            .replace("{name}", "name")
             .replace("-", "_")
             .replace(".", "_"),
             "tags": [doc.tag],

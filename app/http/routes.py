@@ -305,7 +305,11 @@ def lifecycle_routes(settings: Settings) -> list[Operation]:
         return respond(DeletedAll(deleted=deleted))
 
     async def stats(request: Request, lc: Lifecycles) -> Response:
-        return respond(stats_body(await lc.stats(), lc.count))
+        body = stats_body(await lc.stats(), lc.count)
+        schedules = getattr(request.app.state, "schedules", None)
+        if schedules is not None and (count := await schedules.count()):
+            body.schedules = count
+        return respond(body)
 
     async def openapi_json(request: Request, lc: Lifecycles) -> Response:
         # Built by create_app from every route of the app, this one's included.

@@ -257,6 +257,13 @@ class Stats(msgspec.Struct, rename="camel"):
             "the figures above are their sums, the oldest overdue their largest)."
         ),
     ] = UNSET
+    schedules: Annotated[
+        int | UnsetType,
+        Meta(
+            description="Recurring schedules defined (docs/schedules.md); absent when none is, "
+            "so the figures of a deployment without schedules read as before."
+        ),
+    ] = UNSET
 
 
 # --- health ----------------------------------------------------------------------------------

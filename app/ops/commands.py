@@ -472,6 +472,8 @@ def status(api: Api, as_json: bool, output: Output) -> int:
         ("oldest overdue", _duration(stats.get("oldestOverdueMs")), "age of the oldest due"),
         ("workers", f"{len(consumers)}", "consumers in the group"),
     ]
+    if stats.get("schedules"):  # only when there are any (docs/schedules.md)
+        rows.append(("schedules", f"{stats['schedules']:,}", "recurring schedules defined"))
     width = max(len(value) for _, value, _ in rows)
     for name, value, meaning in rows:
         output.line(f"{name:<15} {value:>{width}}   {meaning}")

@@ -163,3 +163,47 @@ class Keyspace:
     def zk_election(self) -> str:
         """ZooKeeper path of the scheduler election."""
         return f"/{self.prefix}/election"
+
+    # --- recurring schedules (app.recurrence, app.store.schedules) -----------------------------
+    # Under the prefix's own tag whatever the partition, like the partition count: one
+    # slot holds every definition (10,000 of them are a few MB), so each change to one is
+    # one script. The messages a schedule produces live in their uuids' partitions.
+
+    @property
+    def schedules(self) -> str:
+        """HASH: schedule name -> its definition (``app.recurrence.Definition`` as JSON)."""
+        return "{" + self.prefix + "}:schedules"
+
+    @property
+    def schedule_meta(self) -> str:
+        """HASH: schedule name -> ``<generation>:<stored at ms>`` of its definition."""
+        return "{" + self.prefix + "}:schedules:meta"
+
+    @property
+    def schedule_progress(self) -> str:
+        """HASH: schedule name -> ``<generation>:<ms>``: the last occurrence the leader
+        materialised (or skipped) for that generation; the next pass starts after it."""
+        return "{" + self.prefix + "}:schedules:progress"
+
+    @property
+    def schedule_retired(self) -> str:
+        """HASH: generation -> JSON {name, generation, created, until, definition} of a
+        definition replaced or deleted whose pending occurrences are still to be voided
+        (the api voids them at once; the leader finishes what an api that died left)."""
+        return "{" + self.prefix + "}:schedules:retired"
+
+    @property
+    def schedule_generation(self) -> str:
+        """STRING: counter of definitions ever stored; each new one takes the next number,
+        so a name deleted and created again never reuses a generation (nor its uuids)."""
+        return "{" + self.prefix + "}:schedules:generation"
+
+    @property
+    def schedule_version(self) -> str:
+        """STRING: counter of changes to any definition: the leader reloads when it moves."""
+        return "{" + self.prefix + "}:schedules:version"
+
+    @property
+    def schedule_epoch(self) -> str:
+        """STRING: highest leader epoch that recorded progress (fencing, as ``epoch``)."""
+        return "{" + self.prefix + "}:schedules:epoch"

@@ -284,3 +284,22 @@ def test_the_page_runs_no_script_that_is_not_its_own(
         assert page.evaluate("window.ran") is None
     finally:
         context.close()
+
+
+def test_the_schedules_page_shows_each_schedule_and_its_next_run(
+    cluster: Callable[..., Cluster], page: Page, shots
+) -> None:
+    c = cluster(apis=1, schedulers=1, workers=1)
+    with httpx.Client(base_url=c.apis[0].base_url, timeout=10) as client:
+        for name, body in (
+            ("daily-report", {"cron": "0 7 * * 1-5", "timezone": "Europe/Berlin"}),
+            ("heartbeat", {"every": "90s"}),
+        ):
+            answer = client.put(f"/api/v1/schedules/{name}", json={"message": name, **body})
+            assert answer.status_code == 201, answer.text
+    page.goto(f"{c.apis[0].base_url}/ui")
+    page.click("nav >> text=Schedules")
+    expect(page.locator("#schedules tbody tr")).to_have_count(2)
+    expect(page.locator('tr[data-name="daily-report"]')).to_contain_text("Europe/Berlin")
+    expect(page.locator('tr[data-name="heartbeat"]')).to_contain_text("every 90s")
+    shots(page, "schedules")

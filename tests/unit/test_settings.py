@@ -82,6 +82,8 @@ GOOD_VALUES = {
     "EAT_LEGACY_QUEUE": ("OldQueue", "OldQueue"),
     "EAT_LEGACY_DELAYED": ("LegacyDelayed", "LegacyDelayed"),
     "EAT_LEGACY_IN_FLIGHT": ("LegacyInFlight", "LegacyInFlight"),
+    "EAT_SCHEDULE_CATCHUP": ("all", "all"),
+    "EAT_SCHEDULE_MIN_INTERVAL": ("0.5", 0.5),
 }
 
 
@@ -144,6 +146,9 @@ def test_ipv6_zookeeper_host_is_accepted():
         ({"EAT_HTTP_MAX_HEADER_BYTES": "1023"}, "EAT_HTTP_MAX_HEADER_BYTES"),
         ({"EAT_ZK_AUTH": "no-colon"}, "EAT_ZK_AUTH"),
         ({"EAT_REDIS_CA_FILE": "/etc/hostname"}, "EAT_REDIS_CA_FILE"),
+        ({"EAT_SCHEDULE_CATCHUP": "some"}, "EAT_SCHEDULE_CATCHUP"),
+        ({"EAT_SCHEDULE_MIN_INTERVAL": "0.05"}, "EAT_SCHEDULE_MIN_INTERVAL"),
+        ({"EAT_SCHEDULE_MIN_INTERVAL": "90000"}, "EAT_SCHEDULE_MIN_INTERVAL"),
         (
             {"EAT_REDIS_URL": "rediss://h:6380/0", "EAT_REDIS_CA_FILE": "/no/such/ca.pem"},
             "EAT_REDIS_CA_FILE",

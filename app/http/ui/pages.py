@@ -277,6 +277,18 @@ class Dashboard:
             request, "dead.html", nav="dead", rows=rows, next=following, first=cursor is None
         )
 
+    async def schedules(self, request: Request) -> Response:
+        cursor = request.query_params.get("cursor") or None
+        rows, following = await self._source().schedules(PAGE_SIZE, cursor, self._now_ms())
+        return self.render(
+            request,
+            "schedules.html",
+            nav="schedules",
+            rows=rows,
+            next=following,
+            first=cursor is None,
+        )
+
     async def partitions(self, request: Request) -> Response:
         figures = await self._source().overview()
         return self.render(request, "partitions.html", nav="partitions", o=figures)
@@ -395,6 +407,7 @@ class Dashboard:
             Route(f"{BASE}/dead/replay-all", action(self.replay_all), methods=["POST"]),
             Route(f"{BASE}/dead/purge", page(self.confirm("purge"))),
             Route(f"{BASE}/dead/purge", action(self.purge), methods=["POST"]),
+            Route(f"{BASE}/schedules", page(self.schedules)),
             Route(f"{BASE}/partitions", page(self.partitions)),
             Route(f"{BASE}/login", self.login_form),
             Route(f"{BASE}/login", self.login, methods=["POST"]),

@@ -15,12 +15,14 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from app.model import State
+from app.model import RUN_AT_MAX, InvalidInput, State
+from app.recurrence import check_name, every_text, occurrences
 from app.store.browse import Browser, MessageView, Scheduled, scheduled_across
 from app.store.history import Minute, read_history
 from app.store.lifecycle import LeaderRecord, Outcome, QueueReport
 from app.store.lifecycles import DeadPageItem, Lifecycles, parse_cursor
 from app.store.partitions import Partitions
+from app.store.schedules import Schedules, Stored
 from app.store.store import ConsumerFigures
 
 _SCHEDULED_CURSOR = re.compile(r"^([0-9]{1,15})\.([0-9a-f]{44})\Z")
@@ -53,6 +55,15 @@ class Overview:
     partitions: list[PartitionRow]
 
 
+@dataclass(frozen=True, slots=True)
+class ScheduleRow:
+    """One schedule as its page shows it."""
+
+    stored: Stored
+    how: str  # "cron <expr> <zone>" or "every <interval>"
+    next_ms: int | None  # its next occurrence (None: paused, or none left)
+
+
 def scheduled_cursor(item: Scheduled) -> str:
     return f"{item.run_at}.{item.member.hex()}"
 
@@ -75,6 +86,7 @@ class Source:
         # The JSON API's own: a message's actions in its partition, what spans them across.
         self.lifecycles = Lifecycles(partitions)
         self.browsers = [Browser(store) for store in partitions.stores]
+        self.schedule_store = Schedules(partitions)
 
     @classmethod
     def of(cls, state) -> Source:
@@ -159,6 +171,30 @@ class Source:
         except ValueError:
             raise BadCursor(cursor) from None
         return await self.lifecycles.dead_page(limit, after)
+
+    async def schedules(
+        self, limit: int, cursor: str | None, now_ms: int
+    ) -> tuple[list[ScheduleRow], str | None]:
+        """A page of schedules by name (the JSON API's ``GET /schedules``), each with its
+        next occurrence after ``now_ms``."""
+        if cursor is not None:
+            try:
+                check_name(cursor)
+            except InvalidInput:
+                raise BadCursor(cursor) from None
+        page, following = await self.schedule_store.page(cursor, limit)
+        rows = []
+        for stored in page:
+            d = stored.definition
+            how = (
+                f"cron {d.cron} {d.timezone}" if d.cron else f"every {every_text(d.every_ms or 0)}"
+            )
+            after = max(now_ms, stored.created_ms)
+            upcoming = (
+                [] if d.paused else list(occurrences(d, stored.created_ms, after, RUN_AT_MAX, 1))
+            )
+            rows.append(ScheduleRow(stored, how, upcoming[0] if upcoming else None))
+        return rows, following
 
     async def replay_all(self) -> tuple[int, int]:
         return await self.lifecycles.replay_all()
