@@ -218,6 +218,15 @@ def test_a_partition_holding_a_newer_epoch_refuses_and_closes_the_gate_for_every
                 assert not gate.is_open, "a stale leader kept promoting"
                 # The gate stays shut for this epoch: no partition promotes under it now.
                 late = await accept_in_each(partitions, now_ms())
+
+                # A call another partition's promoter sent before the gate closed may
+                # still be on its way back: count from once none is.
+                async def settled() -> bool:
+                    before = sum(p.stats.calls for p in promoters)
+                    await asyncio.sleep(0.15)  # three max_idle periods
+                    return sum(p.stats.calls for p in promoters) == before
+
+                await async_wait_until(settled, "calls in flight to come back", DEADLINE)
                 calls = sum(p.stats.calls for p in promoters)
                 await asyncio.sleep(0.2)  # several max_idle periods: nothing may happen
                 assert sum(p.stats.calls for p in promoters) == calls
