@@ -31,7 +31,6 @@ from bench.common import (
     burst_figures,
     lateness_figures,
     print_table,
-    redis_cpu,
     stack,
     write_result,
 )
@@ -60,11 +59,24 @@ class Masters:
         self.stack = s
         self.clients = [redis.Redis.from_url(m.url) for m in s.masters]
 
-    def cpu(self) -> list[float]:
-        return [redis_cpu(c) for c in self.clients]
+    def cpu(self) -> list[tuple[float, int]]:
+        """Each master's CPU seconds so far and the commands it has been sent."""
+        out = []
+        for c in self.clients:
+            info = c.info("cpu", "stats")
+            cpu = info["used_cpu_user"] + info["used_cpu_sys"]
+            out.append((cpu, info["total_commands_processed"]))
+        return out
 
-    def cpu_since(self, before: list[float]) -> list[float]:
-        return [after - b for after, b in zip(self.cpu(), before, strict=True)]
+    def since(self, before: list[tuple[float, int]]) -> tuple[list[float], int]:
+        """Each master's CPU seconds since ``before``, and the commands all were sent
+        (a script call is one)."""
+        now = self.cpu()
+        cpu = [n[0] - b[0] for n, b in zip(now, before, strict=True)]
+        return cpu, sum(n[1] - b[1] for n, b in zip(now, before, strict=True))
+
+    def cpu_since(self, before: list[tuple[float, int]]) -> list[float]:
+        return self.since(before)[0]
 
     def close(self) -> None:
         for c in self.clients:
@@ -78,7 +90,9 @@ def partitions_of(uuids, count: int) -> list[int]:
     return out
 
 
-def figures(s, name: str, per_partition: list[int], cpu: list[float], **extra) -> dict:
+def figures(
+    s, name: str, per_partition: list[int], cpu: list[float], calls: int = 0, **extra
+) -> dict:
     """A workload's row: messages per master (as used and as created) and CPU per master."""
     masters = len(s.masters)
     counts = counts_by_master(per_partition, s.owners, masters)
@@ -96,6 +110,9 @@ def figures(s, name: str, per_partition: list[int], cpu: list[float], **extra) -
         "created_share_deviation": share_deviation(shares(created)),
         "cpu_by_master_s": cpu,
         "redis_cpu_us_per_msg": us,
+        # Commands sent to Redis per message: what partitioning multiplies when a call
+        # carries fewer messages (each call costs about as much as the work it does).
+        "calls_per_msg": calls / messages if messages else float("nan"),
         "per_master_capacity": capacity(us),
         "projected_capacity": projected_capacity(capacity(us), fractions),
         **extra,
@@ -113,7 +130,7 @@ def bulk(cluster: bool, seconds: float) -> dict:
         start = time.monotonic()
         accepted, failed = asyncio.run(post_bulk(url, seconds, 4, 1000))
         elapsed = time.monotonic() - start
-        cpu = m.cpu_since(before)
+        cpu, calls = m.since(before)
         numbers = [None] if count == 1 else range(count)
         per_partition = [
             m.clients[s.owners[i]].hlen(Keyspace(PREFIX, p).messages) for i, p in enumerate(numbers)
@@ -121,7 +138,7 @@ def bulk(cluster: bool, seconds: float) -> dict:
         m.close()
     if sum(per_partition) != accepted:
         raise RuntimeError(f"{accepted:,} accepted but {sum(per_partition):,} stored")
-    return figures(s, "B2 bulk", per_partition, cpu, rate=accepted / elapsed, failed=failed)
+    return figures(s, "B2 bulk", per_partition, cpu, calls, rate=accepted / elapsed, failed=failed)
 
 
 def wait_echoed(s, uuids: set[str], timeout: float) -> list[dict]:
@@ -154,13 +171,14 @@ def burst_and_steady(cluster: bool, burst: int, rates: list[float], seconds: flo
             raise SystemExit("loading the burst took longer than its lead time; raise it")
         before = m.cpu()
         lines = s.wait_for_echoes(lambda ls: len(ls) >= burst, 120)
-        cpu = m.cpu_since(before)
+        cpu, calls = m.since(before)
         rows.append(
             figures(
                 s,
                 "B3 burst",
                 partitions_of((e["uuid"] for e in lines), count),
                 cpu,
+                calls,
                 idle_ms_per_s=idle_ms_per_s,
                 **burst_figures(lines, run_at, burst),
             )
@@ -173,7 +191,7 @@ def burst_and_steady(cluster: bool, burst: int, rates: list[float], seconds: flo
             before = m.cpu()
             posted = asyncio.run(send_at_rate(url, rate, seconds, int(DELAY_S * 1000)))
             lines = wait_echoed(s, posted.accepted, DELAY_S + 20)
-            cpu = m.cpu_since(before)
+            cpu, calls = m.since(before)
             mine = [e for e in lines if e["uuid"] in posted.accepted]
             late = [e["handledAt"] - posted.run_ats[e["uuid"]] for e in mine]
             rows.append(
@@ -182,6 +200,7 @@ def burst_and_steady(cluster: bool, burst: int, rates: list[float], seconds: flo
                     f"B4 {rate:g}/s",
                     partitions_of((e["uuid"] for e in mine), count),
                     cpu,
+                    calls,
                     idle_ms_per_s=idle_ms_per_s,
                     rate=rate,
                     posted=len(posted.accepted),
@@ -232,6 +251,7 @@ def run(
                     r.get("p99_ms", ""),
                     r["redis_cpu_us_per_msg"],
                     r.get("cpu_vs_single", ""),
+                    r["calls_per_msg"],
                     _pct(r["shares"]),
                     f"{r['share_deviation'] * 100:.0f}",
                     r["per_master_capacity"],
@@ -250,6 +270,7 @@ def run(
             "p99 ms",
             "Redis us/msg",
             "x 1 Redis",
+            "calls/msg",
             "share % per master",
             "max share dev %",
             "msgs/s per core",

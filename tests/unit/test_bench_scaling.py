@@ -99,13 +99,14 @@ def _stack(owners, created, masters=3):
 def test_a_workload_row_sums_cpu_over_masters_and_projects_by_the_busiest_share():
     # 4 partitions, 100 messages each; masters 0 and 1 serve one, master 2 two.
     s = _stack([0, 1, 2, 2], created=[0, 0, 1, 2])
-    row = figures(s, "B3 burst", [100, 100, 100, 100], [0.001, 0.001, 0.002])
+    row = figures(s, "B3 burst", [100, 100, 100, 100], [0.001, 0.001, 0.002], calls=200)
     assert row["messages"] == 400
     assert row["counts_by_master"] == [100, 100, 200]
     assert row["shares"] == [0.25, 0.25, 0.5]
     assert row["share_deviation"] == pytest.approx(0.5)
     assert row["created_shares"] == [0.5, 0.25, 0.25]
     assert row["redis_cpu_us_per_msg"] == pytest.approx(10.0)  # 4 ms over 400 messages
+    assert row["calls_per_msg"] == 0.5
     assert row["per_master_capacity"] == pytest.approx(100_000)
     assert row["projected_capacity"] == pytest.approx(200_000)  # the busiest has half
 
