@@ -60,7 +60,7 @@ class Masters:
         self.clients = [redis.Redis.from_url(m.url) for m in s.masters]
 
     def cpu(self) -> list[tuple[float, int]]:
-        """Each master's CPU seconds so far and the commands it has been sent."""
+        """Each master's CPU seconds so far and the commands it has run."""
         out = []
         for c in self.clients:
             info = c.info("cpu", "stats")
@@ -69,8 +69,8 @@ class Masters:
         return out
 
     def since(self, before: list[tuple[float, int]]) -> tuple[list[float], int]:
-        """Each master's CPU seconds since ``before``, and the commands all were sent
-        (a script call is one)."""
+        """Each master's CPU seconds since ``before``, and the commands all of them ran
+        (``total_commands_processed``: a script call and each command it runs)."""
         now = self.cpu()
         cpu = [n[0] - b[0] for n, b in zip(now, before, strict=True)]
         return cpu, sum(n[1] - b[1] for n, b in zip(now, before, strict=True))
@@ -110,9 +110,9 @@ def figures(
         "created_share_deviation": share_deviation(shares(created)),
         "cpu_by_master_s": cpu,
         "redis_cpu_us_per_msg": us,
-        # Commands sent to Redis per message: what partitioning multiplies when a call
-        # carries fewer messages (each call costs about as much as the work it does).
-        "calls_per_msg": calls / messages if messages else float("nan"),
+        # Commands Redis ran per message (those a script runs count, the script call
+        # too): what partitioning multiplies when a call carries fewer messages.
+        "commands_per_msg": calls / messages if messages else float("nan"),
         "per_master_capacity": capacity(us),
         "projected_capacity": projected_capacity(capacity(us), fractions),
         **extra,
@@ -251,7 +251,7 @@ def run(
                     r.get("p99_ms", ""),
                     r["redis_cpu_us_per_msg"],
                     r.get("cpu_vs_single", ""),
-                    r["calls_per_msg"],
+                    r["commands_per_msg"],
                     _pct(r["shares"]),
                     f"{r['share_deviation'] * 100:.0f}",
                     r["per_master_capacity"],
@@ -270,7 +270,7 @@ def run(
             "p99 ms",
             "Redis us/msg",
             "x 1 Redis",
-            "calls/msg",
+            "commands/msg",
             "share % per master",
             "max share dev %",
             "msgs/s per core",

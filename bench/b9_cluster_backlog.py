@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import statistics
 import time
 
@@ -81,7 +82,11 @@ def burst_once(s, m: Masters, count: int) -> dict:
 def measure(s, m: Masters, url: str, burst: int, repeats: int, rate: float, seconds: float, n: int):
     """Bursts with the one running worker, then a steady rate with a second worker
     (``worker-steady<n>``, stopped again afterwards)."""
+    # The machine's load (other work on the shared cores) next to each figure: on two
+    # shared cores it moves the rates and the p99 more than the backlog does.
+    load_before = os.getloadavg()[0]
     bursts = [burst_once(s, m, burst) for _ in range(repeats)]
+    load_bursts = os.getloadavg()[0]
     worker = f"worker-steady{n}"
     s.spawn(worker, ["worker", "--consumer-name", f"steady{n}"])
     s.wait_for_log(worker, "worker started", every=True)
@@ -91,6 +96,7 @@ def measure(s, m: Masters, url: str, burst: int, repeats: int, rate: float, seco
     late = [e["handledAt"] - posted.run_ats[e["uuid"]] for e in mine]
     s.stop_processes([worker])
     return {
+        "load_avg": [load_before, load_bursts, os.getloadavg()[0]],
         "burst": {
             "count": burst,
             "lost": sum(b["lost"] for b in bursts),
@@ -189,6 +195,7 @@ def run(
             "lost",
             "early",
             "within 10 %",
+            "load avg",
         ),
         [
             (
@@ -207,6 +214,7 @@ def run(
                 r["burst"]["lost"] + r["steady"]["lost"],
                 r["steady"]["early"] + r["backlog"] - r["backlog_left"],
                 "yes" if r["within_10pct"] else "no",
+                "/".join(f"{x:.1f}" for x in r["load_avg"]),
             )
             for r in results
         ],

@@ -106,7 +106,7 @@ def test_a_workload_row_sums_cpu_over_masters_and_projects_by_the_busiest_share(
     assert row["share_deviation"] == pytest.approx(0.5)
     assert row["created_shares"] == [0.5, 0.25, 0.25]
     assert row["redis_cpu_us_per_msg"] == pytest.approx(10.0)  # 4 ms over 400 messages
-    assert row["calls_per_msg"] == 0.5
+    assert row["commands_per_msg"] == 0.5
     assert row["per_master_capacity"] == pytest.approx(100_000)
     assert row["projected_capacity"] == pytest.approx(200_000)  # the busiest has half
 
