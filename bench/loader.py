@@ -27,6 +27,7 @@ import zlib
 from collections.abc import Sequence
 
 import redis.asyncio as aioredis
+from redis.exceptions import ClusterDownError, TryAgainError
 
 from app.model import NewMessage
 from app.settings import Settings
@@ -35,6 +36,7 @@ from app.store.partitions import Partitions
 from app.store.store import Store
 
 BODY = "x" * 100
+CLUSTER_DOWN_RETRIES = 60
 
 
 async def load_due(env: dict[str, str], count: int, run_at: int, body: str = BODY) -> None:
@@ -84,7 +86,16 @@ async def load_backlog(
             k = store.keys
             head = [k.wake_channel, settings.dead_maxlen, store._keep_ms]  # as accept_many
             keys = [k.messages, k.delayed, k.stream, k.sequence, k.dead, k.retention]
-            flat = await store.scripts.accept(keys=keys, args=head + args)
+            for attempt in range(CLUSTER_DOWN_RETRIES + 1):
+                try:
+                    flat = await store.scripts.accept(keys=keys, args=head + args)
+                    break
+                except (ClusterDownError, TryAgainError):
+                    # Refused before it ran (a master thought failed for a moment):
+                    # nothing was written, so sending it again is exact.
+                    if attempt == CLUSTER_DOWN_RETRIES:
+                        raise
+                    await asyncio.sleep(0.5)
             written[p] += sum(flat[0 : len(flat) - len(flat) % 3 : 3])
         except BaseException as exc:
             failures.append(exc)
