@@ -29,7 +29,18 @@ from bench.b8_scaleout import PARTITIONS, PREFIX, Masters, partitions_of, wait_e
 from bench.common import burst_figures, lateness_figures, print_table, stack, write_result
 from bench.loader import load_backlog, load_due, timed
 from bench.poster import send_at_rate
-from bench.scaling import counts_by_master, ratio, shares, us_per_message
+from bench.scaling import counts_by_master, memory_needed, ratio, shares, us_per_message
+
+LOAD_TIMEOUT_S = 1800.0  # a load slower than this is a machine too busy to measure on
+
+
+def mem_available() -> int:
+    """Bytes of RAM the kernel says can be had without swapping (``MemAvailable``)."""
+    with open("/proc/meminfo") as meminfo:
+        for line in meminfo:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no MemAvailable in /proc/meminfo")
 
 
 def settle_aof(m: Masters, timeout: float = 900.0) -> float:
@@ -123,7 +134,9 @@ def measure(s, m: Masters, url: str, burst: int, repeats: int, rate: float, seco
 def grow(s, m: Masters, target: int, have: int, base_ms: int) -> dict:
     """Load the backlog from ``have`` to ``target`` messages; settle the AOF."""
     urls = [s.masters[o].url for o in s.owners]
-    _, load_s = timed(load_backlog(s.env, urls, target - have, base_ms + have))
+    _, load_s = timed(
+        asyncio.wait_for(load_backlog(s.env, urls, target - have, base_ms + have), LOAD_TIMEOUT_S)
+    )
     aof_s = settle_aof(m)
     per_partition = backlog_by_partition(s, m)
     if sum(per_partition) != target:
@@ -146,6 +159,12 @@ def run(
     rate: float = 100.0,
     seconds: float = 20.0,
 ) -> dict:
+    need, have_ram = memory_needed(backlog), mem_available()
+    if need > have_ram:
+        raise SystemExit(
+            f"a backlog of {backlog:,} may need {need / 2**30:.1f} GiB of RAM and "
+            f"{have_ram / 2**30:.1f} GiB is available: give a smaller --backlog"
+        )
     results = []
     with stack(prefix=PREFIX, cluster_partitions=PARTITIONS) as s:
         m = Masters(s)

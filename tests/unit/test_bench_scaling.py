@@ -13,6 +13,7 @@ from bench.placement import plan_moves
 from bench.scaling import (
     capacity,
     counts_by_master,
+    memory_needed,
     projected_capacity,
     ratio,
     share_deviation,
@@ -118,3 +119,9 @@ def test_compare_sets_each_cluster_row_against_the_single_redis_row_of_its_workl
     assert row["cpu_vs_single"] == pytest.approx(1.2)  # 6 us/msg against 5
     # one core carries 200,000/s of 5 us messages; three carry 3 x 166,667/s of 6 us ones
     assert row["capacity_vs_single"] == pytest.approx(2.5)
+
+
+def test_memory_needed_leaves_room_for_every_master_to_fork_while_written_to():
+    # 10 M at B9's 351 B a message: 3.5 GB of data, 7 GB with a copy of every page.
+    assert memory_needed(10_000_000) == 7_020_000_000
+    assert memory_needed(1_000, bytes_per_msg=100) == 200_000
