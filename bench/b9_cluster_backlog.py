@@ -25,7 +25,14 @@ import time
 
 from app.store.keys import Keyspace
 from bench.b6_backlog import BACKLOG_AHEAD_MS, DELAY_S, MEDIANS
-from bench.b8_scaleout import PARTITIONS, PREFIX, Masters, partitions_of, wait_echoed
+from bench.b8_scaleout import (
+    PARTITIONS,
+    PREFIX,
+    Masters,
+    partitions_of,
+    until_due,
+    wait_echoed,
+)
 from bench.common import burst_figures, lateness_figures, print_table, stack, write_result
 from bench.loader import load_backlog, load_due, timed
 from bench.poster import send_at_rate
@@ -80,7 +87,7 @@ def burst_once(s, m: Masters, count: int) -> dict:
     asyncio.run(load_due(s.env, count, run_at))
     if time.time() * 1000 > run_at:
         raise SystemExit("loading the burst took longer than its lead time; raise it")
-    before = m.cpu()
+    before = until_due(m, run_at)
     lines = s.wait_for_echoes(lambda ls: sum(e["runAt"] == run_at for e in ls) >= count, 120)
     cpu = sum(m.cpu_since(before))
     mine = [e for e in lines if e["runAt"] == run_at]
