@@ -22,7 +22,9 @@ from pathlib import Path
 import httpx
 
 from app.ops.child import ChildProcess, stop_all
+from app.ops.cluster import RedisCluster
 from app.ops.servers import RedisServer, ZooKeeperServer, free_port
+from bench.placement import balance, owners
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -77,6 +79,12 @@ class Stack:
     zookeeper: ZooKeeperServer | None
     env: dict[str, str]
     processes: list[tuple[str, ChildProcess]] = field(default_factory=list)
+    # Every master (the one Redis without a cluster); ``redis`` is the first, the seed.
+    masters: list[RedisServer] = field(default_factory=list)
+    cluster: RedisCluster | None = None
+    # The master (index in ``masters``) serving each partition: as created, as used.
+    created_owners: list[int] = field(default_factory=list)
+    owners: list[int] = field(default_factory=list)
 
     def spawn(
         self, name: str, argv: Sequence[str], env: dict[str, str] | None = None
@@ -167,14 +175,47 @@ def wait_http(url: str, timeout: float = 30.0) -> None:
 
 
 @contextlib.contextmanager
-def stack(zookeeper: bool = True, prefix: str = "bench", **settings: str) -> Iterator[Stack]:
-    with tempfile.TemporaryDirectory(prefix="eat-bench-") as tmp:
+def stack(
+    zookeeper: bool = True,
+    prefix: str = "bench",
+    *,
+    cluster_partitions: int = 0,
+    balanced: bool = True,
+    **settings: str,
+) -> Iterator[Stack]:
+    """Servers for one run: one Redis, or with ``cluster_partitions`` a local 3-master
+    Redis Cluster (AOF everysec on each) and the processes set to that many partitions,
+    spread evenly over the masters unless ``balanced`` is false (``bench.placement``)."""
+    with tempfile.TemporaryDirectory(prefix="eat-bench-") as tmp, contextlib.ExitStack() as up:
         workdir = Path(tmp)
-        redis = RedisServer(workdir / "redis").start()  # AOF, appendfsync everysec
-        zk = ZooKeeperServer(workdir / "zk").start() if zookeeper else None
         env = {k: v for k, v in os.environ.items() if not k.startswith("EAT_")}
+        cluster = None
+        created: list[int] = []
+        if cluster_partitions:
+            # Redis' default node timeout, not the chaos tests' 2 s: a master busy with
+            # a big load call while other work takes the shared cores must not be
+            # declared failed (with no replicas, the whole cluster would stop serving).
+            cluster = RedisCluster(workdir / "redis-cluster", node_timeout_ms=15_000).start()
+            up.callback(cluster.stop)
+            created = owners(cluster, prefix, cluster_partitions)
+            if balanced:
+                created, _ = balance(cluster, prefix, cluster_partitions)
+            masters: list[RedisServer] = list(cluster.nodes)
+            env.update(EAT_REDIS_CLUSTER="true", EAT_PARTITIONS=str(cluster_partitions))
+            # The legacy lists in one slot, as docs/cluster.md tells an operator to do.
+            env.update(
+                EAT_LEGACY_QUEUE="{legacy}Queue",
+                EAT_LEGACY_DELAYED="{legacy}QueueDelayed",
+                EAT_LEGACY_IN_FLIGHT="{legacy}QueueDead",
+            )
+        else:
+            masters = [RedisServer(workdir / "redis").start()]  # AOF, appendfsync everysec
+            up.callback(masters[0].stop)
+        zk = ZooKeeperServer(workdir / "zk").start() if zookeeper else None
+        if zk:
+            up.callback(zk.stop)
         env.update(
-            EAT_REDIS_URL=redis.url,
+            EAT_REDIS_URL=masters[0].url,
             EAT_ZK_HOSTS=zk.hosts if zk else "127.0.0.1:1",
             EAT_PREFIX=prefix,
             EAT_LOG_FORMAT="json",
@@ -182,14 +223,15 @@ def stack(zookeeper: bool = True, prefix: str = "bench", **settings: str) -> Ite
             EAT_ZK_SESSION_TIMEOUT="2",
         )
         env.update({f"EAT_{k.upper()}": v for k, v in settings.items()})
-        run = Stack(workdir, redis, zk, env)
-        try:
-            yield run
-        finally:
-            run.stop_processes()
-            if zk:
-                zk.stop()
-            redis.stop()
+        run = Stack(workdir, masters[0], zk, env, masters=masters, cluster=cluster)
+        if cluster:
+            run.created_owners = created
+            run.owners = owners(cluster, prefix, cluster_partitions)
+        else:
+            run.created_owners = run.owners = [0]
+        # Registered last, so it runs first: the processes stop before their servers.
+        up.callback(run.stop_processes)
+        yield run
 
 
 def write_result(bench_id: str, payload: dict) -> Path:

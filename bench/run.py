@@ -19,6 +19,8 @@ from bench import (
     b5_memory,
     b6_backlog,
     b7_failover,
+    b8_scaleout,
+    b9_cluster_backlog,
     b11_schedules,
 )
 
@@ -34,6 +36,19 @@ SUITE = {
         seconds=5 if quick else 20,
     ),
     "B7": lambda quick: b7_failover.run(seconds=10 if quick else 30),
+    "B8": lambda quick: b8_scaleout.run(
+        seconds=3 if quick else 10,
+        burst=5_000 if quick else 20_000,
+        steady_s=5 if quick else 15,
+    ),
+    # 10 M loads in about 1.5 minutes here; python -m bench.b9_cluster_backlog --backlog N
+    # for another count.
+    "B9": lambda quick: b9_cluster_backlog.run(
+        backlog=200_000 if quick else 10_000_000,
+        burst=5_000 if quick else 20_000,
+        repeats=1 if quick else 3,
+        seconds=5 if quick else 20,
+    ),
     "B11": lambda quick: b11_schedules.run(1_000 if quick else 10_000, 1 if quick else 2),
 }
 

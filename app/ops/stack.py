@@ -65,7 +65,10 @@ def _local_cluster(data_dir: Path) -> RedisCluster:
         ports = list(CLUSTER_PORTS)
     else:
         ports = cluster_ports(3)
-    cluster = RedisCluster(base, masters=3, ports=ports)
+    # Redis' own default node timeout, not the tests' short one: without replicas there
+    # is no failover to hasten, and a laptop that sleeps or a loaded machine would see
+    # its masters marked failed.
+    cluster = RedisCluster(base, masters=3, ports=ports, node_timeout_ms=15_000)
     base.mkdir(parents=True, exist_ok=True)
     recorded.write_text(" ".join(str(p) for p in ports) + "\n")
     return cluster
