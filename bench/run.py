@@ -11,7 +11,16 @@ from __future__ import annotations
 import argparse
 import sys
 
-from bench import b1_ingest, b2_bulk, b3_burst, b4_steady, b5_memory, b6_backlog, b7_failover
+from bench import (
+    b1_ingest,
+    b2_bulk,
+    b3_burst,
+    b4_steady,
+    b5_memory,
+    b6_backlog,
+    b7_failover,
+    b10_webhook,
+)
 
 SUITE = {
     "B1": lambda quick: b1_ingest.run(seconds=3 if quick else 10),
@@ -25,6 +34,9 @@ SUITE = {
         seconds=5 if quick else 20,
     ),
     "B7": lambda quick: b7_failover.run(seconds=10 if quick else 30),
+    "B10": lambda quick: b10_webhook.run(
+        count=2_000 if quick else 10_000, seconds=5 if quick else 30
+    ),
 }
 
 

@@ -29,8 +29,9 @@ a target refused at delivery          dead-lettered at once, never connected to 
 ====================================  ====================================================
 
 One ``httpx.AsyncClient`` serves every request: connections are kept alive and pooled
-per origin, and at most EAT_WEBHOOK_PER_ORIGIN requests are in flight to one origin
-(a slow receiver holds up its own messages only). The pool's connector resolves each
+per origin (a pool of its own per origin, :class:`OriginPools`), and at most
+EAT_WEBHOOK_PER_ORIGIN requests are in flight to one origin (a slow receiver holds up
+its own messages only). The pool's connector resolves each
 host itself and connects to an address it has checked (:class:`GuardedBackend`), so a
 name that resolves elsewhere between the check and the connection cannot slip through.
 """
@@ -110,6 +111,47 @@ class GuardedBackend(httpcore.AsyncNetworkBackend):
         await self.inner.sleep(seconds)
 
 
+class OriginPools(httpx.AsyncBaseTransport):
+    """One httpx connection pool per origin, each connecting through ``backend``.
+
+    httpcore's pool looks over every connection it holds each time a request starts or
+    ends, so one pool shared by many connections costs time in proportion to their
+    number for every request (measured: 300 requests/s with 64 connections to one
+    origin, 890/s with 8). A pool per origin keeps that to the origin's own connections,
+    which the per-origin cap bounds.
+    """
+
+    def __init__(self, backend: httpcore.AsyncNetworkBackend, per_origin: int) -> None:
+        self.backend = backend
+        self.per_origin = per_origin
+        self.pools: dict[tuple[bytes, bytes, int | None], httpx.AsyncHTTPTransport] = {}
+
+    def _pool(self, url: httpx.URL) -> httpx.AsyncHTTPTransport:
+        origin = (url.raw_scheme, url.raw_host, url.port)
+        pool = self.pools.get(origin)
+        if pool is None:
+            pool = httpx.AsyncHTTPTransport(
+                limits=httpx.Limits(
+                    max_connections=self.per_origin, max_keepalive_connections=self.per_origin
+                ),
+                retries=0,
+            )
+            inner = pool._pool  # the one place httpx lets a connector in is its pool
+            if not hasattr(inner, "_network_backend"):
+                raise RuntimeError("this httpx has no pool network backend to guard; pin httpx")
+            inner._network_backend = self.backend
+            self.pools[origin] = pool
+        return pool
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        return await self._pool(request.url).handle_async_request(request)
+
+    async def aclose(self) -> None:
+        pools, self.pools = list(self.pools.values()), {}
+        for pool in pools:
+            await pool.aclose()
+
+
 def retry_after_seconds(value: str | None, now: float) -> float:
     """A ``Retry-After`` header as seconds from ``now`` (0 when absent or unreadable):
     delay-seconds or an HTTP-date."""
@@ -157,17 +199,9 @@ class WebhookHandler:
         self.per_origin = per_origin
         self.clock = clock
         self._caps: dict[str, asyncio.Semaphore] = {}
-        transport = httpx.AsyncHTTPTransport(
-            limits=httpx.Limits(max_connections=None, max_keepalive_connections=1000),
-            retries=0,
-        )
-        pool = transport._pool  # the one place httpx lets a connector in is its pool
-        if not hasattr(pool, "_network_backend"):
-            raise RuntimeError("this httpx has no pool network backend to guard; pin httpx")
-        pool._network_backend = GuardedBackend(policy)
         # trust_env off: a proxy from the environment would connect where the guard cannot see.
         self.client = httpx.AsyncClient(
-            transport=transport,
+            transport=OriginPools(GuardedBackend(policy), per_origin),
             timeout=httpx.Timeout(timeout),
             follow_redirects=False,
             trust_env=False,
