@@ -180,7 +180,7 @@ def record_body(packed: bytes) -> bytes:
 
 
 ENVELOPE = 0xFF  # first byte of a body carrying a target: never a byte of UTF-8
-_TARGET_LEN = struct.Struct(">H")
+_TARGET_LEN = struct.Struct(">H")  # the target's length in an envelope
 
 
 def pack_body(message: str, target: str | None) -> bytes:
@@ -196,8 +196,8 @@ def split_body(body: bytes) -> tuple[bytes, str | None]:
     ValueError for an envelope that is cut short."""
     if not body or body[0] != ENVELOPE:
         return body, None
-    (size,) = _TARGET_LEN.unpack_from(body, 1)
+    size = int.from_bytes(body[1:3], "big")
     end = 3 + size
     if len(body) < end:
         raise ValueError("the body's target is cut short")
-    return body[end:], body[3:end].decode("ascii")
+    return body[end:], body[3:end].decode("ascii")  # UnicodeDecodeError is a ValueError

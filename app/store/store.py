@@ -283,8 +283,8 @@ def _parse_checked(entry_id: str, fields: list | dict, partition: int) -> Delive
     try:
         # The fast path's decode fails on an envelope's first byte: it comes here.
         body, target = split_body(body)
-    except (ValueError, UnicodeDecodeError):
-        raise CorruptEntry(entry_id, "m (the body) has a target cut short") from None
+    except ValueError:
+        target = None  # no envelope: judged as a message below, where 0xFF is not UTF-8
     try:
         message = body.decode("utf-8", "surrogatepass")
     except UnicodeDecodeError:
