@@ -19,7 +19,7 @@ import pytest
 
 from app.model import NewMessage, State
 from app.settings import Settings
-from app.store import Store
+from app.store import Delivery, Store
 from app.store.lifecycle import Lifecycle
 from app.targets import TargetPolicy
 from tests.aio import open_store
@@ -27,6 +27,7 @@ from tests.integration.test_worker import running_promoter, running_worker
 from tests.receiver import SECRET, Answer, Arrival, Receiver
 from tests.servers import free_port
 from tests.wait import async_wait_until
+from workers.handlers import DeliveryFailed
 from workers.webhook import WebhookHandler
 from workers.worker import Worker
 
@@ -324,5 +325,36 @@ def test_requests_to_one_origin_never_exceed_the_per_origin_cap(
             async with webhook_worker(store, settings, concurrency=12) as worker:
                 await async_wait_until(lambda: worker.stats.acked == 12, "delivered", DEADLINE)
         assert receiver.most_in_flight == 3
+
+    asyncio.run(scenario())
+
+
+def test_a_custom_handler_raising_delivery_failed_dead_letters_now_or_waits_not_before(
+    settings: Settings,
+) -> None:
+    runs: dict[str, list[float]] = {}
+
+    async def handler(delivery: Delivery) -> None:
+        runs.setdefault(delivery.message, []).append(time.monotonic())
+        if delivery.message == "refused":
+            raise DeliveryFailed("the receiver said no", retry=False)
+        if delivery.attempts == 0:
+            raise DeliveryFailed("come back later", not_before=1.0)
+
+    async def scenario() -> None:
+        async with open_store(settings) as store, running_promoter(store):
+            refused = await accept(store, "refused", None)
+            later = await accept(store, "later", None)
+            worker = Worker(store, handler, "w1", 4)
+            async with running_worker(worker):
+                await async_wait_until(
+                    lambda: worker.stats.dead == 1 and worker.stats.acked == 1, "settled", DEADLINE
+                )
+            reason, attempts = await dead_reason(store, refused)
+            assert (reason, attempts) == (b"the receiver said no", b"1")
+            assert len(runs["refused"]) == 1
+            first, second = runs["later"]
+            assert second - first >= 1.0, "not_before was waited (the backoff is 0.05 s)"
+            assert (await store.record(later)).state is State.DELIVERED
 
     asyncio.run(scenario())
