@@ -234,3 +234,11 @@ def test_a_legacy_item_with_a_refused_target_is_dead_lettered_with_the_reason(
         assert not redis_client.hexists(ks.messages, uuid_key(UUID))
     finally:
         redis_client.delete(lists.queue, lists.delayed, lists.in_flight)
+
+
+def test_the_dashboards_message_page_shows_the_target(client):
+    target = "https://hooks.example.com/in?a=<b>"
+    assert post(client, {"message": "m", "runAt": FUTURE, "uuid": UUID, "target": target})
+    page = client.get(f"/ui/messages/{UUID}")
+    assert page.status_code == 200
+    assert '<code id="target">https://hooks.example.com/in?a=&lt;b&gt;</code>' in page.text
