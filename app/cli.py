@@ -63,7 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument(
         "--handler",
         default="echo",
-        help="'echo' (default), 'list' (LPUSH onto a legacy list) or 'package.module:callable'",
+        help="'echo' (default), 'list' (LPUSH onto a legacy list), 'webhook' (a signed "
+        "HTTP POST: docs/webhooks.md) or 'package.module:callable'",
     )
     worker.add_argument(
         "--handler-timeout",

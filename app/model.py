@@ -19,6 +19,7 @@ import msgspec
 # 0 .. 9999-12-31T23:59:59.999Z in epoch milliseconds: a date any client can mean.
 RUN_AT_MIN = 0
 RUN_AT_MAX = 253402300799999
+TARGET_MAX_BYTES = 2048  # a webhook target URL (app.targets checks the rest)
 
 _CANONICAL_UUID = re.compile(
     r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}\Z"
@@ -54,6 +55,7 @@ class SaveMessage(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     message: str
     runAt: int  # the wire name, kept from the original service
     uuid: str | None = None
+    target: str | None = None  # a webhook URL (app.targets checks it, not this module)
 
 
 class InvalidInput(ValueError):
@@ -73,6 +75,7 @@ class NewMessage(msgspec.Struct, frozen=True, gc=False):
     uuid: str
     message: str
     run_at: int
+    target: str | None = None  # the webhook URL it names, checked (app.targets)
 
 
 def field_names(struct: type[msgspec.Struct]) -> tuple[str, ...]:
@@ -204,8 +207,9 @@ def parse_save_message(body: bytes, max_message_bytes: int) -> NewMessage:
     # '"' byte only where a string opens or closes, or escaped (\"), so it has at least
     # twice as many as strings. A body that decoded to ``req`` holds at least 3 strings
     # (message's name and value, runAt's name), 5 with a uuid, and a repeated key (an
-    # escaped one too) adds at least one more: exactly 6 (10) quotes rule a repeat out.
-    expected = 10 if req.uuid is not None else 6
+    # escaped one too) adds at least one more: exactly 6 (10) quotes rule a repeat out;
+    # a target adds 4 (its name and value), like a uuid.
+    expected = 6 + (4 if req.uuid is not None else 0) + (4 if req.target is not None else 0)
     long = len(body) > _COUNT_QUOTES
     quotes = _quotes_up_to(body, expected + 1) if long else body.count(b'"')
     if quotes != expected:
@@ -240,7 +244,13 @@ def validate(req: SaveMessage, max_message_bytes: int) -> NewMessage:
         raise InvalidInput(
             f"message is {size} bytes; the limit is {max_message_bytes}", "message", 413
         )
-    return NewMessage(uuid=normalize_uuid(req.uuid), message=req.message, run_at=req.runAt)
+    if req.target is None:
+        return NewMessage(uuid=normalize_uuid(req.uuid), message=req.message, run_at=req.runAt)
+    if len(req.target) > TARGET_MAX_BYTES:
+        raise InvalidInput(
+            f"target is {len(req.target)} characters; the limit is {TARGET_MAX_BYTES}", "target"
+        )
+    return NewMessage(normalize_uuid(req.uuid), req.message, req.runAt, req.target)
 
 
 def normalize_uuid(value: str | None) -> str:

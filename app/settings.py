@@ -6,6 +6,7 @@ starts half-configured.
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import math
 import os
@@ -329,6 +330,51 @@ class Settings:
             "is refused (422, field `every`)."
         },
     )
+    webhook_url: str = field(
+        default="",
+        metadata={
+            "doc": "The webhook handler's default target (worker `--handler webhook`): where a "
+            "message that names no `target` is POSTed. Always allowed as a target."
+        },
+    )
+    webhook_secret: str = field(
+        default="",
+        repr=False,
+        metadata={
+            "doc": "The webhook signing secret, `whsec_` and base64 (Standard Webhooks); "
+            "needed by `--handler webhook`. Never logged."
+        },
+    )
+    webhook_timeout: float = field(
+        default=10.0,
+        metadata={
+            "doc": "Seconds one webhook request may take, connecting included; past it the "
+            "delivery fails (retried with backoff)."
+        },
+    )
+    webhook_allow: str = field(
+        default="",
+        metadata={
+            "doc": "Targets a message may name: comma-separated origins "
+            "(`https://hooks.example.com`) or hosts (`hooks.example.com`, `*.example.com`). "
+            "Empty: only EAT_WEBHOOK_URL. A host named here (no `*`) may resolve to a "
+            "private or loopback address; other targets may not (SSRF)."
+        },
+    )
+    webhook_per_origin: int = field(
+        default=16,
+        metadata={
+            "doc": "Most webhook requests in flight at once to one origin, per worker process "
+            "(a slow receiver holds up only its own messages beyond this)."
+        },
+    )
+    webhook_resolve_timeout: float = field(
+        default=2.0,
+        metadata={
+            "doc": "Seconds the api (and the bridge) may take to resolve a target's host "
+            "before refusing it."
+        },
+    )
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
@@ -420,6 +466,7 @@ class Settings:
         # Below 0.1 s a replace would have over 350 occurrences to cancel (35 s of them).
         if not 0.1 <= self.schedule_min_interval <= 86400:
             raise SettingsError(_env("schedule_min_interval"), "from 0.1 to 86400 seconds")
+        _validate_webhook(self)
 
     @classmethod
     def documentation(cls) -> list[tuple[str, str, str]]:
@@ -454,6 +501,34 @@ def _validate_legacy_names(settings: Settings) -> None:
             _env("legacy_in_flight"),
             "the three legacy list names must carry the same hash tag ({...}) or none",
         )
+
+
+def _validate_webhook(settings: Settings) -> None:
+    # Imported here: app.targets is a sibling of this module in the shared layer.
+    from app.targets import TargetRefused, parse_allow, parse_target
+
+    _positive(settings, "webhook_timeout", "webhook_per_origin", "webhook_resolve_timeout")
+    if settings.webhook_url:
+        try:
+            parse_target(settings.webhook_url)
+        except TargetRefused as exc:
+            raise SettingsError(_env("webhook_url"), str(exc)) from None
+    try:
+        parse_allow(settings.webhook_allow)
+    except ValueError as exc:
+        raise SettingsError(_env("webhook_allow"), str(exc)) from None
+    if settings.webhook_secret:
+        secret = settings.webhook_secret
+        # Never quote the value: it is a secret.
+        if not secret.startswith("whsec_"):
+            raise SettingsError(_env("webhook_secret"), "must start with whsec_")
+        try:
+            text = secret[len("whsec_") :]
+            key = base64.b64decode(text + "=" * (-len(text) % 4), validate=True)
+        except ValueError:
+            raise SettingsError(_env("webhook_secret"), "whsec_ followed by base64") from None
+        if len(key) < 24:
+            raise SettingsError(_env("webhook_secret"), "use at least 24 bytes of key")
 
 
 def _positive(settings: Settings, *names: str) -> None:

@@ -21,6 +21,7 @@ from bench import (
     b7_failover,
     b8_scaleout,
     b9_cluster_backlog,
+    b10_webhook,
     b11_schedules,
 )
 
@@ -48,6 +49,9 @@ SUITE = {
         burst=5_000 if quick else 20_000,
         repeats=1 if quick else 3,
         seconds=5 if quick else 20,
+    ),
+    "B10": lambda quick: b10_webhook.run(
+        count=2_000 if quick else 10_000, seconds=5 if quick else 30
     ),
     "B11": lambda quick: b11_schedules.run(1_000 if quick else 10_000, 1 if quick else 2),
 }

@@ -83,9 +83,10 @@ from app.model import (
 )
 from app.settings import Settings
 from app.store import Store
-from app.store.codec import uuid_key
+from app.store.codec import pack_body, uuid_key
 from app.store.keys import LegacyLists
 from app.store.partitions import Partitions
+from app.targets import TargetPolicy, TargetRefused
 from election.gate import LeadershipGate
 from election.wakeable import WakeableLoop
 
@@ -106,6 +107,7 @@ class LegacyItem(msgspec.Struct, frozen=True):
     message: str
     runAt: int
     uuid: str | None = None
+    target: str | None = None  # a webhook URL, checked like the api's (docs/webhooks.md)
 
 
 _decoder = msgspec.json.Decoder(LegacyItem)
@@ -150,12 +152,20 @@ class MalformedItem(ValueError):
     ``message`` and ``run_at`` are None when the item has no usable value for them.
     """
 
-    def __init__(self, reason: str, uuid: str, message: str | None, run_at: int | None) -> None:
+    def __init__(
+        self,
+        reason: str,
+        uuid: str,
+        message: str | None,
+        run_at: int | None,
+        target: str | None = None,
+    ) -> None:
         super().__init__(reason)
         self.reason = reason
         self.uuid = uuid
         self.message = message
         self.run_at = run_at
+        self.target = target  # kept with the message in the dead entry: a replay keeps it
 
 
 def parse_item(raw: bytes, max_message_bytes: int) -> NewMessage:
@@ -180,7 +190,8 @@ def parse_item(raw: bytes, max_message_bytes: int) -> NewMessage:
     uuid = item.uuid if item.uuid is not None else legacy_uuid(raw)
     try:
         return validate(
-            SaveMessage(message=item.message, runAt=item.runAt, uuid=uuid), max_message_bytes
+            SaveMessage(message=item.message, runAt=item.runAt, uuid=uuid, target=item.target),
+            max_message_bytes,
         )
     except InvalidInput as exc:
         raise _malformed(raw, f"invalid {exc.field}: {exc.error}", max_message_bytes) from None
@@ -231,6 +242,10 @@ def _malformed(
             message = None
     except UnicodeEncodeError:
         message = None
+    if obj.get("target") is not None:
+        # The message named a target that cannot be kept: without its message the dead
+        # entry cannot be replayed, which would send it to the default URL instead.
+        message = None
     run_at = obj.get("runAt")
     valid = isinstance(run_at, int) and not isinstance(run_at, bool)
     if not valid or not RUN_AT_MIN <= run_at <= RUN_AT_MAX:
@@ -263,6 +278,7 @@ class LegacyBridge(WakeableLoop):
         gate: LeadershipGate,
         lists: LegacyLists,
         batch: int = DEFAULT_BATCH,
+        targets: TargetPolicy | None = None,
     ) -> None:
         if batch < 1:
             raise ValueError("batch must be at least 1")
@@ -275,6 +291,8 @@ class LegacyBridge(WakeableLoop):
         self.gate = gate
         self.lists = lists
         self.batch = batch
+        # An item's webhook target: checked as the api checks one, dead-lettered if refused.
+        self.targets = targets or TargetPolicy.of(self.settings)
         self.stats = BridgeStats()
         gate.on_change(self.poke)
 
@@ -367,6 +385,8 @@ class LegacyBridge(WakeableLoop):
         msgs: list[NewMessage] = []
         for raw, due_now in items:
             msg = read_item(raw, limit)
+            if not isinstance(msg, MalformedItem) and msg.target is not None:
+                msg = await self._checked(msg)
             if isinstance(msg, MalformedItem):
                 await self._dead_letter(raw, msg, now_ms)
                 continue
@@ -385,6 +405,17 @@ class LegacyBridge(WakeableLoop):
                     pipe.lrem(self.lists.in_flight, 1, raw)
                 await pipe.execute()
 
+    async def _checked(self, msg: NewMessage) -> NewMessage | MalformedItem:
+        """``msg``, or a MalformedItem when its target is refused (the reason says why)."""
+        assert msg.target is not None
+        try:
+            await self.targets.check(msg.target)
+        except TargetRefused as exc:
+            return MalformedItem(
+                f"invalid target: {exc}", msg.uuid, msg.message, msg.run_at, msg.target
+            )
+        return msg
+
     async def _dead_letter(self, raw: bytes, bad: MalformedItem, now_ms: int) -> None:
         """XADD to the dead stream with the fields of other dead entries, plus ``raw``.
 
@@ -393,7 +424,7 @@ class LegacyBridge(WakeableLoop):
         """
         fields: dict[str, str | bytes] = {"u": uuid_key(bad.uuid)}
         if bad.message is not None:
-            fields["m"] = bad.message.encode()
+            fields["m"] = pack_body(bad.message, bad.target)
         if bad.run_at is not None:
             fields["r"] = str(bad.run_at)
         fields.update(a="0", reason=bad.reason, at=str(now_ms), raw=raw[:RAW_KEEP])

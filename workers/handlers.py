@@ -4,6 +4,12 @@ A handler is ``callable(delivery) -> None`` or an async function. Raising means
 failure (retried with backoff, then dead-lettered). Sync handlers run in a
 thread so they cannot stall the worker's event loop, except those marked
 ``inline`` (fast, non-blocking, and order-preserving, like ``echo``).
+
+A handler that knows more than "it failed" raises :class:`DeliveryFailed`: with
+``retry=False`` the message is dead-lettered now (the receiver refused it for good),
+with ``not_before`` its retry waits at least that long (a receiver's ``Retry-After``);
+its ``reason`` is what the dead letter says. The webhook handler (``workers.webhook``)
+uses it; any custom handler may.
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ from typing import Any
 
 import msgspec
 
-from app.settings import LEGACY_QUEUE
+from app.settings import LEGACY_QUEUE, Settings
 from app.store import Delivery
 
 Handler = Callable[[Delivery], "Awaitable[None] | None"]
@@ -82,6 +88,22 @@ def make_list_handler(redis_factory: Callable[[], Any], list_name: str) -> Handl
     return push
 
 
+class DeliveryFailed(Exception):
+    """Raised by a handler: this delivery failed, and how to go on.
+
+    :param reason: what the log and, if it ends there, the dead letter say.
+    :param retry: False: dead-letter it now, whatever attempts are left.
+    :param not_before: seconds: the retry waits at least this long (the backoff when that
+        is longer; capped by EAT_RETRY_MAX).
+    """
+
+    def __init__(self, reason: str, *, retry: bool = True, not_before: float = 0.0) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.retry = retry
+        self.not_before = not_before
+
+
 class HandlerSpecError(ValueError):
     pass
 
@@ -92,12 +114,22 @@ def load_handler(
     *,
     redis_factory: Callable[[], Any] | None = None,
     list_name: str | None = None,
+    settings: Settings | None = None,
 ) -> Handler:
-    """``echo``, ``list`` (needs ``redis_factory``) or ``package.module:callable``."""
+    """``echo``, ``list`` (needs ``redis_factory``), ``webhook`` (needs ``settings`` with
+    EAT_WEBHOOK_SECRET) or ``package.module:callable``."""
     if list_name is not None and spec != "list":
         raise HandlerSpecError("--list-name goes with --handler list only")
     if spec == "echo":
         return make_echo(worker)
+    if spec == "webhook":
+        if settings is None or not settings.webhook_secret:
+            raise HandlerSpecError(
+                "--handler webhook needs EAT_WEBHOOK_SECRET (whsec_ and base64) to sign with"
+            )
+        from workers.webhook import WebhookHandler  # httpx and the signer, for this one only
+
+        return WebhookHandler.of(settings)
     if spec == "list":
         if redis_factory is None:
             raise HandlerSpecError("--handler list needs a Redis client")
@@ -105,7 +137,7 @@ def load_handler(
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr:
         raise HandlerSpecError(
-            f"--handler must be 'echo', 'list' or 'module:callable', got {spec!r}"
+            f"--handler must be 'echo', 'list', 'webhook' or 'module:callable', got {spec!r}"
         )
     try:
         module = importlib.import_module(module_name)

@@ -62,7 +62,11 @@ async def run_worker(
     built: list[Worker] = []
     # The list handler shares the worker's client; it asks for it on first use.
     handler = load_handler(
-        handler_spec, consumer, redis_factory=lambda: built[0].store.client, list_name=list_name
+        handler_spec,
+        consumer,
+        redis_factory=lambda: built[0].store.client,
+        list_name=list_name,
+        settings=settings,
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -91,6 +95,9 @@ async def run_worker(
     try:
         await _run(settings, handler, consumer, concurrency, handler_timeout, stop, built)
     finally:
+        close = getattr(handler, "aclose", None)  # the webhook handler's connections
+        if close is not None:
+            await close()
         if health is not None:
             await health.stop()
 

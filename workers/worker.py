@@ -59,7 +59,7 @@ from app.store.history import HistoryRecorder
 from app.store.memory import MemoryPolicy
 from app.store.partitions import Partitions
 from app.supervise import Supervisor
-from workers.handlers import Handler, is_async
+from workers.handlers import DeliveryFailed, Handler, is_async
 from workers.retry import backoff_seconds
 
 log = get_logger("worker")
@@ -546,11 +546,20 @@ class Worker:
     async def _failed(self, delivery: Delivery, exc: Exception) -> None:
         attempt = delivery.attempts + 1
         delay = backoff_seconds(attempt, self.settings.retry_base, self.settings.retry_max)
-        timed_out = isinstance(exc, HandlerTimeout)
-        reason = exc.reason if timed_out else f"{type(exc).__name__}: {exc}"
+        dead_now = False
+        if isinstance(exc, HandlerTimeout):
+            reason = exc.reason
+        elif isinstance(exc, DeliveryFailed):
+            # The handler said more: dead-letter now, or retry no sooner than it asks.
+            reason, dead_now = exc.reason, not exc.retry
+            delay = max(delay, min(exc.not_before, self.settings.retry_max))
+        else:
+            reason = f"{type(exc).__name__}: {exc}"
         try:
             store = self._lane(delivery).store
-            outcome, attempts = await store.fail(delivery, int(delay * 1000), reason)
+            outcome, attempts = await store.fail(
+                delivery, int(delay * 1000), reason, dead_now=dead_now
+            )
         except RETRIED as err:
             # Still pending: another worker reclaims it after the visibility timeout.
             log.error("could not record failure", uuid=delivery.uuid, error=describe(err))
@@ -564,6 +573,8 @@ class Worker:
             "handler failed",
             uuid=delivery.uuid,
             error=type(exc).__name__,
+            # A DeliveryFailed's reason is the handler's own words (a status, an answer).
+            reason=reason[:200] if isinstance(exc, DeliveryFailed) else None,
             attempts=attempts,
             outcome=outcome,
             retry_in_s=round(delay, 3) if outcome == "retrying" else None,

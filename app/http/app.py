@@ -35,6 +35,7 @@ from app.store.lifecycles import Lifecycles
 from app.store.memory import EvictingPolicyError, MemoryPolicy
 from app.store.partitions import Partitions
 from app.store.schedules import Schedules
+from app.targets import TargetPolicy
 
 log = get_logger("api")
 
@@ -153,13 +154,19 @@ class _NotConnected:
         raise NotConnected()
 
 
-def create_app(settings: Settings | None = None, stop: Callable[[], None] | None = None) -> ApiApp:
+def create_app(
+    settings: Settings | None = None,
+    stop: Callable[[], None] | None = None,
+    targets: TargetPolicy | None = None,
+) -> ApiApp:
     """Build the API. ``settings`` defaults to the environment's (validated); ``stop``
     (the server's, from ``run_api``) ends the process when a check made after start-up
-    refuses Redis' data (see the lifespan)."""
+    refuses Redis' data (see the lifespan); ``targets`` checks a message's webhook target
+    (default: from the settings, with the system's resolver; tests give another)."""
     settings = settings or Settings.from_env()
     recorder = RequestMetrics()
-    ingest = SaveMessageHandler(settings, recorder)
+    targets = targets or TargetPolicy.of(settings)
+    ingest = SaveMessageHandler(settings, recorder, targets)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -313,7 +320,7 @@ def create_app(settings: Settings | None = None, stop: Callable[[], None] | None
             ),
             name="save_message",
         ),
-        *lifecycle_routes(settings),
+        *lifecycle_routes(settings, targets),
         *schedule_routes(settings),
         *openapi.documented(health_routes(ready, queue_figures), HEALTH_DOCS),
     ]

@@ -38,6 +38,7 @@ from app.http.wire import LegacyMessage, LegacySaved
 from app.log import get_logger
 from app.model import InvalidInput, parse_save_message
 from app.settings import Settings
+from app.targets import TargetPolicy, TargetRefused
 
 log = get_logger("api")
 
@@ -52,10 +53,25 @@ _START_500 = {"type": "http.response.start", "status": _500_STATUS, "headers": _
 _BODY_500 = {"type": "http.response.body", "body": _500_BODY}
 
 
+async def check_target(targets: TargetPolicy, url: str) -> None:
+    """A message's target, refused as InvalidInput 422 naming the field ``target``."""
+    try:
+        await targets.check(url)
+    except TargetRefused as exc:
+        raise InvalidInput(str(exc), "target") from None
+
+
 class SaveMessageHandler:
     """Validate one message, accept it through the batcher, answer 201 (200 if a duplicate)."""
 
-    def __init__(self, settings: Settings, request_metrics: RequestMetrics) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        request_metrics: RequestMetrics,
+        targets: TargetPolicy | None = None,
+    ) -> None:
+        # A message's webhook target: allowlist and addresses checked before it is stored.
+        self.targets = targets or TargetPolicy.of(settings)
         self.max_message_bytes = settings.max_message_bytes
         self.body_limit = settings.max_message_bytes * 6 + BODY_OVERHEAD
         self.token = settings.api_token.encode() if settings.api_token else None
@@ -116,6 +132,8 @@ class SaveMessageHandler:
             require_json(content_type)
             body = await read_body(receive, content_length, self.body_limit)
             msg = parse_save_message(body, self.max_message_bytes)
+            if msg.target is not None:
+                await check_target(self.targets, msg.target)
         except InvalidInput as exc:
             self._accepted_invalid.inc()
             return error_answer(exc.status, exc.error, exc.field)

@@ -15,6 +15,7 @@ from collections import Counter
 from collections.abc import Awaitable, Callable
 
 import msgspec
+from msgspec import UNSET
 from starlette.requests import Request
 from starlette.responses import Response
 
@@ -30,6 +31,7 @@ from app.http.answers import (
     response,
     unauthorized_answer,
 )
+from app.http.ingest import check_target
 from app.http.openapi import (
     BAD_UUID,
     CONFLICT,
@@ -73,6 +75,7 @@ from app.model import (
 from app.settings import Settings
 from app.store.lifecycle import Outcome
 from app.store.lifecycles import Cursor, Lifecycles, Report, parse_cursor
+from app.targets import TargetPolicy
 
 log = get_logger("api")
 
@@ -129,11 +132,12 @@ def query_cursor(request: Request, partitions: int) -> Cursor | None:
         raise InvalidInput("cursor must be the `next` of a previous page", "cursor") from None
 
 
-def lifecycle_routes(settings: Settings) -> list[Operation]:
+def lifecycle_routes(settings: Settings, targets: TargetPolicy | None = None) -> list[Operation]:
     """The routes, each with its documentation; their handlers find the Lifecycles in
     ``app.state.lifecycle`` (None until the api has reached Redis: 503) and the OpenAPI
     document in ``app.state.openapi``."""
     token = settings.api_token.encode() if settings.api_token else None
+    targets = targets or TargetPolicy.of(settings)
     bulk_limit = settings.max_batch_bytes
     max_message = settings.max_message_bytes
     accepted_due = metrics.ACCEPTED.labels("due")
@@ -165,9 +169,11 @@ def lifecycle_routes(settings: Settings) -> list[Operation]:
 
     async def get_message(request: Request, lc: Lifecycles) -> Response:
         uuid = path_uuid(request)
-        record = await lc.record(uuid)
-        if record is None:
+        view = await lc.message(uuid)
+        if view is None:
             return not_found(uuid)
+        record = view.record
+        target = view.body.target if view.body is not None else None
         return respond(
             MessageStatus(
                 uuid=uuid,
@@ -177,6 +183,7 @@ def lifecycle_routes(settings: Settings) -> list[Operation]:
                 acceptedAt=record.accepted_at,
                 updatedAt=record.updated_at,
                 transitions=record.transitions,
+                target=UNSET if target is None else target,
             )
         )
 
@@ -221,7 +228,10 @@ def lifecycle_routes(settings: Settings) -> list[Operation]:
         valid = []
         for index, raw in enumerate(raws):
             try:
-                valid.append((index, parse_save_message(bytes(raw), max_message)))
+                msg = parse_save_message(bytes(raw), max_message)
+                if msg.target is not None:
+                    await check_target(targets, msg.target)
+                valid.append((index, msg))
             except InvalidInput as exc:
                 results[index] = BulkItem(
                     index=index, status="invalid", error=exc.error, field=exc.field
@@ -266,6 +276,9 @@ def lifecycle_routes(settings: Settings) -> list[Operation]:
         limit, cursor = query_limit(request), query_cursor(request, lc.count)
         rows, next_cursor = await lc.dead_page(limit, cursor)
         items = [msgspec.convert(row.entry, DeadItem, from_attributes=True) for row in rows]
+        for item in items:
+            if item.target is None:
+                item.target = UNSET
         if lc.count > 1:
             for item, row in zip(items, rows, strict=True):
                 item.partition = row.partition

@@ -26,6 +26,14 @@ RunAt = Annotated[
 ]
 UUID_PATTERN = r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$"
 Uuid = Annotated[str, Meta(pattern=UUID_PATTERN, description="Canonical UUID, stored lower-case.")]
+Target = Annotated[
+    str,
+    Meta(
+        max_length=2048,
+        description="The URL the webhook handler POSTs this message to (http or https; "
+        "EAT_WEBHOOK_ALLOW decides which; see docs/webhooks.md). Absent: EAT_WEBHOOK_URL.",
+    ),
+]
 StateName = Literal["scheduled", "queued", "delivered", "retrying", "dead", "cancelled"]
 BULK_MAX_ITEMS = 1000  # items in one POST /api/v1/save-messages
 DEAD_PAGE_DEFAULT = 100
@@ -63,6 +71,7 @@ class SaveMessageBody(msgspec.Struct, forbid_unknown_fields=True):
     message: Annotated[str, Meta(description="At most EAT_MAX_MESSAGE_BYTES of UTF-8.")]
     runAt: RunAt
     uuid: Uuid | None = None
+    target: Target | None = None
 
 
 class Saved(msgspec.Struct):
@@ -110,6 +119,13 @@ class MessageStatus(msgspec.Struct):
         dict[str, int],
         Meta(description="Each state the message went through -> epoch ms it last entered it."),
     ]
+    target: Annotated[
+        str | UnsetType,
+        Meta(
+            description="The webhook target the message names, while the service holds its "
+            "body (scheduled, retrying, queued, dead); absent otherwise."
+        ),
+    ] = UNSET
 
 
 class Reschedule(msgspec.Struct, forbid_unknown_fields=True):
@@ -159,6 +175,10 @@ class DeadItem(msgspec.Struct, rename="camel"):
     attempts: int | None
     reason: str | None
     dead_at: int | None
+    target: Annotated[
+        str | UnsetType | None,
+        Meta(description="The webhook target the message names; absent when none."),
+    ] = UNSET
     partition: Annotated[
         int | UnsetType,
         Meta(description="The partition whose dead stream holds it (with EAT_PARTITIONS > 1)."),

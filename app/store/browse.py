@@ -24,6 +24,7 @@ from app.store.codec import (
     decode_record,
     member_uuid,
     record_body,
+    split_body,
     uuid_key,
 )
 from app.store.scripts import source
@@ -39,8 +40,9 @@ Cursor = tuple[int, bytes]
 @dataclass(frozen=True, slots=True)
 class Body:
     text: str
-    size: int  # bytes of the whole body
+    size: int  # bytes of the whole message
     cut: bool  # only the first BODY_SHOWN bytes are in text
+    target: str | None = None  # the webhook target the message names
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,9 +68,15 @@ class MessageView:
 
 
 def body_of(raw: bytes | None) -> Body | None:
+    """The message and target a stored body holds (``codec.split_body``)."""
     if raw is None:
         return None
-    return Body(raw[:BODY_SHOWN].decode("utf-8", "replace"), len(raw), len(raw) > BODY_SHOWN)
+    try:
+        raw, target = split_body(raw)
+    except ValueError:
+        target = None  # shown as it is: the bytes say what went wrong
+    text = raw[:BODY_SHOWN].decode("utf-8", "replace")
+    return Body(text, len(raw), len(raw) > BODY_SHOWN, target)
 
 
 class Browser:

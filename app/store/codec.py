@@ -20,6 +20,13 @@ Format 2, chosen for memory and for cheap rewrites inside the scripts:
 
   A scheduled record with a 100-byte body is 124 bytes: Redis keeps it in a
   128-byte allocation.
+
+- a body is the message's UTF-8 bytes, or, for a message that names a webhook
+  ``target``, an envelope: the byte 0xFF, the target's length (2 bytes, big-endian),
+  the target (ASCII), then the message's UTF-8 bytes. 0xFF never occurs in UTF-8, so
+  the first byte tells the two apart, and every body without a target is as before.
+  The body travels whole (record, stream entry, dead entry, replay), so the target
+  goes wherever the message goes without a script knowing of it.
 """
 
 from __future__ import annotations
@@ -170,3 +177,27 @@ def record_body(packed: bytes) -> bytes:
     """The body a scheduled or retrying record holds (empty in other states)."""
     pos = _HEAD.size + _MARK.size * packed[_HEAD.size - 1]
     return packed[pos + 1 + packed[pos] :]
+
+
+ENVELOPE = 0xFF  # first byte of a body carrying a target: never a byte of UTF-8
+_TARGET_LEN = struct.Struct(">H")  # the target's length in an envelope
+
+
+def pack_body(message: str, target: str | None) -> bytes:
+    """The stored body of a message (see the module docstring)."""
+    if target is None:
+        return message.encode("utf-8")
+    raw = target.encode("ascii")
+    return b"\xff" + _TARGET_LEN.pack(len(raw)) + raw + message.encode("utf-8")
+
+
+def split_body(body: bytes) -> tuple[bytes, str | None]:
+    """The message's bytes and the target of a stored body (None: it names none).
+    ValueError for an envelope that is cut short."""
+    if not body or body[0] != ENVELOPE:
+        return body, None
+    size = int.from_bytes(body[1:3], "big")
+    end = 3 + size
+    if len(body) < end:
+        raise ValueError("the body's target is cut short")
+    return body[end:], body[3:end].decode("ascii")  # UnicodeDecodeError is a ValueError

@@ -10,6 +10,7 @@ to a scan of the dead stream in bounded script calls: the record may be gone
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Literal
 
@@ -17,7 +18,7 @@ from redis.asyncio.cluster import RedisCluster
 from redis.commands.core import AsyncScript
 
 from app.model import NewMessage, Record, State
-from app.store.codec import STREAM_ID, CorruptRecord, uuid_key, uuid_text_or_none
+from app.store.codec import STREAM_ID, CorruptRecord, split_body, uuid_key, uuid_text_or_none
 from app.store.scripts import source
 from app.store.store import (
     QUEUE_FIGURES_READS,
@@ -57,6 +58,7 @@ class DeadEntry:
     attempts: int | None
     reason: str | None
     dead_at: int | None
+    target: str | None = None  # the webhook target the message names
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,10 +104,15 @@ def _int(value: bytes | None) -> int | None:
 
 
 def parse_dead(entry_id: bytes, fields: dict[bytes, bytes]) -> DeadEntry:
+    body, target = fields.get(b"m"), None
+    if body is not None:
+        with contextlib.suppress(ValueError):  # a cut envelope is shown as it is
+            body, target = split_body(body)
     return DeadEntry(
         id=entry_id.decode(),
         uuid=uuid_text_or_none(fields.get(b"u")),
-        message=_text(fields.get(b"m")),
+        message=_text(body),
+        target=target,
         run_at=_int(fields.get(b"r")),
         attempts=_int(fields.get(b"a")),
         reason=_text(fields.get(b"reason")),

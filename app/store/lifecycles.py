@@ -23,6 +23,7 @@ import re
 from dataclasses import dataclass, field
 
 from app.model import NewMessage
+from app.store.browse import Browser, MessageView
 from app.store.lifecycle import DeadEntry, LeaderRecord, Lifecycle, Outcome, QueueReport
 from app.store.partitions import Partitions, merged_consumers
 from app.store.store import Accepted, ConsumerFigures
@@ -89,6 +90,7 @@ class Lifecycles:
         self.partitions = partitions
         self.count = partitions.count
         self.each = [Lifecycle(store) for store in partitions.stores]
+        self.browsers = [Browser(store) for store in partitions.stores]
 
     def of(self, uuid: str) -> Lifecycle:
         """The lifecycle of the partition ``uuid`` lives in."""
@@ -98,6 +100,12 @@ class Lifecycles:
 
     async def record(self, uuid: str):
         return await self.of(uuid).record(uuid)
+
+    async def message(self, uuid: str) -> MessageView | None:
+        """The record and, while the service holds it, the body (with the target it
+        names): ``Browser.message`` of the partition ``uuid`` lives in."""
+        index = self.partitions.index_of(uuid) if self.count > 1 else 0
+        return await self.browsers[index].message(uuid)
 
     async def cancel(self, uuid: str) -> Outcome:
         return await self.of(uuid).cancel(uuid)

@@ -21,7 +21,15 @@ from app.log import get_logger
 from app.model import NewMessage, Record
 from app.settings import Settings
 from app.store.client import StoreRedis
-from app.store.codec import FORMAT, UUID_BYTES, decode_record, uuid_key, uuid_text
+from app.store.codec import (
+    FORMAT,
+    UUID_BYTES,
+    decode_record,
+    pack_body,
+    split_body,
+    uuid_key,
+    uuid_text,
+)
 from app.store.keys import CONSUMER_GROUP, Keyspace
 from app.store.replicated import Replication
 from app.store.scripts import Scripts
@@ -109,6 +117,8 @@ class Delivery:
     # The partition whose stream it came from (0 with one partition): its acknowledgement,
     # failure, claim renewal and reclaim go to that partition's keys.
     partition: int = 0
+    # The webhook target the message names (None: none; see codec.pack_body).
+    target: str | None = None
 
 
 _FIELD_ORDER = (b"u", b"m", b"r", b"a")
@@ -271,6 +281,11 @@ def _parse_checked(entry_id: str, fields: list | dict, partition: int) -> Delive
     if not isinstance(body, bytes):
         raise CorruptEntry(entry_id, "m (the body) is missing")
     try:
+        # The fast path's decode fails on an envelope's first byte: it comes here.
+        body, target = split_body(body)
+    except ValueError:
+        target = None  # no envelope: judged as a message below, where 0xFF is not UTF-8
+    try:
         message = body.decode("utf-8", "surrogatepass")
     except UnicodeDecodeError:
         raise CorruptEntry(entry_id, "m (the body) is not UTF-8") from None
@@ -288,6 +303,7 @@ def _parse_checked(entry_id: str, fields: list | dict, partition: int) -> Delive
         run_at=numbers[0],
         attempts=numbers[1],
         partition=partition,
+        target=target,
     )
 
 
@@ -384,7 +400,11 @@ class Store:
         k = self.keys
         args: list[object] = [k.wake_channel, self.settings.dead_maxlen, self._keep_ms]
         for msg in msgs:
-            args += [uuid_key(msg.uuid), msg.message.encode("utf-8"), msg.run_at]
+            if msg.target is None:
+                body = msg.message.encode("utf-8")
+            else:
+                body = pack_body(msg.message, msg.target)
+            args += [uuid_key(msg.uuid), body, msg.run_at]
         keys = [k.messages, k.delayed, k.stream, k.sequence, k.dead, k.retention]
         if self.replication is None:
             flat = await self.scripts.accept(keys=keys, args=args)
@@ -510,8 +530,12 @@ class Store:
             self.report_quarantined("ack", quarantined)
         return delivered
 
-    async def fail(self, delivery: Delivery, delay_ms: int, reason: str) -> tuple[str, int]:
-        """Retry or dead-letter a delivery; (outcome, attempts), outcome as fail.lua says."""
+    async def fail(
+        self, delivery: Delivery, delay_ms: int, reason: str, *, dead_now: bool = False
+    ) -> tuple[str, int]:
+        """Retry or dead-letter a delivery; (outcome, attempts), outcome as fail.lua says.
+        ``dead_now``: dead-letter it whatever attempts are left (the script is told that
+        none are: a limit of 0 runs)."""
         k = self.keys
         outcome, attempts, quarantined = await self.scripts.fail(
             keys=[k.stream, k.messages, k.delayed, k.dead, k.sequence, k.retention],
@@ -519,7 +543,7 @@ class Store:
                 CONSUMER_GROUP,
                 delivery.id,
                 delay_ms,
-                self.settings.max_deliveries,
+                0 if dead_now else self.settings.max_deliveries,
                 reason[:1000],
                 self.settings.dead_maxlen,
                 k.wake_channel,

@@ -176,3 +176,34 @@ def test_notes_say_how_to_reach_the_api_the_dashboard_and_the_runbook() -> None:
     balancer = ("--dry-run=client", "--set", "api.service.type=LoadBalancer")
     notes = helm("install", "eat", str(CHART), "--namespace", "ns", *balancer).stdout
     assert "status.loadBalancer.ingress" in notes
+
+
+def test_the_webhook_values_reach_every_process_and_the_secret_only_the_workers() -> None:
+    documents = render(
+        extra=(
+            "--set",
+            "redis.url=redis://r:6379/0",
+            "--set",
+            "worker.handler=webhook",
+            "--set",
+            "webhook.url=https://hooks.example.com/in",
+            "--set",
+            "webhook.allow=*.example.com",
+            "--set",
+            "webhook.secret=whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw",
+        )
+    )
+    by_kind = kinds(documents)
+    (secret,) = by_kind["Secret"]
+    assert secret["stringData"]["webhook-secret"] == "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
+    for deployment in by_kind["Deployment"]:
+        (container,) = deployment["spec"]["template"]["spec"]["containers"]
+        env = {e["name"]: e for e in container["env"]}
+        assert env["EAT_WEBHOOK_URL"]["value"] == "https://hooks.example.com/in"
+        assert env["EAT_WEBHOOK_ALLOW"]["value"] == "*.example.com"
+        assert env["EAT_WEBHOOK_TIMEOUT"]["value"] == "10"
+        is_worker = container["args"][0] == "worker"
+        assert ("EAT_WEBHOOK_SECRET" in env) is is_worker
+        if is_worker:
+            assert env["EAT_WEBHOOK_SECRET"]["valueFrom"]["secretKeyRef"]["key"] == "webhook-secret"
+            assert container["args"][-2:] == ["--handler", "webhook"]

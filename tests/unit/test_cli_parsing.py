@@ -215,7 +215,7 @@ def test_list_handler_on_a_list_the_bridge_reads_is_refused_while_the_bridge_run
 
 
 def test_unknown_handler_names_the_choices() -> None:
-    with pytest.raises(HandlerSpecError, match="'echo', 'list' or 'module:callable'"):
+    with pytest.raises(HandlerSpecError, match="'echo', 'list', 'webhook' or 'module:callable'"):
         load_handler("nonsense", "w")
 
 

@@ -482,7 +482,7 @@ def test_secret_keys_match_the_references() -> None:
     made = set(re.findall(r"^\s+([a-z-]+): \{\{", string_data, re.M))
     helpers = (TEMPLATES / "_helpers.tpl").read_text(encoding="utf-8")
     referenced = set(re.findall(r"secretKeyRef:\s+name: .*\n\s+key: ([a-z-]+)", helpers))
-    assert made == referenced == {"redis-url", "api-token", "zk-auth"}
+    assert made == referenced == {"redis-url", "api-token", "zk-auth", "webhook-secret"}
     assert ".Values.existingSecret" in helpers
 
 

@@ -364,7 +364,12 @@ def test_the_quick_proof_of_no_repeat_counts_the_fields_save_message_has():
     # parse_save_message counts the strings of a body by these fields and types; a change
     # here needs that count looked at again.
     fields = {f.encode_name: (f.type, f.required) for f in msgspec.structs.fields(SaveMessage)}
-    assert fields == {"message": (str, True), "runAt": (int, True), "uuid": (str | None, False)}
+    assert fields == {
+        "message": (str, True),
+        "runAt": (int, True),
+        "uuid": (str | None, False),
+        "target": (str | None, False),
+    }
 
 
 def test_repeated_keys_are_looked_for_only_among_names_of_ascii_letters():

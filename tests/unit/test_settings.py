@@ -84,6 +84,18 @@ GOOD_VALUES = {
     "EAT_LEGACY_IN_FLIGHT": ("LegacyInFlight", "LegacyInFlight"),
     "EAT_SCHEDULE_CATCHUP": ("all", "all"),
     "EAT_SCHEDULE_MIN_INTERVAL": ("0.5", 0.5),
+    "EAT_WEBHOOK_URL": ("https://hooks.example.com/in", "https://hooks.example.com/in"),
+    "EAT_WEBHOOK_SECRET": (
+        "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw",
+        "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw",
+    ),
+    "EAT_WEBHOOK_TIMEOUT": ("2.5", 2.5),
+    "EAT_WEBHOOK_ALLOW": (
+        "*.example.com, http://127.0.0.1:9000",
+        "*.example.com, http://127.0.0.1:9000",
+    ),
+    "EAT_WEBHOOK_PER_ORIGIN": ("4", 4),
+    "EAT_WEBHOOK_RESOLVE_TIMEOUT": ("0.5", 0.5),
 }
 
 

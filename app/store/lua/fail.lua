@@ -13,7 +13,7 @@ KEYS[6] retention  LIST     see _record.lua; KEYS[4] also takes quarantined data
 ARGV[1] group      string   consumer group
 ARGV[2] id         string   stream entry id
 ARGV[3] delay      integer  ms from now until the retry
-ARGV[4] max        integer  handler runs allowed before dead-lettering
+ARGV[4] max        integer  handler runs allowed before dead-lettering (0: dead-letter now)
 ARGV[5] reason     string   why it failed (exception type and text, bounded by the caller)
 ARGV[6] deadlen    integer  approximate cap on the dead stream
 ARGV[7] channel    string   wake channel

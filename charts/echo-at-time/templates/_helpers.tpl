@@ -77,7 +77,8 @@ whole numbers are printed as integers, others as they are.
 
 {{/*
 Environment of a component's container: the Redis URL from the Secret, the
-API token for the API only, ZooKeeper credentials for the schedulers only,
+API token for the API only, ZooKeeper credentials for the schedulers only, the
+webhook secret for the workers only,
 the health server for schedulers and workers, and the tunables.
 */}}
 {{- define "echo-at-time.env" -}}
@@ -101,6 +102,14 @@ the health server for schedulers and workers, and the tunables.
     secretKeyRef:
       name: {{ include "echo-at-time.secretName" .ctx }}
       key: zk-auth
+      optional: true
+{{- end }}
+{{- if eq .component "worker" }}
+- name: EAT_WEBHOOK_SECRET
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "echo-at-time.secretName" .ctx }}
+      key: webhook-secret
       optional: true
 {{- end }}
 {{- if ne .component "api" }}
@@ -175,6 +184,12 @@ the health server for schedulers and workers, and the tunables.
   value: {{ include "echo-at-time.num" $v.config.httpIdleTimeout | quote }}
 - name: EAT_HTTP_MAX_CONNECTIONS
   value: {{ include "echo-at-time.num" $v.config.httpMaxConnections | quote }}
+- name: EAT_WEBHOOK_URL
+  value: {{ $v.webhook.url | quote }}
+- name: EAT_WEBHOOK_ALLOW
+  value: {{ $v.webhook.allow | quote }}
+- name: EAT_WEBHOOK_TIMEOUT
+  value: {{ include "echo-at-time.num" $v.webhook.timeout | quote }}
 {{- with $v.extraEnv }}
 {{ toYaml . }}
 {{- end }}
