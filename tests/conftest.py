@@ -52,6 +52,22 @@ from tests.wait import wait_until
 SERVERS_ENV = "EAT_TEST_SERVERS"  # "local", "docker", or unset (auto-detect)
 
 
+def _import_anyio_now() -> None:
+    """anyio imports its modules on first use; the first use may be inside a request a
+    test client serves in its own thread, and pytest parses the module there (anyio is a
+    pytest plugin, so pytest rewrites its modules). CPython 3.11's AST constructor then
+    failed once with a spurious "recursion depth mismatch" (python/cpython#106905, seen
+    in threaded programs). Importing everything here, in the main thread, at start,
+    leaves nothing to parse later."""
+    import anyio
+
+    for name in dir(anyio):
+        getattr(anyio, name, None)
+
+
+_import_anyio_now()
+
+
 @functools.cache
 def docker_engine_available() -> bool:
     """True only if ``docker info`` exits 0 within 2 s (cached for the session)."""

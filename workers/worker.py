@@ -120,12 +120,22 @@ class _Lane:
         self.partition = store.partition
         self.in_flight: dict[str, float] = {}  # entry id -> monotonic time it was read
         self.to_ack: list[Delivery] = []
+        self.acking: set[str] = set()  # ids of the batch the ack loop is sending now
         self.ack_wanted = asyncio.Event()
+        # Held while entries become this worker's and are taken in hand (a reclaim, or
+        # reading back what a lost read reply delivered), so that neither takes in hand
+        # what the other just did.
+        self.claiming = asyncio.Lock()
         # Set once the entries delivered to this name before a restart were read: the
         # reclaim loop waits for it, or what it claims for this name would be read back
         # as our own pending entries and handled a second time.
         self.own_read = asyncio.Event()
         self.reclaim_cursor = "0-0"
+
+    def known(self) -> set[str]:
+        """Ids of the entries this worker holds in this partition: in hand, or handled and
+        waiting for (or being sent for) acknowledgement."""
+        return self.in_flight.keys() | {d.id for d in self.to_ack} | self.acking
 
     def named(self, loop: str, lanes: int) -> str:
         """A loop's task name: the bare name with one partition, as before partitions."""
@@ -343,11 +353,25 @@ class Worker:
     async def _read_loop(self, lane: _Lane) -> None:
         backoff = Backoff(0.05, 2.0)
         more = False  # the last read came back full: more may be waiting in this partition
+        # A read failed: Redis may have delivered entries to this name whose reply was lost
+        # (a connection closed under the read: a failover, a reshard's redirections).
+        lost_reply = False
         while not self._stopping.is_set():
             free = await self._wait_for_capacity()
             if self._stopping.is_set():
                 return
             asked = time.monotonic()
+            if lost_reply:
+                try:
+                    recovered = await self._read_back(lane)
+                except RETRIED as exc:
+                    log.warning("read failed", worker=self.consumer, error=describe(exc))
+                    await backoff.wait(self._stopping)
+                    continue
+                lost_reply = False
+                if recovered:
+                    await self._dispatch(lane, await self._still_ours(lane, recovered, asked))
+                    continue
             if more:
                 # Reserved until what it brings is in hand: reads of other partitions under
                 # way meanwhile cannot take the same slots. Non-blocking, so it holds them
@@ -362,6 +386,7 @@ class Worker:
                 more = False
                 if await self._regroup(lane, exc, "read"):
                     continue
+                lost_reply = True
                 log.warning(
                     "read failed", worker=self.consumer, error=describe(exc), **self._where(lane)
                 )
@@ -375,6 +400,24 @@ class Worker:
             self._hold(lane, deliveries)
             more = self._fan_in and not self._inline and len(deliveries) >= count
             await self._dispatch(lane, await self._still_ours(lane, deliveries, asked))
+
+    async def _read_back(self, lane: _Lane) -> list[Delivery]:
+        """After a failed read: the entries delivered to this name that it does not hold,
+        taken in hand. Without this they would wait, pending under a live worker's name,
+        for the visibility timeout (30 s by default) before another worker reclaimed them."""
+        async with lane.claiming:
+            own = await self._own_pending(lane)
+            known = lane.known()
+            lost = [d for d in own if d.id not in known]
+            self._hold(lane, lost)
+        if lost:
+            log.info(
+                "read back entries a lost read reply had delivered",
+                count=len(lost),
+                uuids=[d.uuid for d in lost],
+                **self._where(lane),
+            )
+        return lost
 
     def _read_size(self, free: int) -> int:
         """How many entries a blocking read asks for. With one partition, every free slot
@@ -589,6 +632,7 @@ class Worker:
             lane.ack_wanted.clear()
             if lane.to_ack:
                 batch, lane.to_ack = lane.to_ack, []
+                lane.acking = {d.id for d in batch}
                 try:
                     acked = await lane.store.ack(batch)
                     self.stats.acked += acked
@@ -605,6 +649,8 @@ class Worker:
                     lane.ack_wanted.set()
                     await asyncio.sleep(backoff.next())
                     continue
+                finally:
+                    lane.acking = set()
             if self._draining and not lane.to_ack:
                 return
 
@@ -613,21 +659,27 @@ class Worker:
         await lane.own_read.wait()
         while not self._stopping.is_set():
             asked = time.monotonic()
-            try:
-                free = max(1, self.concurrency - self._in_hand - self._reserved)
-                lane.reclaim_cursor, claimed, dead = await lane.store.reclaim(
-                    self.consumer, lane.reclaim_cursor, min(free, self.settings.read_count)
-                )
-            except RETRIED as exc:
-                if not await self._regroup(lane, exc, "reclaim"):
-                    log.warning("reclaim failed", error=describe(exc), **self._where(lane))
+            async with lane.claiming:
+                try:
+                    free = max(1, self.concurrency - self._in_hand - self._reserved)
+                    lane.reclaim_cursor, claimed, dead = await lane.store.reclaim(
+                        self.consumer, lane.reclaim_cursor, min(free, self.settings.read_count)
+                    )
+                except RETRIED as exc:
+                    if not await self._regroup(lane, exc, "reclaim"):
+                        log.warning("reclaim failed", error=describe(exc), **self._where(lane))
+                    claimed = None
+                else:
+                    # An entry this process still holds can come back if its renewal was
+                    # late (or its acknowledgement is on its way).
+                    known = lane.known()
+                    claimed = [d for d in claimed if d.id not in known]
+                    self._hold(lane, claimed)
+            if claimed is None:
                 await self._sleep(interval)
                 continue
             self.stats.dead += dead
             metrics.DEAD_LETTERED.inc(dead)
-            # An entry this process is still handling can come back if its renewal was late.
-            claimed = [d for d in claimed if d.id not in lane.in_flight]
-            self._hold(lane, claimed)
             claimed = await self._still_ours(lane, claimed, asked)
             if claimed:
                 self.stats.reclaimed += len(claimed)

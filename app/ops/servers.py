@@ -25,6 +25,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import os
+import random
 import shutil
 import signal
 import socket
@@ -81,16 +82,44 @@ class ServerStartError(RuntimeError):
         self.log_text = log_text
 
 
-# The ports free_port() handed out lately. The OS may pick a port it picked a moment
-# ago, when nothing has bound it yet: two servers started together (two apis of one
-# test) would then be given one port, and the second fails to bind.
+# The ports free_port() handed out lately: two servers started together (two apis of
+# one test) must not be given one port.
 _RECENT_PORTS: deque[int] = deque(maxlen=4096)
+# Ports are picked below the kernel's ephemeral range (32768-60999 on Linux), where no
+# outgoing connection takes a local port: a port the OS picks with bind(0) comes from
+# that range, and between the pick and the server's bind any client connection on the
+# machine could take it (an api then failed to bind under a chaos test's load). The
+# range leaves port + 10000 below 32768 too, for a Redis Cluster node's bus port.
+_PICK_FROM, _PICK_TO = 12_000, 22_000
+_random = random.Random()
+
+
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32_768
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind((LOCALHOST, port))
+        except OSError:
+            return False
+    return True
 
 
 def free_port() -> int:
-    """A TCP port that was free on 127.0.0.1 a moment ago (the OS picks it), and not one
-    this process was handed lately."""
-    while True:
+    """A TCP port free on 127.0.0.1 a moment ago, outside the ephemeral range when the
+    system's range allows it, and not one this process was handed lately."""
+    if _ephemeral_low() > _PICK_TO + 10_000:
+        for _ in range(200):
+            port = _random.randrange(_PICK_FROM, _PICK_TO)
+            if port not in _RECENT_PORTS and _bindable(port):
+                _RECENT_PORTS.append(port)
+                return port
+    while True:  # a system whose ephemeral range covers ours: let the OS pick
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
             sock.bind((LOCALHOST, 0))
             port = int(sock.getsockname()[1])
