@@ -365,7 +365,12 @@ class Worker:
                 try:
                     recovered = await self._read_back(lane)
                 except RETRIED as exc:
-                    log.warning("read failed", worker=self.consumer, error=describe(exc))
+                    log.warning(
+                        "reading back failed",
+                        worker=self.consumer,
+                        error=describe(exc),
+                        **self._where(lane),
+                    )
                     await backoff.wait(self._stopping)
                     continue
                 lost_reply = False
