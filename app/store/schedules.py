@@ -27,8 +27,10 @@ import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+import msgspec
 from redis.commands.core import AsyncScript
 
+from app.log import get_logger
 from app.model import NewMessage, Record
 from app.recurrence import (
     MAX_PER_CALL,
@@ -60,6 +62,9 @@ VOID_SLACK_MS = 5_000
 # long enough that the api, which voids in milliseconds, is not doubled for nothing;
 # short, since an old occurrence due before the leader voids it may still run.
 RETIRED_GRACE_MS = 1_000
+
+
+log = get_logger("schedules")
 
 
 @dataclass(frozen=True, slots=True)
@@ -214,7 +219,13 @@ class Schedules:
         out: dict[str, Stored] = {}
         for key, raw in raws.items():
             name = _text(key)
-            item = _stored(name, raw, metas.get(key), progresses.get(key))
+            try:
+                item = _stored(name, raw, metas.get(key), progresses.get(key))
+            except UNREADABLE as exc:
+                # One bad definition must not end every leader in turn (and with them all
+                # promotion): the others run, and this one is named at every reload.
+                log.error("schedule cannot be decoded, skipped", schedule=name, error=repr(exc))
+                continue
             if item is not None:
                 out[name] = item
         return out
@@ -261,18 +272,14 @@ class Schedules:
     async def retired(self) -> list[Retired]:
         raw = await self.client.hgetall(self.keys.schedule_retired)
         out = []
-        for value in raw.values():
-            item = json.loads(value)
-            out.append(
-                Retired(
-                    name=item["name"],
-                    generation=int(item["generation"]),
-                    created_ms=int(item["created"]),
-                    until_ms=int(item["until"]),
-                    at_ms=int(item["at"]),
-                    definition=decode(item["definition"].encode()),
+        for key, value in raw.items():
+            try:
+                out.append(_retired(value))
+            except UNREADABLE as exc:
+                # Left in place, and said at every look: its old occurrences are not voided.
+                log.error(
+                    "retired schedule cannot be decoded", generation=_text(key), error=repr(exc)
                 )
-            )
         return out
 
     async def void_retired(self, generation: int) -> tuple[int, int]:
@@ -280,16 +287,7 @@ class Schedules:
         raw = await self.client.hget(self.keys.schedule_retired, generation)
         if raw is None:
             return 0, 0
-        item = json.loads(raw)
-        retired = Retired(
-            name=item["name"],
-            generation=generation,
-            created_ms=int(item["created"]),
-            until_ms=int(item["until"]),
-            at_ms=int(item["at"]),
-            definition=decode(item["definition"].encode()),
-        )
-        done = await self.void(retired)
+        done = await self.void(_retired(raw))
         await self.client.hdel(self.keys.schedule_retired, generation)
         return done
 
@@ -335,6 +333,23 @@ class Schedules:
         uuids = [occurrence_uuid(stored.name, stored.generation, at) for at in instants]
         records = await asyncio.gather(*(self.partitions.store_for(u).record(u) for u in uuids))
         return list(zip(instants, uuids, records, strict=True))
+
+
+# What a definition, its meta or a retired entry that is not what this release writes
+# raises on decoding.
+UNREADABLE = (ValueError, KeyError, TypeError, msgspec.DecodeError, msgspec.ValidationError)
+
+
+def _retired(raw: bytes | str) -> Retired:
+    item = json.loads(raw)
+    return Retired(
+        name=item["name"],
+        generation=int(item["generation"]),
+        created_ms=int(item["created"]),
+        until_ms=int(item["until"]),
+        at_ms=int(item["at"]),
+        definition=decode(item["definition"].encode()),
+    )
 
 
 def _stored(

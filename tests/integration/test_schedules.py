@@ -10,6 +10,7 @@ import json
 from collections.abc import AsyncIterator
 
 import pytest
+from structlog.testing import capture_logs
 
 from app.model import State
 from app.recurrence import MAX_PER_CALL, Definition, occurrence_uuid
@@ -309,5 +310,29 @@ def test_the_produced_messages_of_a_schedule_are_listed_with_their_state(setting
             ]
             assert all(rec is not None and rec.state is State.SCHEDULED for _, _, rec in rows)
             assert rows[0][1] == occurrence_uuid("tick", put.generation, stored.progress_ms)
+
+    asyncio.run(scenario())
+
+
+def test_a_definition_or_retired_entry_that_cannot_be_decoded_is_skipped_and_the_rest_run(
+    settings,
+):
+    async def scenario():
+        async with opened(settings) as s:
+            put = await s.put("tick", EVERY_SECOND)
+            keys = Keyspace(settings.prefix)
+            await s.client.hset(keys.schedules, "broken", b"\xff not a definition")
+            await s.client.hset(keys.schedule_meta, "broken", b"1:0")
+            await s.client.hset(keys.schedule_retired, "999", b"{not json")
+            m = leader(s)
+            with capture_logs() as logs:
+                await m.materialise(EPOCH)  # before: the decode error ended the task
+            assert m.stats.created >= HORIZON_MS // 1000
+            stored = await s.get("tick")
+            found = await states(s, "tick", put.generation, [stored.progress_ms])
+            assert set(found.values()) <= {"scheduled", "queued"}
+            events = {(e["event"], e.get("schedule", e.get("generation"))) for e in logs}
+            assert ("schedule cannot be decoded, skipped", "broken") in events
+            assert ("retired schedule cannot be decoded", "999") in events
 
     asyncio.run(scenario())
