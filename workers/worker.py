@@ -15,12 +15,13 @@ stream's XREADGROUP on a connection of its own, all feeding the worker's one set
 of ``concurrency`` slots. An entry read counts against the slots from the moment
 it is read until its handler ends ("in hand"), so ``concurrency`` bounds what the
 worker takes across partitions, and an entry waiting for a slot has its claim
-renewed like a running one. A loop reads only while a slot is free; with several
-partitions a blocking read asks for one entry (a doorbell), and a read that came
-back full is followed at once by a non-blocking one that reserves the free slots
-it asks for, so a busy partition is drained quickly, and reads take at most
-``concurrency`` entries plus one per partition. Slots are handed out first come, first
-served, so no partition starves another: one with a backlog takes its turn.
+renewed like a running one. Each partition keeps one blocking read of one entry
+out at all times (a doorbell: it waits for no slot, so an entry in an idle partition
+is seen at once); a read that came back full is followed by a non-blocking one that
+waits for free slots and reserves those it asks for, so a busy partition is drained
+quickly, and the worker holds at most ``concurrency`` entries plus one per
+partition. Free slots go to the reads that asked first (:class:`Capacity`), so no
+partition starves another: one with a backlog takes its turn.
 Acknowledgements are batched per partition, each partition with its own loop, so
 a master that fails delays only its own partitions' acknowledgements; failures,
 claim renewals, reclaims and quarantines go to the partition the entry came from.
@@ -59,6 +60,7 @@ from app.store.history import HistoryRecorder
 from app.store.memory import MemoryPolicy
 from app.store.partitions import Partitions
 from app.supervise import Supervisor
+from workers.capacity import Capacity
 from workers.handlers import DeliveryFailed, Handler, is_async
 from workers.retry import backoff_seconds
 
@@ -203,9 +205,7 @@ class Worker:
             raise ValueError("one store per partition")
         self._fan_in = len(stores) > 1
         self._slots = asyncio.Semaphore(concurrency)  # handlers running
-        self._in_hand = 0  # entries read and not finished, over every partition
-        self._reserved = 0  # slots asked for by non-blocking reads under way
-        self._room = asyncio.Event()  # set when in-hand or reserved goes down
+        self._capacity = Capacity(concurrency)  # entries in hand over every partition
         self._tasks: set[asyncio.Task] = set()
         self._stopping = asyncio.Event()
         self._draining = False  # set once no handler can add to the ack queues any more
@@ -226,7 +226,7 @@ class Worker:
     def stop(self) -> None:
         """Stop taking new entries; what is in hand is finished and acknowledged."""
         self._stopping.set()
-        self._room.set()
+        self._capacity.close()
         for lane in self._lanes.values():
             lane.ack_wanted.set()
 
@@ -357,11 +357,8 @@ class Worker:
         # (a connection closed under the read: a failover, a reshard's redirections).
         lost_reply = False
         while not self._stopping.is_set():
-            free = await self._wait_for_capacity()
-            if self._stopping.is_set():
-                return
-            asked = time.monotonic()
             if lost_reply:
+                asked = time.monotonic()
                 try:
                     recovered = await self._read_back(lane)
                 except RETRIED as exc:
@@ -377,17 +374,18 @@ class Worker:
                 if recovered:
                     await self._dispatch(lane, await self._still_ours(lane, recovered, asked))
                     continue
-            if more:
-                # Reserved until what it brings is in hand: reads of other partitions under
-                # way meanwhile cannot take the same slots. Non-blocking, so it holds them
-                # for one round trip only.
-                count, block, reserved = min(free, self.settings.read_count), None, True
-                self._reserved += count
-            else:
-                count, block, reserved = self._read_size(free), BLOCK_MS, False
+            count, reserved = await self._read_size(more)
+            if self._stopping.is_set():
+                self._capacity.release(reserved)
+                return
+            # After a full read, more may be waiting: take it now, within the slots
+            # reserved for it (held one round trip only). Otherwise wait for entries.
+            block = None if more else BLOCK_MS
+            asked = time.monotonic()
             try:
                 deliveries = await lane.store.read(self.consumer, count, block)
             except RETRIED as exc:
+                self._capacity.release(reserved)
                 more = False
                 if await self._regroup(lane, exc, "read"):
                     continue
@@ -397,12 +395,12 @@ class Worker:
                 )
                 await backoff.wait(self._stopping)
                 continue
-            finally:
-                if reserved:
-                    self._reserved -= count
-                    self._room.set()
+            except BaseException:
+                self._capacity.release(reserved)
+                raise
             backoff.reset()
-            self._hold(lane, deliveries)
+            self._hold(lane, deliveries)  # in hand before the reserved slots go back
+            self._capacity.release(reserved)
             more = self._fan_in and not self._inline and len(deliveries) >= count
             await self._dispatch(lane, await self._still_ours(lane, deliveries, asked))
 
@@ -424,16 +422,24 @@ class Worker:
             )
         return lost
 
-    def _read_size(self, free: int) -> int:
-        """How many entries a blocking read asks for. With one partition, every free slot
-        (one loop reads). With several, one: the blocked read of each partition is a
-        doorbell, and the non-blocking read that follows a full one takes what else is
-        there within the free slots. A burst landing in every partition at once then
-        brings at most one entry per partition beyond the slots, not the free slots
-        once per partition."""
-        if self._fan_in and not self._inline:
-            return 1
-        return min(free, self.settings.read_count)
+    async def _read_size(self, more: bool) -> tuple[int, int]:
+        """How many entries the next read asks for, and how many slots it reserved.
+
+        Inline handlers finish a read before the next one: a full read is always room.
+        With one partition, every free slot, reserved (the one reader waits for them).
+        With several, a blocking read of one entry that waits for no slot: each
+        partition's blocked read is a doorbell, always out, so an entry landing in an
+        idle partition is seen at once however busy another partition keeps the slots.
+        It brings at most one entry per partition beyond the slots. The non-blocking
+        read that follows a full one waits its turn for free slots and takes what else
+        is there within them.
+        """
+        if self._inline:
+            return self.settings.read_count, 0
+        if self._fan_in and not more:
+            return 1, 0
+        reserved = await self._capacity.reserve(self.settings.read_count)
+        return reserved, reserved
 
     async def _still_ours(
         self, lane: _Lane, deliveries: list[Delivery], asked: float
@@ -473,19 +479,6 @@ class Worker:
             )
         return kept
 
-    async def _wait_for_capacity(self) -> int:
-        """Free slots (at least one): slots not held by an entry in hand or reserved by a
-        read under way. Waiters are woken in the order they began to wait."""
-        if self._inline:
-            # An inline batch is finished before the next read: a full read is always room.
-            return self.settings.read_count
-        while (free := self.concurrency - self._in_hand - self._reserved) <= 0:
-            if self._stopping.is_set():
-                return 0
-            self._room.clear()
-            await self._room.wait()
-        return free
-
     def _hold(self, lane: _Lane, deliveries: list[Delivery]) -> None:
         """Entries read: in hand from now on (counted against the slots, claims renewed)."""
         if self._inline or not deliveries:
@@ -494,13 +487,12 @@ class Worker:
         for delivery in deliveries:
             if delivery.id not in lane.in_flight:
                 lane.in_flight[delivery.id] = now
-                self._in_hand += 1
+                self._capacity.hold(1)
 
     def _let_go(self, lane: _Lane, delivery: Delivery) -> None:
         """An entry no longer in hand (finished, or left to another worker)."""
         if lane.in_flight.pop(delivery.id, None) is not None:
-            self._in_hand -= 1
-            self._room.set()
+            self._capacity.let_go()
 
     async def _dispatch(self, lane: _Lane, deliveries: list[Delivery]) -> None:
         if self._inline:
@@ -666,7 +658,7 @@ class Worker:
             asked = time.monotonic()
             async with lane.claiming:
                 try:
-                    free = max(1, self.concurrency - self._in_hand - self._reserved)
+                    free = max(1, self._capacity.free)
                     lane.reclaim_cursor, claimed, dead = await lane.store.reclaim(
                         self.consumer, lane.reclaim_cursor, min(free, self.settings.read_count)
                     )

@@ -147,7 +147,7 @@ class Recorder:
         self.running += 1
         self.most_running = max(self.most_running, self.running)
         if self.worker is not None:
-            self.most_in_hand = max(self.most_in_hand, self.worker._in_hand)
+            self.most_in_hand = max(self.most_in_hand, self.worker._capacity.in_hand)
         try:
             await asyncio.sleep(self.seconds)
         finally:
@@ -220,6 +220,29 @@ def test_a_backlog_in_one_partition_does_not_delay_messages_due_in_the_others(
             print(f"[skew] others handled after {max(waited.values()) * 1000:.0f} ms at most")
             assert backlog_left > backlog // 4, "the backlog was nearly done: nothing measured"
             assert max(waited.values()) < 0.3, waited
+
+    asyncio.run(scenario())
+
+
+def test_two_partitions_with_backlogs_take_turns_at_the_slots(settings: Settings) -> None:
+    # Accepted one after the other: the first is in Redis well before the second.
+    backlog, slots = 150, 2
+
+    async def scenario() -> None:
+        async with opened(settings) as partitions:
+            await accept(partitions, {0: backlog})
+            await accept(partitions, {1: backlog})
+            handler = Recorder(0.005)
+            worker = Worker(partitions, handler, "w1", concurrency=slots)
+            async with running(worker):
+                await async_wait_until(
+                    lambda: worker.stats.acked == 2 * backlog, "all handled", DEADLINE
+                )
+            first_half = Counter(p for _u, p, _t in handler.done[:backlog])
+            print(f"[turns] first {backlog} handled by partition: {dict(first_half)}")
+            # Whichever reads again first must not take every freed slot: each partition
+            # has at least a third of the first half.
+            assert min(first_half[0], first_half[1]) >= backlog // 3, first_half
 
     asyncio.run(scenario())
 
