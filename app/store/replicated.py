@@ -26,11 +26,18 @@ What the pipeline meets, and does:
   error goes up (503, retry).
 - A reply lost once the change was sent: :class:`~app.store.client.OutcomeUnknown`
   (the connections are guarded), never a second send.
+
+The sends of one change share one timeout: a send that ran nothing still carried its
+WAIT, which blocks for as long as the connection's earlier writes are unconfirmed
+(a replica that stopped answering), so each send WAITs only what is left of the
+timeout (at least 1 ms). The api answers within about ``EAT_WAIT_TIMEOUT_MS``
+however many sends a change took, not once per send.
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -85,8 +92,9 @@ class Replication:
         """``script`` on ``keys`` and ``args`` (as ``script(keys=, args=)`` would run it),
         answered only once WAIT confirmed it; its reply."""
         call: Command = ("EVALSHA", script.sha, len(keys), *keys, *args)
+        deadline = self._deadline()
         for _ in range(ATTEMPTS):
-            reply = await self._send(keys[0], [call])
+            reply = await self._send(keys[0], [call], deadline)
             if isinstance(reply[0], NoScriptError):
                 await self._load(keys[0], script)
                 continue
@@ -99,8 +107,9 @@ class Replication:
         """``commands`` (on ``key``'s slot) in one MULTI/EXEC, answered only once WAIT
         confirmed them; EXEC's replies."""
         batch = [("MULTI",), *commands, ("EXEC",)]
+        deadline = self._deadline()
         for _ in range(ATTEMPTS):
-            reply = await self._send(key, batch)
+            reply = await self._send(key, batch, deadline)
             if any(r is _RESEND for r in reply):
                 continue
             return self._checked(reply)[-1]
@@ -123,21 +132,27 @@ class Replication:
         self._confirmed.inc()
         return change
 
-    async def _send(self, key: Any, commands: list[Command]) -> list[Any]:
-        """``commands`` then WAIT, pipelined on one connection to the master of ``key``:
-        every reply (an error reply as its exception), or ``[_RESEND]`` when nothing ran
-        and the slot map was updated (the caller sends again)."""
-        commands = [*commands, ("WAIT", self.replicas, self.timeout_ms)]
+    def _deadline(self) -> float:
+        return time.monotonic() + self.timeout_ms / 1000
+
+    async def _send(self, key: Any, commands: list[Command], deadline: float) -> list[Any]:
+        """``commands`` then WAIT (for what is left until ``deadline``), pipelined on one
+        connection to the master of ``key``: every reply (an error reply as its
+        exception), or ``[_RESEND]`` when nothing ran and the slot map was updated (the
+        caller sends again)."""
+        # WAIT 0 would block for ever: a send past the deadline waits 1 ms.
+        wait_ms = max(1, int((deadline - time.monotonic()) * 1000))
+        commands = [*commands, ("WAIT", self.replicas, wait_ms)]
         if not self.cluster:
             pool = self.client.connection_pool
             connection = await pool.get_connection()
             try:
-                return await self._exchange(connection, commands)
+                return await self._exchange(connection, commands, wait_ms)
             finally:
                 await pool.release(connection)
-        return await self._send_cluster(key, commands)
+        return await self._send_cluster(key, commands, wait_ms)
 
-    async def _send_cluster(self, key: Any, commands: list[Command]) -> list[Any]:
+    async def _send_cluster(self, key: Any, commands: list[Command], wait_ms: int) -> list[Any]:
         client: RedisCluster = self.client
         node = client.get_node_from_key(key)
         connection = node.acquire_connection()
@@ -150,7 +165,7 @@ class Replication:
                 await asyncio.sleep(TRY_AGAIN_S)
                 await client.nodes_manager.initialize()
                 return [_RESEND]
-            replies = await self._exchange(connection, commands)
+            replies = await self._exchange(connection, commands, wait_ms)
         finally:
             node.release(connection)
         # A redirection answers the first command that touches a key (the script, or the
@@ -160,13 +175,13 @@ class Replication:
             await client.nodes_manager.move_slot(redirect)
             return [_RESEND]
         if isinstance(redirect, AskError) and len(commands) == 2:
-            return await self._asking(redirect, commands)
+            return await self._asking(redirect, commands, wait_ms)
         if redirect is not None:  # TRYAGAIN, or ASK for a transaction: the migration ends soon
             await asyncio.sleep(TRY_AGAIN_S)
             return [_RESEND]
         return replies
 
-    async def _asking(self, ask: AskError, commands: list[Command]) -> list[Any]:
+    async def _asking(self, ask: AskError, commands: list[Command], wait_ms: int) -> list[Any]:
         """The slot is migrating and the keys are on the importing node: ASKING there,
         then the change and its WAIT (WAIT on the node that wrote)."""
         client: RedisCluster = self.client
@@ -177,7 +192,7 @@ class Replication:
         connection = node.acquire_connection()
         try:
             await connection.connect()
-            replies = await self._exchange(connection, [("ASKING",), *commands])
+            replies = await self._exchange(connection, [("ASKING",), *commands], wait_ms)
         finally:
             node.release(connection)
         replies = replies[1:]
@@ -185,7 +200,7 @@ class Replication:
             return [_RESEND]
         return replies
 
-    async def _exchange(self, connection, commands: list[Command]) -> list[Any]:
+    async def _exchange(self, connection, commands: list[Command], wait_ms: int) -> list[Any]:
         """Send ``commands`` in one write and read every reply; an error reply is returned
         as its exception, in its place. A lost reply raises OutcomeUnknown (the guarded
         connection's doing)."""
@@ -196,7 +211,7 @@ class Replication:
         for position in range(len(commands)):
             timeout = None
             if position == last:  # WAIT answers after up to timeout_ms
-                timeout = self.timeout_ms / 1000 + _READ_MARGIN_S
+                timeout = wait_ms / 1000 + _READ_MARGIN_S
             try:
                 reply = await connection.read_response(timeout=timeout)
             except ResponseError as exc:

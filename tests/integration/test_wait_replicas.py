@@ -11,6 +11,7 @@ answers the duplicate.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import signal
 import threading
@@ -29,6 +30,7 @@ from app.ops.cluster import RedisCluster
 from app.settings import Settings
 from app.store.codec import uuid_key
 from app.store.keys import Keyspace, partition_of
+from app.store.scripts import source
 from tests.servers import RedisServer
 from tests.wait import wait_until
 
@@ -161,6 +163,31 @@ def test_a_flushed_script_cache_is_reloaded_and_the_change_sent_once(single) -> 
         assert save(client, uuid).status_code == 201
         assert r.hexists(ks.messages, uuid_key(uuid))
         assert m.zcard(ks.delayed) == 1
+
+
+def test_a_flushed_script_cache_with_the_replica_paused_still_answers_within_one_timeout(
+    single, pair
+) -> None:
+    """The send that met NOSCRIPT carried a WAIT too, and it blocks (the connection's
+    earlier change is unconfirmed): the resend WAITs only what is left of the timeout."""
+    m, _r, settings = single
+    _, replica = pair
+    ks = Keyspace(settings.prefix)
+    with TestClient(create_app(settings)) as client, paused(replica.pid):
+        # A change the replica cannot confirm, on the connection the next one reuses.
+        assert save(client, str(uuidlib.uuid4())).status_code == 503
+        m.script_flush()
+        accept_sha = hashlib.sha1(source("accept").encode()).hexdigest()
+        assert not m.script_exists(accept_sha)[0]
+        uuid = str(uuidlib.uuid4())
+        started = time.monotonic()
+        refused = save(client, uuid)
+        took = time.monotonic() - started
+        assert refused.status_code == 503 and refused.json()["error"] == NOT_REPLICATED
+        assert m.script_exists(accept_sha)[0], "NOSCRIPT was met and the script loaded"
+        assert WAIT_MS / 1000 - 0.05 <= took < WAIT_MS / 1000 + 0.5, took
+        assert m.hexists(ks.messages, uuid_key(uuid)), "the change ran once, after the load"
+        assert m.zcard(ks.delayed) == 2
 
 
 def test_a_connection_lost_during_wait_answers_outcome_unknown_and_nothing_is_sent_twice(
