@@ -17,7 +17,9 @@ is retried as before. Reads are retried whatever happened.
 
 from __future__ import annotations
 
+import asyncio
 import functools
+import weakref
 from typing import Any, cast
 
 import redis.asyncio as aioredis
@@ -142,6 +144,16 @@ def guarded(connection_class: type) -> type:
     return type(f"Guarded{connection_class.__name__}", (_NoBlindResend, connection_class), {})
 
 
+def _noted(connection_class: type, opened: weakref.WeakSet[Any]) -> type:
+    """``connection_class``, adding every connection it makes to ``opened``."""
+
+    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+        connection_class.__init__(self, *args, **kwargs)
+        opened.add(self)
+
+    return type(connection_class.__name__, (connection_class,), {"__init__": __init__})
+
+
 def _raw_reply(response, **_options):
     return response
 
@@ -184,18 +196,40 @@ class StoreCluster(RedisCluster):
     node it learns about, now and after a failover) and raw XREADGROUP replies. Every
     script a store sends touches one partition's keys, so one slot: the cluster client
     routes it to that slot's master, follows MOVED and ASK during a reshard, and loads a
-    script on a node that answers NOSCRIPT (a restarted master, a promoted replica)."""
+    script on a node that answers NOSCRIPT (a restarted master, a promoted replica).
+
+    :meth:`aclose` closes every connection the client opened. redis-py's closes none
+    while the client is marked for a new slot map (it is, from any connection error or
+    timeout until the next command), nor those of nodes a refresh dropped: their
+    sockets were left open until the garbage collector found them.
+    """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.set_response_callback("XREADGROUP", _raw_reply)
+        self._opened: weakref.WeakSet[Any] = weakref.WeakSet()
+        self._closed = False
         # Nodes discovered later are built from these kwargs; the seeds exist already.
-        self.connection_kwargs["connection_class"] = guarded(
-            self.connection_kwargs["connection_class"]
-        )
+        connection_class = _noted(guarded(self.connection_kwargs["connection_class"]), self._opened)
+        self.connection_kwargs["connection_class"] = connection_class
         for node in self.startup_nodes:
-            node.connection_class = guarded(node.connection_class)
+            node.connection_class = connection_class
         self.commands_parser = _CommandTableOnce()
+
+    async def initialize(self, *args: Any, **kwargs: Any) -> StoreCluster:
+        # A command still under way when the client closed would open new connections.
+        if self._closed:
+            raise RedisConnectionError("the cluster client is closed")
+        await super().initialize(*args, **kwargs)
+        return self
+
+    async def aclose(self) -> None:
+        self._closed = True
+        try:
+            await super().aclose()
+        finally:
+            still_open = [c for c in list(self._opened) if c.is_connected]
+            await asyncio.gather(*(c.disconnect() for c in still_open), return_exceptions=True)
 
     async def _determine_slot(self, command: str, *args: Any) -> int:
         # Store.read names one stream (... STREAMS <key> <id>): its slot is that key's.

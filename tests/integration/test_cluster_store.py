@@ -18,6 +18,7 @@ from app.ops.cluster import RedisCluster
 from app.settings import Settings
 from app.store import OutcomeUnknown, StoreCluster, StoreRedis, open_client
 from app.store.partitions import Partitions
+from tests.wait import async_wait_until
 
 PARTITIONS = 16
 FUTURE = 253402300799999
@@ -156,5 +157,54 @@ def test_a_lost_reply_on_a_cluster_node_is_outcome_unknown_not_a_second_run(
             assert not again.created, "the accept that lost its reply had been applied"
         finally:
             await client.aclose()
+
+    run(scenario())
+
+
+def clients_named(cluster: RedisCluster, name: str) -> int:
+    count = 0
+    for node in cluster.nodes:
+        with redis.Redis(port=node.port) as direct:
+            count += sum(1 for c in direct.client_list() if c.get("name") == name)
+    return count
+
+
+def test_closing_a_client_that_awaits_a_new_slot_map_closes_every_connection_it_opened(
+    settings: Settings, redis_cluster: RedisCluster
+) -> None:
+    """A read timed out on a frozen master: redis-py marks the client for a new slot map
+    and its own close then closes nothing. Every connection must still be closed (the
+    servers see none left), not left to the garbage collector."""
+    name = f"close-probe-{uuidlib.uuid4().hex[:8]}"
+
+    async def scenario() -> None:
+        client = await open_client(settings, socket_timeout=0.3, client_name=name)
+        partitions = Partitions(client, settings)
+        closed = False
+        try:
+            for store in partitions:
+                await store.client.xlen(store.keys.stream)
+            assert clients_named(redis_cluster, name) >= 3, "a connection to every master"
+            store = next(iter(partitions))
+            master = client.get_node_from_key(store.keys.stream)
+            frozen = next(n for n in redis_cluster.nodes if n.port == master.port)
+            os.kill(frozen.process.pid, signal.SIGSTOP)
+            try:
+                with pytest.raises(redis.exceptions.TimeoutError):
+                    await store.client.xlen(store.keys.stream)
+                assert client._initialize, "the client waits to rebuild its slot map"
+                await client.aclose()
+                closed = True
+            finally:
+                os.kill(frozen.process.pid, signal.SIGCONT)
+            await async_wait_until(
+                lambda: clients_named(redis_cluster, name) == 0, "every connection closed", 5
+            )
+            with pytest.raises(redis.exceptions.ConnectionError, match="closed"):
+                await store.client.xlen(store.keys.stream)
+            assert clients_named(redis_cluster, name) == 0, "nothing reopened once closed"
+        finally:
+            if not closed:
+                await client.aclose()
 
     run(scenario())
