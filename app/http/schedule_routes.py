@@ -41,7 +41,7 @@ from app.log import get_logger
 from app.model import RUN_AT_MAX, BodyDecoder, InvalidInput
 from app.recurrence import check_name, every_text, occurrences, validate
 from app.settings import Settings
-from app.store.schedules import Schedules, Stored
+from app.store.schedules import Schedules, Stored, UnreadableSchedule
 
 log = get_logger("api")
 
@@ -101,6 +101,8 @@ def schedule_routes(settings: Settings) -> list[Operation]:
                 if schedules is None:
                     raise NotConnected()
                 return await handler(request, schedules)
+            except UnreadableSchedule as exc:
+                return error(409, f"{exc}: PUT a new definition or DELETE it", "name")
             except Exception as exc:
                 answer = failure_answer(exc, request.url.path, "retry")
                 if answer is None:
@@ -155,8 +157,12 @@ def schedule_routes(settings: Settings) -> list[Operation]:
                 raise InvalidInput(
                     "cursor must be the `next` of a previous page", "cursor"
                 ) from None
-        items, next_cursor = await s.page(cursor, limit)
-        return respond(SchedulePage(items=[view(i) for i in items], next=next_cursor))
+        page = await s.page(cursor, limit)
+        return respond(
+            SchedulePage(
+                items=[view(i) for i in page.items], next=page.next, unreadable=page.unreadable
+            )
+        )
 
     async def get_schedule(request: Request, s: Schedules) -> Response:
         name = path_name(request)
@@ -212,6 +218,10 @@ def schedule_routes(settings: Settings) -> list[Operation]:
     one = f"{base}/{{name}}"
     bad_name = Reply("Bad name (charset or length).")
     missing = Reply("No schedule of that name.")
+    unreadable = Reply(
+        "The stored definition cannot be read by this release (another release or a hand "
+        "wrote it): PUT a new definition or DELETE it."
+    )
     return [
         Operation(
             "PUT",
@@ -289,6 +299,7 @@ def schedule_routes(settings: Settings) -> list[Operation]:
                     200: Reply("The schedule.", ScheduleView),
                     401: UNAUTHORIZED,
                     404: missing,
+                    409: unreadable,
                     422: bad_name,
                     503: UNAVAILABLE,
                 },
@@ -322,7 +333,11 @@ def schedule_routes(settings: Settings) -> list[Operation]:
                         200: Reply(answer, ScheduleView),
                         401: UNAUTHORIZED,
                         404: missing,
-                        409: Reply("The schedule changed under each of several attempts."),
+                        409: Reply(
+                            "The schedule changed under each of several attempts, or its "
+                            "stored definition cannot be read by this release (PUT a new "
+                            "definition or DELETE it)."
+                        ),
                         422: bad_name,
                         503: UNAVAILABLE,
                     },

@@ -115,6 +115,13 @@ class SchedulePage(msgspec.Struct):
     next: Annotated[
         str | None, Meta(description="The `cursor` of the next page; null on the last.")
     ]
+    unreadable: Annotated[
+        list[str],
+        Meta(
+            description="Names on this page whose stored definitions this release cannot "
+            "read (not in `items`, not run): replace or delete them."
+        ),
+    ] = []
 
 
 class ScheduleDeleted(msgspec.Struct):

@@ -149,9 +149,10 @@ def list_schedules(api: Api, limit: int, cursor: str | None, as_json: bool, outp
         output.line(json.dumps(page, indent=2, sort_keys=True))
         return 0
     items = page.get("items") or []
-    if not items:
+    unreadable = page.get("unreadable") or []
+    if not items and not unreadable:
         output.line("no schedules")
-    else:
+    if items:
         output.line(f"{'NAME':<32}  {'STATE':<7}  {'WHEN':<40}  MESSAGE")
         for item in items:
             output.line(
@@ -159,6 +160,11 @@ def list_schedules(api: Api, limit: int, cursor: str | None, as_json: bool, outp
                 f"{'paused' if item.get('paused') else 'active':<7}  "
                 f"{_cell(_how(item), 40):<40}  {_cell(item.get('message', ''), 40)}"
             )
+    for name in unreadable:
+        output.line(
+            f"{_cell(name, 32):<32}  unreadable: stored in a form this release cannot read, "
+            "not run (schedule set or delete it)"
+        )
     if page.get("next"):
         output.line(f"more: echo-at-time schedule list --limit {limit} --cursor {page['next']}")
     return 0

@@ -96,6 +96,26 @@ class Retired:
     definition: Definition
 
 
+class UnreadableSchedule(Exception):
+    """A schedule whose stored definition this release cannot decode (written by another
+    release, or by hand): it is neither shown nor run until it is replaced or deleted."""
+
+    def __init__(self, name: str, error: BaseException) -> None:
+        super().__init__(f"schedule {name} is stored in a form this release cannot read")
+        self.name = name
+        self.error = error
+
+
+@dataclass(frozen=True, slots=True)
+class Page:
+    """A page of schedules by name: the readable ones, the cursor of the next page, and
+    the names on this page whose definitions cannot be read."""
+
+    items: list[Stored]
+    next: str | None
+    unreadable: list[str]
+
+
 def _split(meta: bytes | None) -> tuple[int, int] | None:
     if meta is None:
         return None
@@ -181,21 +201,26 @@ class Schedules:
             pipe.hget(k.schedule_meta, name)
             pipe.hget(k.schedule_progress, name)
             raw, meta, progress = await pipe.execute()
-        return _stored(name, raw, meta, progress)
+        try:
+            return _stored(name, raw, meta, progress)
+        except UNREADABLE as exc:
+            raise UnreadableSchedule(name, exc) from exc
 
     async def count(self) -> int:
         return int(await self.client.hlen(self.keys.schedules))
 
-    async def page(self, after: str | None, limit: int) -> tuple[list[Stored], str | None]:
+    async def page(self, after: str | None, limit: int) -> Page:
         """Up to ``limit`` schedules by name after ``after``, and the cursor of the next page
-        (the last name shown; None on the last page). Sorting every name costs O(n log n)
-        per page: a few ms for 10,000 schedules."""
+        (the last name on this page; None on the last page). One that cannot be read is
+        named, not shown: the others still are. Sorting every name costs O(n log n) per
+        page: a few ms for 10,000 schedules."""
         names = sorted(_text(n) for n in await self.client.hkeys(self.keys.schedules))
         if after is not None:
             names = [n for n in names if n > after]
         shown = names[:limit]
         k = self.keys
         stored: list[Stored] = []
+        unreadable: list[str] = []
         if shown:
             async with self.client.pipeline(transaction=False) as pipe:
                 pipe.hmget(k.schedules, shown)
@@ -203,10 +228,15 @@ class Schedules:
                 pipe.hmget(k.schedule_progress, shown)
                 raws, metas, progresses = await pipe.execute()
             for row in zip(shown, raws, metas, progresses, strict=True):
-                item = _stored(*row)
+                try:
+                    item = _stored(*row)
+                except UNREADABLE as exc:
+                    log.error("schedule cannot be decoded", schedule=row[0], error=repr(exc))
+                    unreadable.append(row[0])
+                    continue
                 if item is not None:  # deleted between the two reads
                     stored.append(item)
-        return stored, (shown[-1] if len(names) > limit else None)
+        return Page(stored, shown[-1] if len(names) > limit else None, unreadable)
 
     async def load_all(self) -> dict[str, Stored]:
         """Every schedule (the leader's reload after a change)."""
@@ -287,7 +317,20 @@ class Schedules:
         raw = await self.client.hget(self.keys.schedule_retired, generation)
         if raw is None:
             return 0, 0
-        done = await self.void(_retired(raw))
+        try:
+            retired = _retired(raw)
+        except UNREADABLE as exc:
+            # Replacing or deleting a definition no release here can read is how an operator
+            # mends it; its occurrences cannot be derived, so nothing could ever void them.
+            log.error(
+                "retired schedule cannot be decoded: its occurrences already produced (up to "
+                f"{HORIZON_MS // 1000} s ahead) are not cancelled",
+                generation=generation,
+                error=repr(exc),
+            )
+            await self.client.hdel(self.keys.schedule_retired, generation)
+            return 0, 0
+        done = await self.void(retired)
         await self.client.hdel(self.keys.schedule_retired, generation)
         return done
 

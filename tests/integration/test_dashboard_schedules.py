@@ -10,6 +10,7 @@ import pytest
 import redis
 
 from app.http.ui import pages
+from app.store.keys import Keyspace
 from tests.integration.test_dashboard import SCRIPT, TestClient, open_client
 
 
@@ -57,3 +58,16 @@ def test_the_schedules_page_pages_by_name_and_refuses_a_cursor_it_did_not_make(c
 
 def test_the_schedules_page_says_when_there_is_none(client):
     assert "No schedule is defined." in client.get("/ui/schedules").text
+
+
+def test_the_schedules_page_names_a_schedule_it_cannot_read_and_shows_the_rest(
+    client, settings, redis_client
+):
+    put(client, "good", every="1h")
+    put(client, "broken", every="1h")
+    redis_client.hset(Keyspace(settings.prefix).schedules, "broken", b"{not a definition")
+    response = client.get("/ui/schedules")
+    assert response.status_code == 200
+    assert re.findall(r'data-name="([^"]+)"', response.text) == ["good"]
+    warning = re.search(r'<p class="bad" id="unreadable">(.*?)</p>', response.text, re.S)
+    assert warning is not None and "<code>broken</code>" in warning.group(1)

@@ -16,6 +16,7 @@ from app.http.app import create_app
 from app.recurrence import occurrence_uuid
 from app.settings import Settings
 from app.store import open_client
+from app.store.keys import Keyspace
 from app.store.partitions import Partitions
 from app.store.schedules import Schedules
 from election.gate import LeadershipGate, Role
@@ -197,6 +198,36 @@ def test_not_json_and_malformed_bodies_are_refused(client):
         client.put(f"{BASE}/x", content=b"{}", headers={"content-type": "text/plain"}).status_code
         == 415
     )
+
+
+def test_a_stored_definition_this_release_cannot_read_is_named_and_mended_by_put_or_delete(
+    client, settings, redis_client
+):
+    """Written by another release or by hand: the list still pages the others and names
+    it, reading or pausing it answers 409 saying what to do, and PUT or DELETE mends it."""
+    keys = Keyspace(settings.prefix)
+    for name in ("a-good", "b-broken", "c-broken", "d-good"):
+        assert put(client, name, every="1h").status_code == 201
+    for name in ("b-broken", "c-broken"):
+        redis_client.hset(keys.schedules, name, b"\xff not a definition")
+    page = client.get(BASE, params={"limit": 3})
+    assert page.status_code == 200
+    assert [i["name"] for i in page.json()["items"]] == ["a-good"]
+    assert page.json()["unreadable"] == ["b-broken", "c-broken"]
+    rest = client.get(BASE, params={"cursor": page.json()["next"]}).json()
+    assert [i["name"] for i in rest["items"]] == ["d-good"] and rest["unreadable"] == []
+    for method, path in [("GET", f"{BASE}/b-broken"), ("POST", f"{BASE}/b-broken/pause")]:
+        refused = client.request(method, path)
+        assert refused.status_code == 409, refused.text
+        assert refused.json()["field"] == "name"
+        assert "cannot read" in refused.json()["error"] and "DELETE" in refused.json()["error"]
+    replaced = put(client, "b-broken", every="2h")
+    assert replaced.status_code == 200 and replaced.json()["outcome"] == "replaced"
+    assert client.get(f"{BASE}/b-broken").json()["every"] == "2h"
+    assert client.delete(f"{BASE}/c-broken").status_code == 200
+    assert client.get(f"{BASE}/c-broken").status_code == 404
+    assert client.get(BASE).json()["unreadable"] == []
+    assert redis_client.hlen(keys.schedule_retired) == 0, "nothing left to nag the leader"
 
 
 def test_stats_counts_the_schedules(client):

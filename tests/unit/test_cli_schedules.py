@@ -93,6 +93,14 @@ def test_list_prints_a_table_and_how_to_get_the_next_page():
     assert api.requests[0].url.params["limit"] == "2"
 
 
+def test_list_names_the_schedules_the_api_could_not_read_and_what_to_do():
+    api = FakeApi(reply(200, {"items": [], "next": None, "unreadable": ["old-one"]}))
+    code, out, _ = run(["schedule", "list"], api)
+    assert code == 0
+    assert "no schedules" not in out
+    assert "old-one" in out and "unreadable" in out and "schedule set or delete it" in out
+
+
 def test_show_prints_the_next_occurrences_and_the_produced_messages():
     body = {
         **VIEW,

@@ -279,12 +279,15 @@ class Dashboard:
 
     async def schedules(self, request: Request) -> Response:
         cursor = request.query_params.get("cursor") or None
-        rows, following = await self._source().schedules(PAGE_SIZE, cursor, self._now_ms())
+        rows, following, unreadable = await self._source().schedules(
+            PAGE_SIZE, cursor, self._now_ms()
+        )
         return self.render(
             request,
             "schedules.html",
             nav="schedules",
             rows=rows,
+            unreadable=unreadable,
             next=following,
             first=cursor is None,
         )

@@ -174,17 +174,18 @@ class Source:
 
     async def schedules(
         self, limit: int, cursor: str | None, now_ms: int
-    ) -> tuple[list[ScheduleRow], str | None]:
+    ) -> tuple[list[ScheduleRow], str | None, list[str]]:
         """A page of schedules by name (the JSON API's ``GET /schedules``), each with its
-        next occurrence after ``now_ms``."""
+        next occurrence after ``now_ms``; the cursor of the next page; the names on this
+        page whose definitions cannot be read."""
         if cursor is not None:
             try:
                 check_name(cursor)
             except InvalidInput:
                 raise BadCursor(cursor) from None
-        page, following = await self.schedule_store.page(cursor, limit)
+        page = await self.schedule_store.page(cursor, limit)
         rows = []
-        for stored in page:
+        for stored in page.items:
             d = stored.definition
             how = (
                 f"cron {d.cron} {d.timezone}" if d.cron else f"every {every_text(d.every_ms or 0)}"
@@ -194,7 +195,7 @@ class Source:
                 [] if d.paused else list(occurrences(d, stored.created_ms, after, RUN_AT_MAX, 1))
             )
             rows.append(ScheduleRow(stored, how, upcoming[0] if upcoming else None))
-        return rows, following
+        return rows, page.next, page.unreadable
 
     async def replay_all(self) -> tuple[int, int]:
         return await self.lifecycles.replay_all()
