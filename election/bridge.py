@@ -23,7 +23,8 @@ Bridge loop states, per process::
     idle (gate closed) --gate opens--> re-driving --QueueDead empty--> bridging
     bridging --nothing waiting--> polling (5 ms doubling to 100 ms) --items--> bridging
     bridging --gate closes or a new epoch--> idle / re-driving
-    any --Redis error--> backoff (50 ms doubling to 1 s) --> re-driving
+    bridging --a failing partition due to be tried again--> re-driving (its items)
+    any --Redis error of the lists--> backoff (50 ms doubling to 1 s) --> re-driving
     any --stop()--> stopped, after finishing the items already taken
 
 What may happen twice, and what not:
@@ -38,6 +39,10 @@ What may happen twice, and what not:
   (``raw``), and leaves ``QueueDead``; it never blocks the bridge. A bridge
   that dies between those two steps dead-letters it a second time on re-drive.
   Only Redis errors are retried.
+- A partition whose accept fails (a Redis error: its master failing over, or down)
+  holds up no other: its items stay in ``QueueDead``, it is not tried again before
+  its backoff (50 ms doubling to 1 s), and then its items are re-driven, oldest
+  first, before any newer one of it; the other partitions' items go on meanwhile.
 - An item re-driven from ``QueueDead`` no longer says which list it came from:
   it is accepted at its own ``runAt`` (an item pushed onto ``Queue`` with a
   future ``runAt`` then waits for that time).
@@ -62,6 +67,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 import uuid as uuidlib
 from dataclasses import dataclass
 
@@ -261,6 +267,7 @@ class BridgeStats:
     malformed: int = 0  # dead-lettered
     redriven: int = 0  # items found in the in-flight list and re-driven
     errors: int = 0  # Redis errors (each followed by a backoff and a re-drive)
+    waiting: int = 0  # items the last re-drive left in flight for a failing partition
 
 
 class LegacyBridge(WakeableLoop):
@@ -294,6 +301,8 @@ class LegacyBridge(WakeableLoop):
         # An item's webhook target: checked as the api checks one, dead-lettered if refused.
         self.targets = targets or TargetPolicy.of(self.settings)
         self.stats = BridgeStats()
+        # Partitions whose last accept (or dead-lettering) failed: when to try again.
+        self._failing: dict[int, _Retry] = {}
         gate.on_change(self.poke)
 
     async def run(self) -> None:
@@ -308,6 +317,7 @@ class LegacyBridge(WakeableLoop):
                 await self.pause(None)
                 continue
             try:
+                self._failing.clear()  # a new start tries every partition
                 redriven = await self.redrive()
                 log.info("legacy bridge running", epoch=epoch, redriven=redriven)
                 await self._bridge(epoch)
@@ -327,27 +337,56 @@ class LegacyBridge(WakeableLoop):
         idle = Backoff(POLL_MIN, POLL_MAX)
         while self._leading(epoch):
             self.rearm()
+            if self._retry_due():
+                # Before any new item: a partition that is back takes its own in order.
+                await self.redrive()
             if await self.round():
                 idle.reset()
                 continue
-            await self.pause(idle.next())
+            await self.pause(min(idle.next(), self._until_retry()))
 
     async def redrive(self) -> int:
-        """Accept and remove everything in the in-flight list, oldest first; how many."""
-        total = 0
+        """Accept and remove what the in-flight list holds, oldest first; how many.
+
+        Items whose partition fails stay where they are, for the next re-drive (when that
+        partition is due to be tried again); the items settled around them go. Those
+        left are the oldest, so each read skips them: the next items are just before.
+        """
+        total = left = 0
         in_flight = self.lists.in_flight
+        retrying = bool(self._failing)  # else a start: every item is tried
+        for partition in [p for p, retry in self._failing.items() if retry.due()]:
+            self._failing[partition].trying = True
         while not self.stopping:
             async with self.client.pipeline(transaction=False) as pipe:
-                pipe.lrange(in_flight, -self.batch, -1)
+                pipe.lrange(in_flight, -(left + self.batch), -(left + 1))
                 pipe.execute_command("TIME")  # a cluster pipeline refuses .time()
                 raws, now = await pipe.execute()
             if not raws:
                 break
             # LMOVE pushes at the head, so the oldest item is last.
-            await self._settle([(raw, False) for raw in reversed(raws)], _ms(now))
-            total += len(raws)
-            self.stats.redriven += len(raws)
+            kept = await self._settle([(raw, False) for raw in reversed(raws)], _ms(now))
+            left += kept
+            total += len(raws) - kept
+            self.stats.redriven += len(raws) - kept
+            if retrying and not any(r.trying for r in self._failing.values()):
+                # Each partition tried has failed again: what is left is theirs (read and
+                # parsed at every retry, a long outage's backlog would cost CPU for nothing).
+                break
+        for partition, retry in list(self._failing.items()):
+            if retry.trying:  # tried and did not fail: it is back
+                del self._failing[partition]
+                log.info("legacy items of a partition accepted again", partition=partition)
+        self.stats.waiting = left  # of the items read: at least those
         return total
+
+    def _retry_due(self) -> bool:
+        return any(retry.due() for retry in self._failing.values())
+
+    def _until_retry(self) -> float:
+        if not self._failing:
+            return POLL_MAX
+        return max(0.0, min(retry.at for retry in self._failing.values()) - time.monotonic())
 
     async def round(self) -> int:
         """Move up to ``batch`` items from each legacy list, accept them; how many."""
@@ -374,36 +413,86 @@ class LegacyBridge(WakeableLoop):
         await self._settle(items, _ms(now))
         return len(items)
 
-    async def _settle(self, items: list[tuple[bytes, bool]], now_ms: int) -> None:
-        """Accept (or dead-letter) each in-flight item, then remove them from the list.
+    async def _settle(self, items: list[tuple[bytes, bool]], now_ms: int) -> int:
+        """Accept (or dead-letter) each in-flight item, then remove those settled from the
+        list; how many were left in it, for a failing partition.
 
         The readable items are accepted together: one accept call per partition they
         fall in (in their order, so equal runAt keep the lists' order within a
-        partition). An error leaves every item in the in-flight list, for a re-drive.
+        partition), the partitions concurrently. A partition that fails (a Redis error:
+        its master failing over, or down) keeps its items in the in-flight list and is
+        not tried again before its backoff, so it holds up no other partition, and its
+        items are re-driven, oldest first, before any newer one of it. An error of the
+        lists themselves leaves every item in the in-flight list, for a re-drive.
         """
         limit = self.settings.max_message_bytes
+        settled: list[bytes] = []
+        kept: list[tuple[bytes, int]] = []  # raw, partition
+        errors: dict[int, Exception] = {}
         msgs: list[NewMessage] = []
+        raws: list[bytes] = []
         for raw, due_now in items:
             msg = read_item(raw, limit)
             if not isinstance(msg, MalformedItem) and msg.target is not None:
                 msg = await self._checked(msg)
+            partition = self.partitions.index_of(msg.uuid)
+            if not self._may_try(partition):
+                kept.append((raw, partition))
+                continue
             if isinstance(msg, MalformedItem):
-                await self._dead_letter(raw, msg, now_ms)
+                try:
+                    await self._dead_letter(raw, msg, now_ms)
+                except RETRIED as exc:
+                    errors[partition] = exc
+                    kept.append((raw, partition))
+                else:
+                    settled.append(raw)
                 continue
             if due_now and msg.run_at > now_ms:
                 # Queue means "run now"; now_ms is Redis' clock, read before the move.
                 msg = msgspec.structs.replace(msg, run_at=now_ms)
             msgs.append(msg)
+            raws.append(raw)
         if msgs:
-            results = await self.partitions.accept_many(msgs)
-            created = sum(1 for result in results if result.created)
-            self.stats.accepted += created
-            self.stats.duplicates += len(results) - created
-        if items:
+            results = await self.partitions.accept_each(msgs)
+            for raw, msg, result in zip(raws, msgs, results, strict=True):
+                if isinstance(result, Exception):
+                    if not isinstance(result, RETRIED):
+                        raise result
+                    partition = self.partitions.index_of(msg.uuid)
+                    errors[partition] = result
+                    kept.append((raw, partition))
+                    continue
+                settled.append(raw)
+                if result.created:
+                    self.stats.accepted += 1
+                else:
+                    self.stats.duplicates += 1
+        self._back_off(errors, kept)
+        if settled:
             async with self.client.pipeline(transaction=False) as pipe:
-                for raw, _ in items:
+                for raw in settled:
                     pipe.lrem(self.lists.in_flight, 1, raw)
                 await pipe.execute()
+        return len(kept)
+
+    def _may_try(self, partition: int) -> bool:
+        retry = self._failing.get(partition)
+        return retry is None or retry.trying
+
+    def _back_off(self, errors: dict[int, Exception], kept: list[tuple[bytes, int]]) -> None:
+        """Not to try each partition that failed again before its backoff has passed."""
+        for partition, exc in errors.items():
+            retry = self._failing.setdefault(partition, _Retry())
+            delay = retry.failed()
+            self.stats.errors += 1
+            log.warning(
+                "legacy items wait for their partition",
+                partition=partition,
+                items=sum(1 for _raw, p in kept if p == partition),
+                error=describe(exc),
+                retry_in=round(delay, 3),
+            )
 
     async def _checked(self, msg: NewMessage) -> NewMessage | MalformedItem:
         """``msg``, or a MalformedItem when its target is refused (the reason says why)."""
@@ -436,6 +525,25 @@ class LegacyBridge(WakeableLoop):
         )
         self.stats.malformed += 1
         log.warning("legacy item dead-lettered", uuid=bad.uuid, reason=bad.reason[:200])
+
+
+class _Retry:
+    """When a failing partition is tried again (50 ms doubling to 1 s, as the bridge's
+    own backoff); ``trying`` while a re-drive tries it."""
+
+    def __init__(self) -> None:
+        self.backoff = Backoff(0.05, 1.0)
+        self.at = 0.0
+        self.trying = False
+
+    def failed(self) -> float:
+        self.trying = False
+        delay = self.backoff.next()
+        self.at = time.monotonic() + delay
+        return delay
+
+    def due(self) -> bool:
+        return time.monotonic() >= self.at
 
 
 def _ms(redis_time: tuple[int, int]) -> int:

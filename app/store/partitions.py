@@ -99,6 +99,32 @@ class Partitions:
                 results[i] = result
         return results  # type: ignore[return-value]
 
+    async def accept_each(self, msgs: Sequence[NewMessage]) -> list[Accepted | Exception]:
+        """As :meth:`accept_many`, but a partition whose call fails (its master failing
+        over, or down) answers its exception in place of each of its messages' results,
+        and the other partitions' results stand."""
+        groups: dict[int, list[int]] = {}
+        for position, msg in enumerate(msgs):
+            groups.setdefault(self.index_of(msg.uuid), []).append(position)
+        answers = await asyncio.gather(
+            *(
+                self.stores[p].accept_many([msgs[i] for i in positions])
+                for p, positions in groups.items()
+            ),
+            return_exceptions=True,
+        )
+        results: list[Accepted | Exception | None] = [None] * len(msgs)
+        for positions, answer in zip(groups.values(), answers, strict=True):
+            if isinstance(answer, BaseException):
+                if not isinstance(answer, Exception):
+                    raise answer  # cancelled: not a partition's failure
+                for i in positions:
+                    results[i] = answer
+                continue
+            for i, result in zip(positions, answer, strict=True):
+                results[i] = result
+        return results  # type: ignore[return-value]
+
     async def each_queue_stats(self) -> list[QueueStats]:
         """The figures of each partition, in partition order (one round trip each, all at
         once): what the queue gauges show, labelled by partition."""

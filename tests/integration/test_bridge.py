@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import random
 import time
@@ -22,9 +23,10 @@ import redis
 
 from app.model import NewMessage, State
 from app.settings import Settings
-from app.store import Delivery, Store
+from app.store import Delivery, Store, connect
 from app.store.codec import member_uuid, uuid_key, uuid_text
 from app.store.keys import Keyspace, LegacyLists
+from app.store.partitions import Partitions
 from election import bridge as bridge_module
 from election.bridge import LegacyBridge, legacy_uuid
 from election.gate import LeadershipGate, Role
@@ -492,3 +494,86 @@ def test_list_handler_pushes_the_delivery_as_json(
             {"message": 'say "hi"', "runAt": 1234, "uuid": delivery.uuid}, separators=(",", ":")
         ).encode()
     ]
+
+
+def test_a_failing_partition_keeps_its_items_in_flight_and_holds_up_no_other(
+    settings: Settings, redis_client: redis.Redis
+) -> None:
+    """One partition's accept fails (its messages key holds the wrong type: a Redis error
+    like a master failing over, or down): the other partitions' items are accepted on
+    time, its own wait in QueueDead, oldest first, and are accepted once it is mended;
+    nothing is lost and nothing is accepted twice."""
+    settings = dataclasses.replace(settings, partitions=4)
+    lists = LegacyLists.of(settings)
+    broken = 2
+    later = now_ms() + 3_600_000
+
+    async def scenario() -> LegacyBridge:
+        client = connect(settings)
+        try:
+            partitions = Partitions(client, settings)
+
+            def uuids_in(partition: int, n: int) -> list[str]:
+                found: list[str] = []
+                while len(found) < n:
+                    uuid = new_uuid()
+                    if partitions.index_of(uuid) == partition:
+                        found.append(uuid)
+                return found
+
+            async def accepted(uuids: list[str]) -> bool:
+                for uuid in uuids:
+                    if await partitions.store_for(uuid).record(uuid) is None:
+                        return False
+                return True
+
+            first = {p: uuids_in(p, 10) for p in range(4)}
+            bad_key = partitions.stores[broken].keys.messages
+            await client.set(bad_key, b"not a hash")
+            # Left in flight by a crash: its own oldest, more than a read (8), then others'.
+            crashed = uuids_in(broken, 10) + [u for p in (0, 1, 3) for u in uuids_in(p, 2)]
+            for uuid in crashed:
+                await client.lpush(lists.in_flight, item("m", later, uuid))
+            for p in range(4):
+                for uuid in first[p]:
+                    await client.lpush(lists.delayed, item("m", later, uuid))
+            async with bridging(partitions, leading_gate(), batch=8) as bridge:
+                others = [u for p in (0, 1, 3) for u in first[p]] + crashed[10:]
+                await async_wait_until(lambda: accepted(others), "others", DEADLINE)
+                await async_wait_until(
+                    lambda: redis_client.llen(lists.in_flight) == 20, "its 20", DEADLINE
+                )
+                # Items pushed meanwhile: the others' flow at once, its own join the wait.
+                second = {p: uuids_in(p, 3) for p in range(4)}
+                for p in range(4):
+                    for uuid in second[p]:
+                        await client.lpush(lists.delayed, item("m", later, uuid))
+                others = [u for p in (0, 1, 3) for u in second[p]]
+                await async_wait_until(lambda: accepted(others), "others", DEADLINE)
+                await async_wait_until(
+                    lambda: redis_client.llen(lists.in_flight) == 23, "its 23", DEADLINE
+                )
+                assert list_lengths(redis_client, settings)[:2] == (0, 0)
+                await async_wait_until(lambda: bridge.stats.errors >= 3, "tried again", DEADLINE)
+                assert redis_client.llen(lists.in_flight) == 23
+                await client.delete(bad_key)
+                mine = crashed[:10] + first[broken] + second[broken]
+                await async_wait_until(lambda: accepted(mine), "its own, mended", DEADLINE)
+                await async_wait_until(
+                    lambda: list_lengths(redis_client, settings) == (0, 0, 0), "none", DEADLINE
+                )
+                every = crashed + [u for p in range(4) for u in first[p] + second[p]]
+                records = {u: await partitions.store_for(u).record(u) for u in every}
+                assert all(r is not None and r.state is State.SCHEDULED for r in records.values())
+                counted = sum([await client.zcard(s.keys.delayed) for s in partitions], 0)
+                assert counted == len(every), "each message once"
+                # Its items were accepted in the order they were pushed (the oldest first):
+                # the delayed set's sequence grows with each accept.
+                seqs = [int(records[u].ref or "", 16) for u in mine]
+                assert seqs == sorted(seqs), seqs
+                return bridge
+        finally:
+            await client.aclose()
+
+    bridge = asyncio.run(scenario())
+    assert bridge.stats.accepted == 68 and bridge.stats.duplicates == 0
