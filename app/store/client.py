@@ -201,14 +201,15 @@ class StoreCluster(RedisCluster):
     :meth:`aclose` closes every connection the client opened. redis-py's closes none
     while the client is marked for a new slot map (it is, from any connection error or
     timeout until the next command), nor those of nodes a refresh dropped: their
-    sockets were left open until the garbage collector found them.
+    sockets were left open until the garbage collector found them. It is not final:
+    redis-py calls it itself to start afresh (CLUSTERDOWN, a slot not covered), and the
+    next command builds the slot map and connects again.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.set_response_callback("XREADGROUP", _raw_reply)
         self._opened: weakref.WeakSet[Any] = weakref.WeakSet()
-        self._closed = False
         # Nodes discovered later are built from these kwargs; the seeds exist already.
         connection_class = _noted(guarded(self.connection_kwargs["connection_class"]), self._opened)
         self.connection_kwargs["connection_class"] = connection_class
@@ -216,15 +217,7 @@ class StoreCluster(RedisCluster):
             node.connection_class = connection_class
         self.commands_parser = _CommandTableOnce()
 
-    async def initialize(self, *args: Any, **kwargs: Any) -> StoreCluster:
-        # A command still under way when the client closed would open new connections.
-        if self._closed:
-            raise RedisConnectionError("the cluster client is closed")
-        await super().initialize(*args, **kwargs)
-        return self
-
     async def aclose(self) -> None:
-        self._closed = True
         try:
             await super().aclose()
         finally:
