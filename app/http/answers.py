@@ -52,6 +52,17 @@ def error_answer(status: int, message: str, field: str | None = None) -> Answer:
     return json_answer({"error": message, "field": field}, status)
 
 
+# The client closed the connection before its request was read whole (or the server
+# closed it: a body past its deadline, answered 408 by the server and counted there).
+# Nobody receives this answer; its status, nginx's "client closed request", is what the
+# request metrics record, so no 400 is counted that no client was sent.
+CLIENT_CLOSED = 499
+
+
+def client_gone_answer() -> Answer:
+    return error_answer(CLIENT_CLOSED, "client disconnected before the body was read")
+
+
 def internal_error_answer() -> Answer:
     """What an unexpected exception answers, on every route: JSON like every other error
     (the exception itself is logged by the server, never sent)."""
@@ -84,7 +95,7 @@ def failure_answer(exc: BaseException, what: str, retry: str) -> Answer | None:
     if isinstance(exc, InvalidInput):
         return error_answer(exc.status, exc.error, exc.field)
     if isinstance(exc, ClientDisconnect):
-        return error_answer(400, "client disconnected before the body was read")
+        return client_gone_answer()
     if isinstance(exc, CorruptRecord):
         # Damaged in Redis (by hand, or a disk): the next script that meets the record
         # moves it to the dead stream; a read can only say so.

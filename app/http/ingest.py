@@ -25,6 +25,7 @@ from app.http.answers import (
     Scope,
     Send,
     bearer_matches,
+    client_gone_answer,
     error_answer,
     failure_answer,
     internal_error_answer,
@@ -138,7 +139,7 @@ class SaveMessageHandler:
             self._accepted_invalid.inc()
             return error_answer(exc.status, exc.error, exc.field)
         except ClientDisconnect:
-            return error_answer(400, "client disconnected before the body was read")
+            return client_gone_answer()
         try:
             result = await self.batcher.accept(msg)  # type: ignore[union-attr]
         except Exception as exc:

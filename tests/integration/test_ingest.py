@@ -86,6 +86,19 @@ def accepted(kind: str) -> float:
     return metrics.REGISTRY.get_sample_value("eat_messages_accepted_total", labels) or 0.0
 
 
+def requests_counted(status: str) -> float:
+    """eat_http_requests_total of save-message with ``status``."""
+    return sum(
+        sample.value
+        for family in metrics.REGISTRY.collect()
+        if family.name == "eat_http_requests"
+        for sample in family.samples
+        if sample.name == "eat_http_requests_total"
+        and sample.labels.get("status") == status
+        and "save-message" in sample.labels.get("route", "")
+    )
+
+
 def comparable(response: httpx.Response) -> tuple[int, dict[str, str], bytes]:
     headers = {
         name: response.headers[name]
@@ -287,15 +300,20 @@ def test_a_content_length_that_is_not_a_number_is_400(settings):
     assert json.loads(body) == {"error": "invalid Content-Length", "field": None}
 
 
-def test_a_client_gone_before_the_body_arrived_is_400(settings):
+def test_a_client_gone_before_the_body_arrived_is_counted_499_not_400(settings):
+    """Nobody receives the answer: the request metrics say "client closed request"
+    (nginx's 499), not a 400 no client was sent."""
     app = create_app(settings)
     for messages in (
         [{"type": "http.disconnect"}],
         [{"type": "http.request", "body": b'{"mess', "more_body": True}],
     ):
         before = accepted("invalid")
+        counted = requests_counted("499"), requests_counted("400")
         status, _, body = both_ways(app, [(b"content-type", b"application/json")], messages)
-        assert status == 400
+        assert status == 499
+        # both_ways sends it twice (with and without a root path).
+        assert (requests_counted("499"), requests_counted("400")) == (counted[0] + 2, counted[1])
         assert json.loads(body)["error"] == "client disconnected before the body was read"
         assert accepted("invalid") == before  # not counted as invalid input
 
