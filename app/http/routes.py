@@ -113,12 +113,15 @@ async def json_body(request: Request, limit: int) -> bytes:
     return await read_body(request.receive, request.headers.get("content-length"), limit)
 
 
-def query_limit(request: Request) -> int:
+def query_limit(
+    request: Request, default: int = DEAD_PAGE_DEFAULT, most: int = DEAD_PAGE_MAX
+) -> int:
+    """The ``limit`` of a paged list: 1 to ``most``, ``default`` when absent."""
     raw = request.query_params.get("limit")
     if raw is None:
-        return DEAD_PAGE_DEFAULT
-    if not _LIMIT.match(raw) or not 1 <= int(raw) <= DEAD_PAGE_MAX:
-        raise InvalidInput(f"limit must be an integer from 1 to {DEAD_PAGE_MAX}", "limit")
+        return default
+    if not _LIMIT.match(raw) or not 1 <= int(raw) <= most:
+        raise InvalidInput(f"limit must be an integer from 1 to {most}", "limit")
     return int(raw)
 
 

@@ -6,7 +6,6 @@ route documented where it is declared. The store side is ``app.store.schedules``
 from __future__ import annotations
 
 import functools
-import re
 from collections.abc import Awaitable, Callable
 
 import msgspec
@@ -24,7 +23,7 @@ from app.http.answers import (
 )
 from app.http.ingest import BODY_OVERHEAD
 from app.http.openapi import MALFORMED, NOT_JSON, UNAUTHORIZED, UNAVAILABLE, Doc, Operation, Reply
-from app.http.routes import json_body
+from app.http.routes import json_body, query_limit
 from app.http.schedule_wire import (
     NAME_PATTERN,
     NEXT_SHOWN,
@@ -46,7 +45,6 @@ from app.store.schedules import Schedules, Stored, UnreadableSchedule
 log = get_logger("api")
 
 Handler = Callable[[Request, Schedules], Awaitable[Response]]
-_LIMIT = re.compile(r"[0-9]{1,4}\Z")
 _decoder = BodyDecoder(ScheduleBody)
 PAUSE_TRIES = 5  # read-modify-write attempts of pause/resume against concurrent changes
 TAG = "schedules"
@@ -141,14 +139,7 @@ def schedule_routes(settings: Settings) -> list[Operation]:
         return respond(out, 201 if result.kind == "created" else 200)
 
     async def list_schedules(request: Request, s: Schedules) -> Response:
-        raw = request.query_params.get("limit")
-        limit = SCHEDULE_PAGE_DEFAULT
-        if raw is not None:
-            if not _LIMIT.match(raw) or not 1 <= int(raw) <= SCHEDULE_PAGE_MAX:
-                raise InvalidInput(
-                    f"limit must be an integer from 1 to {SCHEDULE_PAGE_MAX}", "limit"
-                )
-            limit = int(raw)
+        limit = query_limit(request, SCHEDULE_PAGE_DEFAULT, SCHEDULE_PAGE_MAX)
         cursor = request.query_params.get("cursor") or None
         if cursor is not None:
             try:

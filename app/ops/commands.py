@@ -528,13 +528,30 @@ def _cell(value: Any, width: int) -> str:
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
-def dead_list(api: Api, limit: int, cursor: str | None, as_json: bool, output: Output) -> int:
+def get_page(
+    api: Api, path: str, limit: int, cursor: str | None, as_json: bool, output: Output
+) -> dict[str, Any] | None:
+    """One page of a paged list (``limit``, ``cursor``); with ``--json`` printed as the api
+    sent it, and None."""
     params: dict[str, Any] = {"limit": limit}
     if cursor:
         params["cursor"] = cursor
-    _, page = api.call("GET", "/dead", params=params)
+    _, page = api.call("GET", path, params=params)
     if as_json:
         output.line(json.dumps(page, indent=2, sort_keys=True))
+        return None
+    return page
+
+
+def say_more(output: Output, command: str, limit: int, page: dict[str, Any]) -> None:
+    """The command line for the next page, when there is one."""
+    if page.get("next"):
+        output.line(f"more: echo-at-time {command} --limit {limit} --cursor {page['next']}")
+
+
+def dead_list(api: Api, limit: int, cursor: str | None, as_json: bool, output: Output) -> int:
+    page = get_page(api, "/dead", limit, cursor, as_json, output)
+    if page is None:
         return 0
     items = page.get("items") or []
     if not items:
@@ -547,8 +564,7 @@ def dead_list(api: Api, limit: int, cursor: str | None, as_json: bool, output: O
                 f"{_when(item.get('deadAt')):<24}  {item.get('attempts', 0)!s:>5}  "
                 f"{_cell(item.get('reason', ''), 60)}"
             )
-    if page.get("next"):
-        output.line(f"more: echo-at-time dead list --limit {limit} --cursor {page['next']}")
+    say_more(output, "dead list", limit, page)
     return 0
 
 

@@ -20,7 +20,9 @@ from app.ops.commands import (
     _at_type,
     _cell,
     _url_type,
+    get_page,
     iso_ms,
+    say_more,
 )
 from app.settings import Settings
 
@@ -141,12 +143,8 @@ def _how(item: dict[str, Any]) -> str:
 
 
 def list_schedules(api: Api, limit: int, cursor: str | None, as_json: bool, output: Output) -> int:
-    params: dict[str, Any] = {"limit": limit}
-    if cursor:
-        params["cursor"] = cursor
-    _, page = api.call("GET", "/schedules", params=params)
-    if as_json:
-        output.line(json.dumps(page, indent=2, sort_keys=True))
+    page = get_page(api, "/schedules", limit, cursor, as_json, output)
+    if page is None:
         return 0
     items = page.get("items") or []
     unreadable = page.get("unreadable") or []
@@ -165,8 +163,7 @@ def list_schedules(api: Api, limit: int, cursor: str | None, as_json: bool, outp
             f"{_cell(name, 32):<32}  unreadable: stored in a form this release cannot read, "
             "not run (schedule set or delete it)"
         )
-    if page.get("next"):
-        output.line(f"more: echo-at-time schedule list --limit {limit} --cursor {page['next']}")
+    say_more(output, "schedule list", limit, page)
     return 0
 
 
