@@ -14,6 +14,9 @@ expects:
 - a head not complete ``header_timeout`` s after its first byte: ``408``, closed;
 - a body not complete ``body_timeout`` s after its head: ``408``, closed, and
   the app's ``receive()`` reports a disconnect;
+- a response that cannot be written for ``send_timeout`` s (the client stopped
+  reading: uvicorn paused writing, its buffers full): the connection is aborted
+  (nothing more can reach that client), and the app's ``send`` sees it gone;
 - a connection that carries no request for ``idle_timeout`` s, a fresh one or
   one kept alive after a response: closed (uvicorn's keep-alive timer, also
   armed on a fresh connection here);
@@ -85,6 +88,7 @@ class HttpLimits:
     max_header_bytes: int = 65536
     header_timeout: float = 10.0
     body_timeout: float = 30.0
+    send_timeout: float = 30.0
     idle_timeout: float = 5.0
     max_connections: int = 1000
 
@@ -94,6 +98,7 @@ class HttpLimits:
             max_header_bytes=settings.http_max_header_bytes,
             header_timeout=settings.http_header_timeout,
             body_timeout=settings.http_body_timeout,
+            send_timeout=settings.http_send_timeout,
             idle_timeout=settings.http_idle_timeout,
             max_connections=settings.http_max_connections,
         )
@@ -101,7 +106,7 @@ class HttpLimits:
     @property
     def tick(self) -> float:
         """Seconds between two sweeps: a fifth of the shortest time limit, 50 ms to 1 s."""
-        shortest = min(self.header_timeout, self.body_timeout, self.idle_timeout)
+        shortest = min(self.header_timeout, self.body_timeout, self.send_timeout, self.idle_timeout)
         return min(1.0, max(0.05, shortest / 5))
 
 
@@ -176,6 +181,7 @@ class _Guard:
         self.closed_header_too_large = closed.labels("header_too_large")
         self.closed_header_timeout = closed.labels("header_timeout")
         self.closed_body_timeout = closed.labels("body_timeout")
+        self.closed_send_timeout = closed.labels("send_timeout")
         self.closed_evicted = closed.labels("evicted")
         self.closed_over_limit = closed.labels("over_limit")
 
@@ -206,9 +212,14 @@ class _Guard:
         now = loop.time()
         header_timeout = self.limits.header_timeout
         body_timeout = self.limits.body_timeout
+        send_timeout = self.limits.send_timeout
         for conn in list(self.open):
             phase = conn.phase
-            if phase == HEAD and now - conn.since > header_timeout:
+            stalled = conn.write_paused_at
+            if stalled is not None and now - stalled > send_timeout:
+                self.closed_send_timeout.inc()
+                conn.abandon()
+            elif phase == HEAD and now - conn.since > header_timeout:
                 self.closed_header_timeout.inc()
                 conn.refuse(self.head_late)
             elif phase == BODY and now - conn.since > body_timeout:
@@ -234,6 +245,7 @@ class LimitedProtocol(HttpToolsProtocol):
         self._head_bytes = 0
         self._linger_left = 0
         self._linger: asyncio.TimerHandle | None = None
+        self.write_paused_at: float | None = None  # since when the transport is full
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -248,6 +260,22 @@ class LimitedProtocol(HttpToolsProtocol):
         self.timeout_keep_alive_task = self.loop.call_later(
             self.timeout_keep_alive, self.timeout_keep_alive_handler
         )
+
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        if self.write_paused_at is None:
+            self.write_paused_at = self.loop.time()
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        self.write_paused_at = None
+
+    def abandon(self) -> None:
+        """Close at once, discarding what is buffered: the client does not read it."""
+        self.guard.open.discard(self)
+        self.write_paused_at = None
+        if self.transport is not None:
+            self.transport.abort()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.guard.open.discard(self)

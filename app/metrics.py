@@ -292,7 +292,8 @@ REPLICATION_WAITS = LoopCounter(
 HTTP_CONNECTIONS_CLOSED = LoopCounter(
     "eat_http_connections_closed",
     "Connections the HTTP server closed by a limit: header_too_large (431), header_timeout "
-    "and body_timeout (408), evicted (idlest, at the connection cap), over_limit (503).",
+    "and body_timeout (408), send_timeout (the client stopped reading), evicted (idlest, "
+    "at the connection cap), over_limit (503).",
     ["reason"],
 )
 

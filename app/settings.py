@@ -186,6 +186,14 @@ class Settings:
             "answered 408 and the connection closed."
         },
     )
+    http_send_timeout: float = field(
+        default=30.0,
+        metadata={
+            "doc": "Seconds a response may wait for the client to read what was sent "
+            "before (a client that stops reading fills the buffers); past it the "
+            "connection is closed."
+        },
+    )
     http_idle_timeout: float = field(
         default=5.0,
         metadata={
@@ -444,7 +452,13 @@ class Settings:
             raise SettingsError(_env("partitions"), f"from 1 to {MAX_PARTITIONS}")
         if self.wait_replicas < 0:
             raise SettingsError(_env("wait_replicas"), "must be 0 or more")
-        _positive(self, "http_header_timeout", "http_body_timeout", "http_idle_timeout")
+        _positive(
+            self,
+            "http_header_timeout",
+            "http_body_timeout",
+            "http_send_timeout",
+            "http_idle_timeout",
+        )
         _positive(self, "http_max_connections")
         # A browser's or a proxy's ordinary head (cookies, forwarded-for) takes a few KiB.
         if self.http_max_header_bytes < 1024:

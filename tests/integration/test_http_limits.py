@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import re
+import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 
@@ -19,6 +21,7 @@ import redis
 import uvicorn
 import uvloop
 
+from app import metrics
 from app.health import HealthServer
 from app.http.app import create_app
 from app.httpserver import HttpLimits, LimitedProtocol, server_config
@@ -291,6 +294,52 @@ def test_a_request_answered_before_its_body_arrived_is_closed_without_a_second_a
             trickling.cancel()
             assert answers_in(answer) == [415]
             assert time.monotonic() - started >= LIMITS.body_timeout - 0.05
+
+    run(scenario)
+
+
+# --- the response ----------------------------------------------------------------------------
+
+
+def closed_for(reason: str) -> float:
+    return (
+        metrics.REGISTRY.get_sample_value("eat_http_connections_closed_total", {"reason": reason})
+        or 0.0
+    )
+
+
+def test_a_client_that_stops_reading_its_answers_is_closed_after_the_send_timeout(settings):
+    """Requests pipelined, answers never read: once the buffers are full the response
+    waits for the client; past the send timeout the connection is closed, and the
+    server serves others (the slot is not held for ever)."""
+    limits = dataclasses.replace(LIMITS, send_timeout=0.5)
+
+    async def scenario() -> None:
+        async with serving(settings, limits) as api:
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.connect(("127.0.0.1", api.port))
+            sock.setblocking(False)
+            _reader, writer = await asyncio.open_connection(sock=sock)
+            api.writers.append(writer)
+            await api.accepted(writer)
+            before = closed_for("send_timeout")
+            request = head("/api/v1/openapi.json")
+            started = time.monotonic()
+            with contextlib.suppress(ConnectionError):
+                for _ in range(400):  # each answer tens of KB: far past every buffer
+                    writer.write(request)
+                await writer.drain()
+            await async_wait_until(
+                lambda: closed_for("send_timeout") == before + 1,
+                "the stalled connection closed",
+                limits.send_timeout + SLACK,
+            )
+            assert time.monotonic() - started >= limits.send_timeout - 0.05
+            await api.connected(0)
+            other, other_writer = await api.open()
+            other_writer.write(head("/healthz"))
+            assert status_of(await other.readuntil(b"\r\n\r\n")) == 200
 
     run(scenario)
 

@@ -20,23 +20,38 @@ def test_limits_come_from_the_http_settings() -> None:
             "EAT_HTTP_MAX_HEADER_BYTES": "8192",
             "EAT_HTTP_HEADER_TIMEOUT": "3",
             "EAT_HTTP_BODY_TIMEOUT": "7",
+            "EAT_HTTP_SEND_TIMEOUT": "11",
             "EAT_HTTP_IDLE_TIMEOUT": "2",
             "EAT_HTTP_MAX_CONNECTIONS": "50",
         }
     )
-    assert HttpLimits.of(settings) == HttpLimits(8192, 3.0, 7.0, 2.0, 50)
+    assert HttpLimits.of(settings) == HttpLimits(
+        max_header_bytes=8192,
+        header_timeout=3.0,
+        body_timeout=7.0,
+        send_timeout=11.0,
+        idle_timeout=2.0,
+        max_connections=50,
+    )
     assert HttpLimits.of(Settings()) == HttpLimits()
 
 
 @pytest.mark.parametrize(
     ("timeouts", "tick"),
-    [((10, 30, 5), 1.0), ((0.5, 30, 5), 0.1), ((0.01, 0.01, 0.01), 0.05)],
+    [
+        ((10, 30, 30, 5), 1.0),
+        ((0.5, 30, 30, 5), 0.1),
+        ((10, 30, 0.5, 5), 0.1),
+        ((0.01, 0.01, 0.01, 0.01), 0.05),
+    ],
 )
 def test_deadlines_are_swept_at_a_fifth_of_the_shortest_limit_between_50_ms_and_1_s(
-    timeouts: tuple[float, float, float], tick: float
+    timeouts: tuple[float, float, float, float], tick: float
 ) -> None:
-    header, body, idle = timeouts
-    limits = HttpLimits(header_timeout=header, body_timeout=body, idle_timeout=idle)
+    header, body, send, idle = timeouts
+    limits = HttpLimits(
+        header_timeout=header, body_timeout=body, send_timeout=send, idle_timeout=idle
+    )
     assert limits.tick == pytest.approx(tick)
 
 

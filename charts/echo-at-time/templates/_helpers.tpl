@@ -180,6 +180,8 @@ the health server for schedulers and workers, and the tunables.
   value: {{ include "echo-at-time.num" $v.config.httpHeaderTimeout | quote }}
 - name: EAT_HTTP_BODY_TIMEOUT
   value: {{ include "echo-at-time.num" $v.config.httpBodyTimeout | quote }}
+- name: EAT_HTTP_SEND_TIMEOUT
+  value: {{ include "echo-at-time.num" $v.config.httpSendTimeout | quote }}
 - name: EAT_HTTP_IDLE_TIMEOUT
   value: {{ include "echo-at-time.num" $v.config.httpIdleTimeout | quote }}
 - name: EAT_HTTP_MAX_CONNECTIONS
