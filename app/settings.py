@@ -209,6 +209,14 @@ class Settings:
             "process' open files limit."
         },
     )
+    http_max_buffered_bytes: int = field(
+        default=256 * 1024 * 1024,
+        metadata={
+            "doc": "Bytes of request bodies an HTTP server holds at once while they arrive "
+            "in pieces, over every connection; a body that would take it past this is "
+            "answered 503 (retry). At least EAT_MAX_BATCH_BYTES."
+        },
+    )
     retention: float = field(
         default=86400.0,
         metadata={
@@ -460,6 +468,10 @@ class Settings:
             "http_idle_timeout",
         )
         _positive(self, "http_max_connections")
+        if self.http_max_buffered_bytes < self.max_batch_bytes:
+            raise SettingsError(
+                _env("http_max_buffered_bytes"), "at least EAT_MAX_BATCH_BYTES (one bulk body)"
+            )
         # A browser's or a proxy's ordinary head (cookies, forwarded-for) takes a few KiB.
         if self.http_max_header_bytes < 1024:
             raise SettingsError(_env("http_max_header_bytes"), "at least 1024")

@@ -155,9 +155,43 @@ def bearer_matches(header: bytes | str | None, token: bytes) -> bool:
     return hmac.compare_digest(provided.strip().encode(), token) and scheme.lower() == "bearer"
 
 
-async def read_body(receive: Receive, content_length: bytes | str | None, limit: int) -> bytes:
+class BufferedBytes:
+    """Bytes of request bodies one server holds while they arrive in pieces, over every
+    connection, against ``limit`` (EAT_HTTP_MAX_BUFFERED_BYTES).
+
+    A body is read whole before it is parsed, and may take EAT_HTTP_BODY_TIMEOUT to
+    arrive: without a bound, a thousand connections trickling 16 MiB bulk bodies would
+    hold 16 GB. Past the bound a body is answered 503 (retry) and its pieces let go.
+    A body that arrives in one piece is not counted: uvicorn holds at most one piece
+    (its flow control pauses reading), and nothing is joined.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.held = 0
+
+    def take(self, count: int) -> bool:
+        if self.held + count > self.limit:
+            return False
+        self.held += count
+        return True
+
+    def give(self, count: int) -> None:
+        self.held -= count
+
+
+BUSY_RECEIVING = "too many request bodies arriving at once: retry"
+
+
+async def read_body(
+    receive: Receive,
+    content_length: bytes | str | None,
+    limit: int,
+    buffered: BufferedBytes | None = None,
+) -> bytes:
     """The request body, refusing (413) a declared or streamed size over ``limit`` before
-    reading on; 400 for a Content-Length that is not a number."""
+    reading on; 400 for a Content-Length that is not a number; 503 when the pieces of
+    the bodies arriving would take ``buffered`` past its limit."""
     if content_length is not None:
         declared = content_length
         if isinstance(declared, bytes):
@@ -177,19 +211,27 @@ async def read_body(receive: Receive, content_length: bytes | str | None, limit:
             raise InvalidInput(f"body larger than {limit} bytes", None, 413)
         return body
     chunks: list[bytes] = []
-    size = 0
-    while True:
-        if message["type"] == "http.request":
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > limit:
-                raise InvalidInput(f"body larger than {limit} bytes", None, 413)
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                return b"".join(chunks)
-        elif message["type"] == "http.disconnect":
-            raise ClientDisconnect()
-        message = await receive()
+    size = held = 0
+    try:
+        while True:
+            if message["type"] == "http.request":
+                chunk = message.get("body", b"")
+                size += len(chunk)
+                if size > limit:
+                    raise InvalidInput(f"body larger than {limit} bytes", None, 413)
+                if buffered is not None:
+                    if not buffered.take(len(chunk)):
+                        raise InvalidInput(BUSY_RECEIVING, None, 503)
+                    held += len(chunk)
+                chunks.append(chunk)
+                if not message.get("more_body", False):
+                    return b"".join(chunks)
+            elif message["type"] == "http.disconnect":
+                raise ClientDisconnect()
+            message = await receive()
+    finally:
+        if buffered is not None:
+            buffered.give(held)
 
 
 class RequestMetrics:

@@ -335,6 +335,7 @@ def create_app(
     app.router.redirect_slashes = False
     # Refuses an undocumented route, so the API cannot start with one.
     app.state.openapi = openapi.encoded(app.routes)
+    app.state.buffered = ingest.buffered  # one bound on bodies arriving, every route
     app_ref.append(app)
     install_dashboard(app, settings)  # /ui (EAT_UI) and the per-minute history it charts
     app.add_middleware(HttpMetrics, routes={r.path for r in routes}, recorder=recorder)

@@ -20,6 +20,7 @@ from starlette.requests import ClientDisconnect
 from app import metrics
 from app.http.answers import (
     Answer,
+    BufferedBytes,
     Receive,
     RequestMetrics,
     Scope,
@@ -70,11 +71,14 @@ class SaveMessageHandler:
         settings: Settings,
         request_metrics: RequestMetrics,
         targets: TargetPolicy | None = None,
+        buffered: BufferedBytes | None = None,
     ) -> None:
         # A message's webhook target: allowlist and addresses checked before it is stored.
         self.targets = targets or TargetPolicy.of(settings)
         self.max_message_bytes = settings.max_message_bytes
         self.body_limit = settings.max_message_bytes * 6 + BODY_OVERHEAD
+        # The server's bound on bodies arriving in pieces, shared with every route.
+        self.buffered = buffered or BufferedBytes(settings.http_max_buffered_bytes)
         self.token = settings.api_token.encode() if settings.api_token else None
         self.legacy_http = settings.legacy_http
         # A filtered-out structlog call still costs ~1 µs through its proxy: skip it outright.
@@ -131,7 +135,7 @@ class SaveMessageHandler:
             return self._unauthorized
         try:
             require_json(content_type)
-            body = await read_body(receive, content_length, self.body_limit)
+            body = await read_body(receive, content_length, self.body_limit, self.buffered)
             msg = parse_save_message(body, self.max_message_bytes)
             if msg.target is not None:
                 await check_target(self.targets, msg.target)

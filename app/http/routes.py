@@ -110,7 +110,12 @@ def path_uuid(request: Request) -> str:
 async def json_body(request: Request, limit: int) -> bytes:
     """The body of a JSON request: 415 for another Content-Type, 413 over ``limit``."""
     require_json(request.headers.get("content-type"))
-    return await read_body(request.receive, request.headers.get("content-length"), limit)
+    return await read_body(
+        request.receive,
+        request.headers.get("content-length"),
+        limit,
+        getattr(request.app.state, "buffered", None),
+    )
 
 
 def query_limit(

@@ -14,6 +14,7 @@ import json
 import re
 import socket
 import time
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 
 import pytest
@@ -340,6 +341,51 @@ def test_a_client_that_stops_reading_its_answers_is_closed_after_the_send_timeou
             other, other_writer = await api.open()
             other_writer.write(head("/healthz"))
             assert status_of(await other.readuntil(b"\r\n\r\n")) == 200
+
+    run(scenario)
+
+
+def test_bodies_arriving_in_pieces_past_the_buffered_bound_are_answered_503_then_served(
+    redis_url, prefix, redis_client
+):
+    """One slow bulk body holds most of the bound: another that would take it past is
+    answered 503 (retry), and once the first is done the bound is free again."""
+    bound = 64 * 1024
+    settings = Settings.from_env(
+        {}, redis_url=redis_url, prefix=prefix, max_batch_bytes=bound, http_max_buffered_bytes=bound
+    )
+    now = int(time.time() * 1000)
+    items = [{"message": "x" * 200, "runAt": now, "uuid": str(uuid.uuid4())} for _ in range(150)]
+    body = json.dumps(items).encode()  # about 37 KiB: two of them are over the bound
+    bulk = head(
+        "/api/v1/save-messages",
+        "POST",
+        **{"Content-Type": "application/json", "Content-Length": str(len(body))},
+    )
+
+    async def scenario() -> None:
+        async with serving(settings) as api:
+            buffered = api.server.config.app.state.buffered
+            slow, slow_writer = await api.open()
+            slow_writer.write(bulk + body[:-10])  # all but its end: held while it waits
+            await async_wait_until(lambda: buffered.held >= len(body) - 10, "the slow body held", 5)
+            other, other_writer = await api.open()
+            other_writer.write(bulk + body[:20000])
+            await async_wait_until(
+                lambda: buffered.held >= len(body) - 10 + 20000, "its first piece held", 5
+            )
+            other_writer.write(body[20000:])
+            answer = await other.readuntil(b"\r\n\r\n")
+            assert status_of(answer) == 503, answer
+            slow_writer.write(body[-10:])
+            answer = await slow.readuntil(b"\r\n\r\n")
+            assert status_of(answer) == 200, answer
+            await async_wait_until(lambda: buffered.held == 0, "the bound free again", 5)
+            again, again_writer = await api.open()
+            again_writer.write(bulk + body[:20000])
+            await async_wait_until(lambda: buffered.held >= 20000, "a first piece held", 5)
+            again_writer.write(body[20000:])
+            assert status_of(await again.readuntil(b"\r\n\r\n")) == 200
 
     run(scenario)
 

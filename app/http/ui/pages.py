@@ -453,7 +453,12 @@ async def read_form(request: Request) -> dict[str, str]:
     media = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
     if media != "application/x-www-form-urlencoded":
         raise Refused(415, "A form must be posted as application/x-www-form-urlencoded.")
-    body = await read_body(request.receive, request.headers.get("content-length"), FORM_LIMIT)
+    body = await read_body(
+        request.receive,
+        request.headers.get("content-length"),
+        FORM_LIMIT,
+        getattr(request.app.state, "buffered", None),
+    )
     try:
         pairs = parse_qsl(body.decode("utf-8"), keep_blank_values=True, max_num_fields=8)
     except (UnicodeDecodeError, ValueError):

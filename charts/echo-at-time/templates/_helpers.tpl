@@ -184,6 +184,8 @@ the health server for schedulers and workers, and the tunables.
   value: {{ include "echo-at-time.num" $v.config.httpSendTimeout | quote }}
 - name: EAT_HTTP_IDLE_TIMEOUT
   value: {{ include "echo-at-time.num" $v.config.httpIdleTimeout | quote }}
+- name: EAT_HTTP_MAX_BUFFERED_BYTES
+  value: {{ include "echo-at-time.num" $v.config.httpMaxBufferedBytes | quote }}
 - name: EAT_HTTP_MAX_CONNECTIONS
   value: {{ include "echo-at-time.num" $v.config.httpMaxConnections | quote }}
 - name: EAT_WEBHOOK_URL
