@@ -88,6 +88,25 @@ async def dead_reason(store: Store, uuid: str) -> tuple[bytes, bytes]:
     return fields[b"reason"], fields[b"a"]
 
 
+def dead_lettered(
+    settings: Settings,
+    target: str | None = None,
+    worker_settings: Settings | None = None,
+    policy: TargetPolicy | None = None,
+) -> tuple[str, bytes, bytes]:
+    """Accept one message (to ``target``), run a webhook worker until it dead-letters it:
+    its uuid, and the dead entry's reason and attempts."""
+
+    async def scenario() -> tuple[str, bytes, bytes]:
+        async with open_store(settings) as store, running_promoter(store):
+            uuid = await accept(store, "m", target)
+            async with webhook_worker(store, worker_settings or settings, policy=policy) as worker:
+                await async_wait_until(lambda: worker.stats.dead == 1, "dead", DEADLINE)
+            return (uuid, *await dead_reason(store, uuid))
+
+    return asyncio.run(scenario())
+
+
 def test_200_messages_due_over_5_s_arrive_each_once_signed_and_none_early(
     settings: Settings, receiver: Receiver
 ) -> None:
@@ -173,36 +192,20 @@ def test_a_410_is_dead_lettered_at_once_with_the_status_and_the_answer(
     settings: Settings, receiver: Receiver
 ) -> None:
     receiver.script = _by_attempt([Answer(410, body=b"this hook is gone")])
-
-    async def scenario() -> None:
-        async with open_store(settings) as store, running_promoter(store):
-            uuid = await accept(store, "m", None)
-            async with webhook_worker(store, settings) as worker:
-                await async_wait_until(lambda: worker.stats.dead == 1, "dead", DEADLINE)
-            reason, attempts = await dead_reason(store, uuid)
-            assert reason == b"HTTP 410: this hook is gone"
-            assert attempts == b"1"
-            assert len(receiver.by_id(uuid)) == 1
-
-    asyncio.run(scenario())
+    uuid, reason, attempts = dead_lettered(settings)
+    assert reason == b"HTTP 410: this hook is gone"
+    assert attempts == b"1"
+    assert len(receiver.by_id(uuid)) == 1
 
 
 def test_5xx_every_time_is_dead_lettered_after_max_deliveries_with_status_and_first_bytes(
     settings: Settings, receiver: Receiver
 ) -> None:
     receiver.script = _by_attempt([Answer(503, body=b"x" * 5000)])
-
-    async def scenario() -> None:
-        async with open_store(settings) as store, running_promoter(store):
-            uuid = await accept(store, "m", None)
-            async with webhook_worker(store, settings) as worker:
-                await async_wait_until(lambda: worker.stats.dead == 1, "dead", DEADLINE)
-            reason, attempts = await dead_reason(store, uuid)
-            assert reason == b"HTTP 503: " + b"x" * 200
-            assert attempts == b"3"
-            assert len(receiver.by_id(uuid)) == 3
-
-    asyncio.run(scenario())
+    uuid, reason, attempts = dead_lettered(settings)
+    assert reason == b"HTTP 503: " + b"x" * 200
+    assert attempts == b"3"
+    assert len(receiver.by_id(uuid)) == 3
 
 
 def test_a_receiver_hanging_past_the_timeout_is_retried_then_dead_lettered_as_a_timeout(
@@ -210,18 +213,10 @@ def test_a_receiver_hanging_past_the_timeout_is_retried_then_dead_lettered_as_a_
 ) -> None:
     settings = dataclasses.replace(settings, webhook_timeout=0.3, max_deliveries=2)
     receiver.script = _by_attempt([Answer(200, delay=3.0)])
-
-    async def scenario() -> None:
-        async with open_store(settings) as store, running_promoter(store):
-            uuid = await accept(store, "m", None)
-            async with webhook_worker(store, settings) as worker:
-                await async_wait_until(lambda: worker.stats.dead == 1, "dead", DEADLINE)
-            reason, attempts = await dead_reason(store, uuid)
-            assert reason == b"timeout: no answer within 0.3 s"
-            assert attempts == b"2"
-            assert len(receiver.by_id(uuid)) == 2
-
-    asyncio.run(scenario())
+    uuid, reason, attempts = dead_lettered(settings)
+    assert reason == b"timeout: no answer within 0.3 s"
+    assert attempts == b"2"
+    assert len(receiver.by_id(uuid)) == 2
 
 
 def test_a_closed_port_is_retried_then_dead_lettered_as_a_network_error(
@@ -229,17 +224,9 @@ def test_a_closed_port_is_retried_then_dead_lettered_as_a_network_error(
 ) -> None:
     closed = f"http://127.0.0.1:{free_port()}/nobody"
     settings = dataclasses.replace(settings, webhook_url=closed, max_deliveries=2)
-
-    async def scenario() -> None:
-        async with open_store(settings) as store, running_promoter(store):
-            uuid = await accept(store, "m", None)
-            async with webhook_worker(store, settings) as worker:
-                await async_wait_until(lambda: worker.stats.dead == 1, "dead", DEADLINE)
-            reason, attempts = await dead_reason(store, uuid)
-            assert reason.startswith(b"network error: ConnectError"), reason
-            assert attempts == b"2"
-
-    asyncio.run(scenario())
+    _, reason, attempts = dead_lettered(settings)
+    assert reason.startswith(b"network error: ConnectError"), reason
+    assert attempts == b"2"
 
 
 def test_a_target_that_resolves_to_a_refused_address_at_delivery_is_dead_lettered_unsent(
@@ -255,22 +242,15 @@ def test_a_target_that_resolves_to_a_refused_address_at_delivery_is_dead_lettere
     policy = TargetPolicy.of(settings, resolve)
     target = f"http://hooks.example.com:{receiver.port}/in"
 
-    async def scenario() -> None:
-        await policy.check(target)  # what the api does: allowed
-        table["hooks.example.com"] = ["127.0.0.1"]
-        async with open_store(settings) as store, running_promoter(store):
-            uuid = await accept(store, "m", target)
-            async with webhook_worker(store, settings, policy=policy) as worker:
-                await async_wait_until(lambda: worker.stats.dead == 1, "dead", DEADLINE)
-            reason, attempts = await dead_reason(store, uuid)
-            assert reason == (
-                b"target refused at delivery: target host hooks.example.com refused: "
-                b"127.0.0.1 is a loopback address"
-            )
-            assert attempts == b"1"
-        assert receiver.count() == 0, "never connected to"
-
-    asyncio.run(scenario())
+    asyncio.run(policy.check(target))  # what the api does: allowed
+    table["hooks.example.com"] = ["127.0.0.1"]
+    _, reason, attempts = dead_lettered(settings, target, policy=policy)
+    assert reason == (
+        b"target refused at delivery: target host hooks.example.com refused: "
+        b"127.0.0.1 is a loopback address"
+    )
+    assert attempts == b"1"
+    assert receiver.count() == 0, "never connected to"
 
 
 def test_a_target_outside_the_allowlist_at_delivery_is_dead_lettered_unsent(
@@ -278,17 +258,9 @@ def test_a_target_outside_the_allowlist_at_delivery_is_dead_lettered_unsent(
 ) -> None:
     # Accepted while the list allowed it (or replayed after it narrowed): checked again.
     narrowed = dataclasses.replace(settings, webhook_allow="")
-
-    async def scenario() -> None:
-        async with open_store(settings) as store, running_promoter(store):
-            uuid = await accept(store, "m", receiver.url + "/other")
-            async with webhook_worker(store, narrowed) as worker:
-                await async_wait_until(lambda: worker.stats.dead == 1, "dead", DEADLINE)
-            reason, _ = await dead_reason(store, uuid)
-            assert reason.startswith(b"target refused: target http://127.0.0.1:")
-        assert receiver.count() == 0
-
-    asyncio.run(scenario())
+    _, reason, _ = dead_lettered(settings, receiver.url + "/other", worker_settings=narrowed)
+    assert reason.startswith(b"target refused: target http://127.0.0.1:")
+    assert receiver.count() == 0
 
 
 def test_a_dead_webhook_message_replayed_is_delivered_with_its_target_and_webhook_id(
