@@ -81,26 +81,19 @@ class Partitions:
 
     async def accept_many(self, msgs: Sequence[NewMessage]) -> list[Accepted]:
         """Each message accepted by its partition's script, the partitions concurrently;
-        results in the order given. Atomic per partition, not across them."""
+        results in the order given. Atomic per partition, not across them: a partition
+        that fails raises its error (once every partition has answered)."""
         if self.count == 1:
             return await self.stores[0].accept_many(list(msgs))
-        groups: dict[int, list[int]] = {}
-        for position, msg in enumerate(msgs):
-            groups.setdefault(self.index_of(msg.uuid), []).append(position)
-        answers = await asyncio.gather(
-            *(
-                self.stores[p].accept_many([msgs[i] for i in positions])
-                for p, positions in groups.items()
-            )
-        )
-        results: list[Accepted | None] = [None] * len(msgs)
-        for positions, accepted in zip(groups.values(), answers, strict=True):
-            for i, result in zip(positions, accepted, strict=True):
-                results[i] = result
+        results = await self.accept_each(msgs)
+        for result in results:
+            if isinstance(result, Exception):
+                raise result
         return results  # type: ignore[return-value]
 
     async def accept_each(self, msgs: Sequence[NewMessage]) -> list[Accepted | Exception]:
-        """As :meth:`accept_many`, but a partition whose call fails (its master failing
+        """Each message accepted by its partition's script, the partitions concurrently;
+        results in the order given. A partition whose call fails (its master failing
         over, or down) answers its exception in place of each of its messages' results,
         and the other partitions' results stand."""
         groups: dict[int, list[int]] = {}
